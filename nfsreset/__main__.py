@@ -1,0 +1,3 @@
+from nfsreset.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The failover lab: namespaces that behave like two NFS heads and a client."""

@@ -1,0 +1,97 @@
+"""Plain data shared by the pure core and the kernel adapters.
+
+Addresses are kept as normalised strings: IPv4-mapped IPv6 addresses (what a
+dual-stack socket reports) become plain IPv4, so one VIP matches both kinds of
+socket. Everything here is hashable and free of kernel objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+# Linux TCP states (include/net/tcp_states.h), named as ss prints them.
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+    11: "CLOSING", 12: "NEW_SYN_RECV",
+}
+STATE_NUMBERS = {name: num for num, name in TCP_STATES.items()}
+
+
+def norm_ip(text: str) -> str:
+    """Canonical text of an address; v4-mapped v6 becomes v4. Raises ValueError."""
+    addr = ipaddress.ip_address(text.strip().strip("[]"))
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def family_of(ip: str) -> int:
+    """4 or 6."""
+    return ipaddress.ip_address(ip).version
+
+
+def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int | None]:
+    """'198.51.100.7', '198.51.100.7:800', '2001:db8::7', '[2001:db8::7]:800'."""
+    text = text.strip()
+    port: int | None = default_port
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"missing ']' in {text!r}")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        port = _port(p, text)
+    else:
+        host = text
+    return norm_ip(host), port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in {whole!r}")
+    return int(text)
+
+
+def format_endpoint(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class FlowKey:
+    """A TCP 4-tuple seen from the server: local (VIP) side and remote (client) side."""
+    vip: str
+    vport: int
+    client: str
+    cport: int
+
+    @property
+    def family(self) -> int:
+        return family_of(self.vip)
+
+    def __str__(self) -> str:
+        return f"{format_endpoint(self.vip, self.vport)} <- {format_endpoint(self.client, self.cport)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """One TCP socket on a watched port, as a dump or the BPF tracker saw it.
+
+    `netns` is the namespace inode; `cookie` the kernel socket cookie (what
+    SOCK_DESTROY needs); times are CLOCK_MONOTONIC seconds where known.
+    """
+    key: FlowKey
+    state: str
+    netns: int | None = None
+    cookie: int | None = None
+    inode: int | None = None
+    recvq: int = 0
+    sendq: int = 0
+    first_seen: float | None = None
+    last_change: float | None = None
+    snd_nxt: int | None = None
+    rcv_nxt: int | None = None

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Set up nfsreset on a Debian 12 machine, as root. Idempotent; a second run
+# only checks and takes a few seconds.
+#
+#   bash setup.sh            Debian packages, kernel headers for bcc, tracefs, .venv
+#   NFSRESET_SKIP_APT=1      skip apt (packages installed some other way)
+#
+# After it: .venv/bin/nfsreset is the command.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+venv="$here/.venv"
+
+die() { echo "setup.sh: $*" >&2; exit 1; }
+say() { echo "setup.sh: $*"; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (it installs Debian packages and loads BPF); try: sudo bash setup.sh"
+[ -r /etc/debian_version ] || die "needs Debian 12 (bookworm); /etc/debian_version not found"
+[ -x /usr/bin/python3 ] || die "/usr/bin/python3 missing; install it: apt-get install python3"
+
+# Debian packages. bcc and the nftables bindings exist only for /usr/bin/python3,
+# which is why the venv below is made from it with --system-site-packages.
+pkgs=(
+    python3-bpfcc bpfcc-tools python3-nftables nftables python3-venv python3-pip
+    iproute2 iputils-ping iputils-arping ndisc6 bpftool procps tcpdump
+    linux-headers-amd64
+    # front doors (cli/) and their checks in the test suite
+    resource-agents shellcheck libxml2-utils vagrant
+)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ] && [ -z "${NFSRESET_SKIP_APT:-}" ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null || die "apt-get update failed; check the network and /etc/apt/sources.list"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install failed for: ${missing[*]}"
+    # The exact headers of the running kernel are better than any other; take
+    # them where Debian has them (a stock Debian kernel), silently skip where not.
+    apt-get install -y -q --no-install-recommends "linux-headers-$(uname -r)" >/dev/null 2>&1 || true
+fi
+
+# bcc finds headers through /lib/modules/$(uname -r)/{build,source}. On a kernel
+# without a headers package (custom or cloud kernels) point those at the nearest
+# Debian headers. That is harmless: every kernel struct offset our BPF code uses
+# comes from BTF, not from these headers. A real tree is never replaced.
+kdir="/lib/modules/$(uname -r)"
+if [ ! -e "$kdir/build/include" ]; then
+    best=""
+    for d in /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-"$(dpkg --print-architecture)"; do
+        [ -d "$d/include" ] && best="$d"
+    done
+    [ -n "$best" ] || die "no kernel headers under /usr/src; install them: apt-get install linux-headers-amd64"
+    common="${best%-*}-common"
+    mkdir -p "$kdir"
+    if [ -L "$kdir/build" ] || [ ! -e "$kdir/build" ]; then
+        ln -sfn "$best" "$kdir/build"
+        [ -d "$common" ] && ln -sfn "$common" "$kdir/source"
+        say "no headers for kernel $(uname -r); bcc will use $best (offsets come from BTF)"
+    else
+        die "$kdir/build exists but has no include/; fix or remove it, then run again"
+    fi
+fi
+
+# bcc reads tracepoint formats from tracefs.
+if [ ! -e /sys/kernel/tracing/events ]; then
+    mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null \
+        || say "warning: could not mount tracefs at /sys/kernel/tracing; BPF flow tracking will be off"
+fi
+[ -r /sys/kernel/btf/vmlinux ] || say "warning: /sys/kernel/btf/vmlinux missing; BPF flow tracking will be off (CONFIG_DEBUG_INFO_BTF)"
+
+# The venv: Debian's python with system site-packages (bcc, nftables).
+if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv" || die "python3 -m venv failed; install it: apt-get install python3-venv"
+fi
+stamp="$venv/.installed-$(sha1sum "$here/pyproject.toml" | cut -c1-12)"
+if [ ! -e "$stamp" ]; then
+    say "installing nfsreset into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test]" \
+        || die "pip install failed; see the output above"
+    rm -f "$venv"/.installed-*
+    touch "$stamp"
+fi
+"$venv/bin/python" -c 'import bcc, nftables, pyroute2, typer' 2>/dev/null \
+    || die "the venv cannot import bcc/nftables/pyroute2/typer; remove $venv and run again"
+say "ready: $venv/bin/nfsreset"
