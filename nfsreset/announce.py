@@ -1,0 +1,155 @@
+"""Tell the segment that a VIP now lives here: gratuitous ARP (v4), unsolicited NA (v6).
+
+Frames are written whole through an AF_PACKET socket on the interface that
+holds the VIP, in the current network namespace. The interface is found
+without netlink, so a hook pays no pyroute2 import: SIOCGIFCONF lists every
+IPv4 address with its label (labels start with the device name, "eth0:vip"),
+/proc/thread-self/net/if_inet6 lists IPv6 ones (thread-self, not self: after
+setns() only the calling thread is in the target namespace). Not /sys: sysfs
+shows the namespace it was mounted in.
+
+What receivers do with them (Linux):
+- ARP: an existing neighbour entry is overridden by a gratuitous request
+  (sender IP == target IP) even within its locktime; a gratuitous *reply* only
+  counts when its target MAC equals its sender MAC. Both are sent, so older
+  stacks that only learn from replies update too.
+- NA: must come with hop limit 255, unsolicited (S=0) to ff02::1; the Override
+  flag makes an existing entry take the new MAC (state STALE). A tentative
+  address (DAD still running) must not be advertised: that is an error here.
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import socket
+import struct
+import time
+
+from nfsreset.packets import checksum
+
+SIOCGIFCONF = 0x8912
+_IFREQ_SIZE = 40                    # struct ifreq on 64-bit Linux
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+ARPHRD_ETHER = 1
+ETH_P_ARP, ETH_P_IP, ETH_P_IPV6 = 0x0806, 0x0800, 0x86DD
+ARPOP_REQUEST, ARPOP_REPLY = 1, 2
+ND_NEIGHBOR_ADVERT = 136
+ND_OPT_TARGET_LL_ADDR = 2
+ND_NA_FLAG_OVERRIDE = 0x20000000
+ALL_NODES = socket.inet_pton(socket.AF_INET6, "ff02::1")
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
+BROADCAST_MAC = b"\xff" * 6
+
+
+class AnnounceError(Exception):
+    pass
+
+
+def ipv4_addresses() -> list[tuple[str, str]]:
+    """(device, address) for every IPv4 address in the current namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        size = 64
+        while True:
+            buf = array.array("B", b"\0" * (size * _IFREQ_SIZE))
+            addr, _ = buf.buffer_info()
+            ifconf = struct.pack("i4xQ", len(buf), addr)
+            used = struct.unpack("i4xQ", fcntl.ioctl(sock.fileno(), SIOCGIFCONF, ifconf))[0]
+            if used < len(buf):      # a full buffer may have been cut short: grow and retry
+                break
+            size *= 4
+    raw = buf.tobytes()[:used]
+    out = []
+    for off in range(0, used, _IFREQ_SIZE):
+        label = raw[off:off + 16].split(b"\0", 1)[0].decode()
+        ip = socket.inet_ntop(socket.AF_INET, raw[off + 20:off + 24])
+        out.append((label.split(":", 1)[0], ip))
+    return out
+
+
+def ipv6_addresses() -> list[tuple[str, str, int]]:
+    """(device, address, IFA flags) for every IPv6 address in the current namespace."""
+    out = []
+    try:
+        with open("/proc/thread-self/net/if_inet6") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:        # IPv6 disabled
+        return out
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        ip = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
+        out.append((fields[5], ip, int(fields[4], 16)))
+    return out
+
+
+def find_interface(vip: str) -> str:
+    """The device holding `vip` here. AnnounceError when it is not configured (or not usable)."""
+    if ":" in vip:
+        packed = socket.inet_pton(socket.AF_INET6, vip)
+        for dev, ip, flags in ipv6_addresses():
+            if socket.inet_pton(socket.AF_INET6, ip) == packed:
+                if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+                    state = "failed DAD" if flags & IFA_F_DADFAILED else "is tentative (DAD running)"
+                    raise AnnounceError(f"{vip} on {dev} {state}; it must not be advertised yet")
+                return dev
+    else:
+        for dev, ip in ipv4_addresses():
+            if ip == vip:
+                return dev
+    raise AnnounceError(f"{vip} is not configured in this network namespace")
+
+
+def arp_frames(vip: str, mac: bytes) -> list[bytes]:
+    """Gratuitous ARP request and reply for `vip` at `mac` (broadcast Ethernet frames)."""
+    ip = socket.inet_pton(socket.AF_INET, vip)
+    eth = BROADCAST_MAC + mac + struct.pack("!H", ETH_P_ARP)
+    head = struct.pack("!HHBBH", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REQUEST)
+    request = eth + head + mac + ip + b"\0" * 6 + ip
+    head = struct.pack("!HHBBH", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_REPLY)
+    reply = eth + head + mac + ip + mac + ip
+    return [f.ljust(60, b"\0") for f in (request, reply)]
+
+
+def na_frame(vip: str, mac: bytes) -> bytes:
+    """Unsolicited neighbour advertisement (Override set) for `vip` at `mac`, to ff02::1."""
+    src = socket.inet_pton(socket.AF_INET6, vip)
+    body = struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, ND_NA_FLAG_OVERRIDE) + src \
+        + struct.pack("!BB", ND_OPT_TARGET_LL_ADDR, 1) + mac
+    pseudo = src + ALL_NODES + struct.pack("!IxxxB", len(body), socket.IPPROTO_ICMPV6)
+    csum = checksum(pseudo + body)
+    body = body[:2] + struct.pack("!H", csum) + body[4:]
+    ip6 = struct.pack("!IHBB", 6 << 28, len(body), socket.IPPROTO_ICMPV6, 255) + src + ALL_NODES
+    return ALL_NODES_MAC + mac + struct.pack("!H", ETH_P_IPV6) + ip6 + body
+
+
+def announce(vip: str, ifname: str | None = None, count: int = 1, interval: float = 0.2) -> str:
+    """Announce `vip` (configured here) `count` times, `interval` s apart; returns the device used.
+
+    With `ifname`, the VIP must be on that device. Raises AnnounceError when
+    the VIP is not configured (or still tentative), or the device is not Ethernet.
+    """
+    from nfsreset.model import norm_ip
+
+    vip = norm_ip(vip)
+    dev = find_interface(vip)
+    if ifname is not None and ifname != dev:
+        # The same v4 address may sit on two devices; check the one asked for.
+        devices = ({d for d, ip in ipv4_addresses() if ip == vip} if ":" not in vip
+                   else {d for d, ip, _ in ipv6_addresses() if ip == vip})
+        if ifname not in devices:
+            raise AnnounceError(f"{vip} is not configured on {ifname} (it is on {dev})")
+        dev = ifname
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+        sock.bind((dev, 0))
+        _, _, _, hatype, mac = sock.getsockname()
+        if hatype != ARPHRD_ETHER or len(mac) != 6:
+            raise AnnounceError(f"{dev} is not an Ethernet device (hardware type {hatype})")
+        frames = arp_frames(vip, mac) if ":" not in vip else [na_frame(vip, mac)]
+        for i in range(count):
+            if i:
+                time.sleep(interval)
+            for frame in frames:
+                sock.send(frame)
+    return dev

@@ -1,0 +1,92 @@
+"""`nfsreset doctor`: what this kernel and host offer, each with its reason.
+
+Every check is real (it opens the socket, destroys the connection, creates the
+nft table) and cleans up after itself; nothing is inferred from version numbers.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def _check(fn) -> dict:
+    try:
+        ok, why = fn()
+    except Exception as e:   # a check must report, never crash the doctor
+        ok, why = False, f"{type(e).__name__}: {e}"
+    return {"ok": bool(ok), "why": why}
+
+
+def _btf():
+    p = "/sys/kernel/btf/vmlinux"
+    return (True, f"{p} ({os.path.getsize(p)} bytes)") if os.path.exists(p) else \
+        (False, f"{p} missing: kernel built without CONFIG_DEBUG_INFO_BTF")
+
+
+def _tracefs():
+    if os.path.isdir("/sys/kernel/tracing/events/sock/inet_sock_set_state"):
+        return True, "sock:inet_sock_set_state tracepoint visible"
+    return False, ("tracefs not mounted here (normal under `ip netns exec`); "
+                   "`watch` mounts it in a private mount namespace")
+
+
+def _headers():
+    d = f"/lib/modules/{platform.release()}/build"
+    if not os.path.isdir(os.path.join(d, "include")):
+        return False, f"{d} missing: run setup.sh (bcc needs some kernel headers)"
+    real = os.path.realpath(d)
+    exact = platform.release() in real
+    return True, f"{real}" + ("" if exact else " (not this kernel's: harmless, struct offsets come from BTF)")
+
+
+def _bcc():
+    import bcc  # noqa: F401
+    return True, f"bcc {getattr(bcc, '__version__', '?')} importable"
+
+
+def _tracker():
+    from nfsreset.tracker import available
+    return available()
+
+
+def _destroy():
+    from nfsreset.sockdiag import probe_destroy
+    return probe_destroy()
+
+
+def _raw():
+    import socket
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    return True, "raw IPv4 and IPv6 sockets open (CAP_NET_RAW)"
+
+
+def _nft():
+    from nfsreset.guard import available
+    return available()
+
+
+CHECKS = {"btf": _btf, "tracefs": _tracefs, "headers": _headers, "bcc": _bcc, "bpf-tracker": _tracker,
+          "sock-destroy": _destroy, "raw-sockets": _raw, "nftables": _nft}
+
+
+def checks() -> dict[str, dict]:
+    return {name: _check(fn) for name, fn in CHECKS.items()}
+
+
+def strategies(c: dict[str, dict]) -> dict[str, dict]:
+    """Which rungs of the ladder (DESIGN §3) follow from the checks."""
+    def s(ok, yes, no):
+        return {"ok": ok, "why": yes if ok else no}
+    return {
+        "destroy": s(c["sock-destroy"]["ok"], "SOCK_DESTROY ends sockets in the kernel, any time",
+                     "SOCK_DESTROY unavailable: " + c["sock-destroy"]["why"]),
+        "rst": s(c["raw-sockets"]["ok"], "exact-sequence RST into the local stack, once the VIP is here",
+                 "no raw sockets: " + c["raw-sockets"]["why"]),
+        "nft": s(c["nftables"]["ok"], "nft guard resets the stale tuple's segments until the client's SYN",
+                 "nftables unusable: " + c["nftables"]["why"]),
+        "tickle": s(c["raw-sockets"]["ok"], "tickle ACKs and VIP announcements",
+                    "no raw sockets: " + c["raw-sockets"]["why"]),
+        "watch-bpf": s(c["bpf-tracker"]["ok"], "`watch` tracks flows with BPF (ages, sequence numbers)",
+                       "`watch` will run on sock_diag dumps: " + c["bpf-tracker"]["why"]),
+    }

@@ -1,0 +1,237 @@
+"""What the lab measured, and how it is shown: pure data and formatting, no I/O.
+
+Definitions (all times CLOCK_MONOTONIC seconds):
+
+- stall: the longest gap between two consecutive replies the client received,
+  from its last reply before `ip addr del` to its first reply after the VIP
+  was usable on the new owner. A move recovered when that first reply came
+  and the stall is at most the cap; otherwise the stall is shown as ">CAP s"
+  and in JSON as `"recovered": false, "stall": null, "cap": CAP`.
+- usable -> first reply: from the moment the new owner's address left
+  DAD/tentative state to the client's first reply after it; the part of the
+  stall a remedy can remove (the rest is the move itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from bisect import bisect_left, bisect_right
+from typing import Iterable
+
+FAMILY_LABEL = {4: "IPv4", 6: "IPv6"}
+
+
+@dataclasses.dataclass
+class HookTiming:
+    phase: str          # "start", "failover", "failback", "setup", "teardown"
+    hook: str           # "setup", "post_stop", "pre_start", "post_start", "teardown"
+    node: str | None
+    seconds: float
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class DirectionResult:
+    """One move of the VIP, old owner -> new owner."""
+    direction: str                          # "failover" (node1->node2) or "failback"
+    old: str
+    new: str
+    cap: float
+    recovered: bool
+    stall: float | None                     # None when not recovered
+    usable_to_first_reply: float | None
+    del_to_usable: float | None = None      # the move itself: gap + DAD
+    stale: list[str] = dataclasses.field(default_factory=list)   # ss lines on the old owner afterwards
+    client_events: list[str] = dataclasses.field(default_factory=list)
+
+    def stall_text(self) -> str:
+        return f"{self.stall:.3f} s" if self.recovered and self.stall is not None else f">{_num(self.cap)} s"
+
+
+@dataclasses.dataclass
+class FamilyResult:
+    """One lab run: one family, one remedy, a failover and a failback."""
+    family: int
+    remedy: str
+    vip: str
+    client_port: int | None = None
+    failover: DirectionResult | None = None
+    failback: DirectionResult | None = None
+    hook_timings: list[HookTiming] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def stale_after_failover(self) -> list[str]:
+        return self.failover.stale if self.failover else []
+
+
+def measure(replies: list[float], t_del: float, t_usable: float | None, cap: float) -> tuple[bool, float | None, float | None]:
+    """(recovered, stall, usable_to_first_reply) from sorted reply times of one move.
+
+    The stall window opens at the last reply at or before the delete (the
+    delete itself if there was none) and closes at the first reply after the
+    address became usable. Replies inside the window (an IPv6 old owner can
+    still send from a deleted address) split it; the longest piece counts.
+    """
+    i = bisect_right(replies, t_del)
+    opened = replies[i - 1] if i else t_del
+    if t_usable is None:
+        return False, None, None
+    j = bisect_right(replies, t_usable)
+    if j >= len(replies):
+        return False, None, None
+    closed = replies[j]
+    points = [opened] + replies[i:j + 1]
+    stall = max(b - a for a, b in zip(points, points[1:]))
+    if stall > cap:
+        return False, None, None
+    return True, stall, closed - t_usable
+
+
+def replies_between(replies: list[float], start: float, end: float) -> list[float]:
+    return replies[bisect_left(replies, start):bisect_right(replies, end)]
+
+
+def parse_ss_line(line: str) -> tuple[str, str, int, str, int] | None:
+    """`ss -tan` line -> (state, local ip, local port, peer ip, peer port); None if not one.
+
+    Addresses come back normalised (nfsreset.model.norm_ip): brackets and
+    v4-mapped prefixes gone, so they compare with the lab's VIP constants.
+    """
+    from nfsreset.model import norm_ip
+
+    fields = line.split()
+    if len(fields) < 5 or not fields[1].isdigit():
+        return None
+    try:
+        lhost, _, lport = fields[3].rpartition(":")
+        phost, _, pport = fields[4].rpartition(":")
+        local = norm_ip(lhost.split("%")[0])
+        peer = norm_ip(phost.split("%")[0]) if phost not in ("*", "0.0.0.0", "[::]") else phost
+        return fields[0], local, int(lport), peer, int(pport) if pport.isdigit() else 0
+    except ValueError:
+        return None
+
+
+# -- text ----------------------------------------------------------------------------
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} s"
+
+
+def _cells(run: FamilyResult) -> list[tuple[str, str]]:
+    if run.error:
+        return [("failover stall", "error"), ("failback stall", "error"),
+                ("VIP usable -> 1st reply", "-"), ("stale sockets, old owner", "-"),
+                ("error", run.error)]
+    fo, fb = run.failover, run.failback
+    rows = [
+        ("failover stall", fo.stall_text() if fo else "-"),
+        ("failback stall", fb.stall_text() if fb else "-"),
+        ("usable -> 1st reply fo/fb", f"{_secs(fo.usable_to_first_reply if fo else None)} / "
+                                      f"{_secs(fb.usable_to_first_reply if fb else None)}"),
+        ("stale sockets fo/fb", f"{len(fo.stale) if fo else '-'} / {len(fb.stale) if fb else '-'}"),
+    ]
+    if run.remedy != "none" and run.hook_timings:
+        slow = max(run.hook_timings, key=lambda h: h.seconds)
+        rows.append(("slowest hook", f"{slow.seconds:.3f} s {slow.hook}@{slow.node or '-'}"))
+    failed = [h for h in run.hook_timings if h.error]
+    if failed:
+        rows.append(("hook errors", f"{len(failed)} ({failed[0].hook}: {failed[0].error})"))
+    return rows
+
+
+def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: float) -> str:
+    """Side-by-side table: one column per remedy, one block of rows per family."""
+    remedies = list(dict.fromkeys(r.remedy for r in runs))
+    families = list(dict.fromkeys(r.family for r in runs))
+    by_key = {(r.remedy, r.family): r for r in runs}
+    out = [
+        f"VIP moved like IPaddr2 (del, {_num(gap)} s gap, add, DAD, announce); "
+        f"client TCP_USER_TIMEOUT {_num(user_timeout)} s; cap {_num(cap)} s",
+        "stall = longest gap between client replies across the move; "
+        f">{_num(cap)} s = no reply within the cap",
+        "",
+    ]
+    table: list[list[str]] = [["", ""] + remedies]
+    for fam in families:
+        label = FAMILY_LABEL.get(fam, str(fam))
+        block: dict[str, list[str]] = {}
+        for col, rem in enumerate(remedies):
+            run = by_key.get((rem, fam))
+            for name, value in (_cells(run) if run else []):
+                block.setdefault(name, [""] * len(remedies))[col] = value
+        for k, (name, values) in enumerate(block.items()):
+            table.append([label if k == 0 else "", name] + values)
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    for row in table:
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    stale = [(r, d) for r in runs for d in (r.failover, r.failback) if d and d.stale]
+    if stale:
+        out += ["", "Stale sockets left on the old owner after the move (ss -tan, VIP side):"]
+        for run, d in stale:
+            for line in d.stale:
+                out.append(f"  {run.remedy:<{max(len(x) for x in remedies)}}  "
+                           f"{FAMILY_LABEL.get(run.family, run.family)} {d.direction:<8} {d.old}: {line}")
+    return "\n".join(out)
+
+
+# -- JSON ------------------------------------------------------------------------------
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def direction_json(d: DirectionResult | None) -> dict | None:
+    if d is None:
+        return None
+    return {
+        "old": d.old,
+        "new": d.new,
+        "recovered": d.recovered,
+        "stall": _ms(d.stall) if d.recovered else None,
+        "cap": _ms(d.cap),
+        "usable_to_first_reply": _ms(d.usable_to_first_reply),
+        "del_to_usable": _ms(d.del_to_usable),
+        "stale_sockets": list(d.stale),
+        "client_events": list(d.client_events),
+    }
+
+
+def run_json(r: FamilyResult) -> dict:
+    return {
+        "family": r.family,
+        "remedy": r.remedy,
+        "vip": r.vip,
+        "client_port": r.client_port,
+        "error": r.error,
+        "failover": direction_json(r.failover),
+        "failback": direction_json(r.failback),
+        "hook_timings": [
+            {"phase": h.phase, "hook": h.hook, "node": h.node, "seconds": _ms(h.seconds), "error": h.error}
+            for h in r.hook_timings
+        ],
+    }
+
+
+def to_json_obj(runs: Iterable[FamilyResult], cap: float, gap: float, user_timeout: float,
+                strategy: str | None = None) -> dict:
+    runs = list(runs)
+    return {
+        "settings": {
+            "cap": _ms(cap),
+            "gap": _ms(gap),
+            "user_timeout": _ms(user_timeout),
+            "strategy": strategy,
+            "families": list(dict.fromkeys(r.family for r in runs)),
+            "remedies": list(dict.fromkeys(r.remedy for r in runs)),
+        },
+        "runs": [run_json(r) for r in runs],
+    }
+
+
+def format_json(runs: Iterable[FamilyResult], cap: float, gap: float, user_timeout: float,
+                strategy: str | None = None) -> str:
+    return json.dumps(to_json_obj(runs, cap, gap, user_timeout, strategy), indent=2)

@@ -1,0 +1,296 @@
+"""One lab run: a fresh topology, a failover node1 -> node2 and a failback.
+
+    node1, node2: lab server (nfsd-like) listening the whole time
+    client:       lab client (Linux NFS client-like) talking to the VIP
+    VIP:          up on node1, moved to node2 like IPaddr2, then moved back
+
+The failback is where it hurts: node1 still holds the ESTABLISHED socket of
+the client's first connection (nothing ever told it the address left), the
+client comes back from the same source port, so its segments land on that
+stale socket, which answers with bare ACKs. The client keeps retransmitting
+until TCP_USER_TIMEOUT. Remedies hook in around the moves (remedies.py).
+
+Every wait is bounded; everything started here is stopped in `finally`,
+with SIGINT/SIGTERM held back while the namespaces are removed.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable
+
+from nfsreset.lab import report
+from nfsreset.lab.mover import Mover, MoveTimes
+from nfsreset.lab.remedies import LabContext, Remedy
+from nfsreset.lab.topology import VIP4, VIP6, Topology, TopologyError
+
+PORT = 2049
+# Progress(stage, elapsed, limit): the command turns it into a status line.
+Progress = Callable[[str, "float | None", "float | None"], None]
+
+
+class LabError(Exception):
+    pass
+
+
+class ClientLog:
+    """Reads the lab client's JSON lines in a thread; replies and events by time."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self._lock = threading.Lock()
+        self._replies: list[float] = []
+        self._events: list[dict] = []
+        self._thread = threading.Thread(target=self._read, name="lab-client-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                if ev.get("ev") == "reply":
+                    self._replies.append(ev["t"])
+                else:
+                    self._events.append(ev)
+
+    def replies(self) -> list[float]:
+        with self._lock:
+            return list(self._replies)
+
+    def events(self) -> list[dict]:
+        with self._lock:
+            return list(self._events)
+
+    def first_reply_after(self, t: float) -> float | None:
+        with self._lock:
+            # appended in CLOCK_MONOTONIC order, so the list is sorted
+            i = bisect.bisect_right(self._replies, t)
+            return self._replies[i] if i < len(self._replies) else None
+
+    def port(self) -> int | None:
+        for ev in self.events():
+            if ev.get("ev") == "connected":
+                return ev.get("port")
+        return None
+
+
+def vip_sockets(topo: Topology, node: str, vip: str) -> list[str]:
+    """Non-listening TCP sockets on `node` whose local address is `vip`, as ss lines."""
+    out = topo.run(node, "ss", "-tanH", check=False, timeout=10).stdout
+    lines = []
+    for line in out.splitlines():
+        parsed = report.parse_ss_line(line)
+        if parsed and parsed[1] == vip and parsed[0] != "LISTEN":
+            lines.append(" ".join(line.split()[:5]))
+    return lines
+
+
+def _event_text(ev: dict, t0: float) -> str:
+    kind = ev.get("ev")
+    rel = f"{ev['t'] - t0:+.3f}"
+    if kind == "error":
+        return f"{rel} {ev.get('op')} {ev.get('err')}"
+    if kind == "reconnect":
+        return f"{rel} reconnect #{ev.get('attempt')} after {ev.get('delay'):g} s"
+    if kind in ("connected", "connecting"):
+        return f"{rel} {kind} from port {ev.get('port')}"
+    return f"{rel} {kind}"
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM while tearing down; they arrive (and raise) afterwards."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=2.0)
+
+
+class _Run:
+    """State of one run_lab() call; split out so each step reads as a method."""
+
+    def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
+                 progress: Progress, strategy: str | None, log: Callable[[str], None],
+                 steady: float, settle: float) -> None:
+        self.family, self.cap, self.remedy = family, cap, remedy
+        self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
+        self.strategy, self.log = strategy, log
+        self.steady, self.settle = steady, settle
+        self.vip = VIP4 if family == 4 else VIP6
+        self.result = report.FamilyResult(family=family, remedy=remedy.name, vip=self.vip)
+        self.topo: Topology | None = None
+        self.workdir: str | None = None
+        self.servers: list[subprocess.Popen] = []
+        self.client: subprocess.Popen | None = None
+        self.client_log: ClientLog | None = None
+        self.mover: Mover | None = None
+        self.lab: LabContext | None = None
+        self.phase = "setup"
+
+    # -- hooks, timed ---------------------------------------------------------------
+    def _timed(self, hook: str, node: str | None, call: Callable[[], None]) -> None:
+        t = time.monotonic()
+        error = None
+        try:
+            call()
+        except Exception as e:  # a failing remedy is a result, not a crash of the lab
+            error = f"{type(e).__name__}: {e}"
+            self.log(f"{self.remedy.name}.{hook} on {node} failed: {error}")
+        self.result.hook_timings.append(
+            report.HookTiming(self.phase, hook, node, time.monotonic() - t, error))
+
+    def _post_stop(self, node: str, vip: str) -> None:
+        self._timed("post_stop", node, lambda: self.remedy.post_stop(self.lab, node, vip))
+
+    def _pre_start(self, node: str, vip: str) -> None:
+        self._timed("pre_start", node, lambda: self.remedy.pre_start(self.lab, node, vip))
+
+    def _post_start(self, node: str, vip: str) -> None:
+        self._timed("post_start", node, lambda: self.remedy.post_start(self.lab, node, vip))
+
+    # -- steps ----------------------------------------------------------------------
+    def build(self) -> None:
+        self.progress("building namespaces", None, None)
+        self.topo = Topology.create(tag=f"lab{self.family}")
+        self.workdir = tempfile.mkdtemp(prefix="nfsreset-lab-")
+        state_dir = os.path.join(self.workdir, "state")
+        os.mkdir(state_dir)
+        self.lab = LabContext(topo=self.topo, state_dir=state_dir, family=self.family, vip=self.vip,
+                              ports=[PORT], nfsreset_argv=[sys.executable, "-m", "nfsreset"],
+                              strategy=self.strategy, log=self.log)
+        self.mover = Mover(self.topo, self.vip, gap=self.gap, workdir=self.workdir, log=self.log)
+
+    def start_servers(self) -> None:
+        logs = []
+        for node in ("node1", "node2"):
+            path = os.path.join(self.workdir, f"server-{node}.log")
+            logs.append(path)
+            with open(path, "w") as out:
+                self.servers.append(self.topo.popen(
+                    node, sys.executable, "-m", "nfsreset.lab.server", "--port", str(PORT),
+                    stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if all('"listening"' in open(p).read() for p in logs):
+                return
+            if any(s.poll() is not None for s in self.servers):
+                break
+            time.sleep(0.02)
+        raise LabError("lab server did not start: " + " | ".join(open(p).read().strip()[-300:] for p in logs))
+
+    def start_client(self) -> None:
+        err = open(os.path.join(self.workdir, "client.err"), "w")
+        # --duration bounds the client even if we are killed without cleanup.
+        duration = 60 + 3 * (self.cap + self.gap + 10)
+        self.client = self.topo.popen(
+            "client", sys.executable, "-m", "nfsreset.lab.client", "--server", self.vip,
+            "--port", str(PORT), "--user-timeout", f"{self.user_timeout:g}",
+            "--duration", f"{duration:g}",
+            stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        err.close()
+        self.client_log = ClientLog(self.client)
+        deadline = time.monotonic() + 10.0
+        while self.client_log.first_reply_after(0.0) is None:
+            if time.monotonic() > deadline or self.client.poll() is not None:
+                raise LabError(f"client got no reply from {self.vip}: {self.client_log.events()[-3:]}")
+            time.sleep(0.02)
+        self.result.client_port = self.client_log.port()
+        self.progress("steady traffic", None, None)
+        time.sleep(self.steady)
+
+    def move(self, direction: str, old: str, new: str) -> report.DirectionResult:
+        self.phase = direction
+        self.progress(f"{direction}: moving the VIP {old} -> {new}", None, None)
+        times: MoveTimes = self.mover.move(old, new, self._post_stop, self._pre_start, self._post_start)
+        deadline = times.t_del + self.cap
+        stage = f"{direction}: waiting for replies"
+        while time.monotonic() < deadline:
+            if self.client_log.first_reply_after(times.t_usable) is not None:
+                break
+            self.progress(stage, time.monotonic() - times.t_del, self.cap)
+            time.sleep(0.1)
+        # A little more, so the snapshot shows the sockets after the client settled.
+        time.sleep(self.settle)
+        stale = vip_sockets(self.topo, old, self.vip)
+        recovered, stall, to_reply = report.measure(self.client_log.replies(), times.t_del,
+                                                    times.t_usable, self.cap)
+        events = [_event_text(ev, times.t_del) for ev in self.client_log.events()
+                  if ev["t"] >= times.t_del - 0.5]
+        self.log(f"{direction}: recovered={recovered} stall={stall} stale={stale}")
+        return report.DirectionResult(
+            direction=direction, old=old, new=new, cap=self.cap, recovered=recovered, stall=stall,
+            usable_to_first_reply=to_reply, del_to_usable=times.t_usable - times.t_del,
+            stale=stale, client_events=events[:20])
+
+    def teardown(self) -> None:
+        with _signals_held():
+            if self.lab is not None:
+                self.phase = "teardown"
+                self._timed("teardown", None, lambda: self.remedy.teardown(self.lab))
+            for proc in [self.client, *self.servers]:
+                with contextlib.suppress(Exception):
+                    _stop(proc)
+            if self.mover:
+                with contextlib.suppress(Exception):
+                    self.mover.close()
+            if self.topo:
+                self.topo.destroy()
+            if self.workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0, gap: float = 1.0,
+            progress: Progress | None = None, strategy: str | None = None,
+            log: Callable[[str], None] | None = None, steady: float = 1.0,
+            settle: float = 0.5) -> report.FamilyResult:
+    """Run the lab once for `family` (4 or 6) with `remedy`; everything removed afterwards.
+
+    Raises LabError / TopologyError when the lab itself cannot be built or the
+    client never talks to the VIP; a failing remedy hook is recorded instead.
+    """
+    if family not in (4, 6):
+        raise ValueError(f"family must be 4 or 6, not {family!r}")
+    run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
+               log or (lambda _m: None), steady, settle)
+    try:
+        run.build()
+        run.start_servers()
+        run.phase = "setup"
+        run._timed("setup", None, lambda: remedy.setup(run.lab))
+        run.phase = "start"
+        times = MoveTimes(old=None, new="node1", t_start=time.monotonic())
+        run.mover.start("node1", times, run._pre_start, run._post_start)
+        run.start_client()
+        run.result.failover = run.move("failover", "node1", "node2")
+        run.result.failback = run.move("failback", "node2", "node1")
+        return run.result
+    finally:
+        run.teardown()
+
+
+__all__ = ["run_lab", "vip_sockets", "LabError", "TopologyError", "ClientLog"]

@@ -1,0 +1,291 @@
+"""The pure core: which sessions are stale, and what to do about them, in what order.
+
+Nothing here touches the kernel. The inputs are plain data (flows from a dump or
+the BPF tracker, the addresses configured here, what this kernel can do, the
+user's options); the output is an ordered list of actions that an executor
+(nfsreset.engine) carries out. Every rule about safety lives here, so it can be
+tested exhaustively without root.
+
+Rule zero: a socket whose local address is configured on this host is live and
+is never touched, except
+  - it existed while that address was NOT configured here (it predates the
+    address's arrival: a stale socket from the VIP's previous stay), or
+  - the user named exactly that session (VIP, VIP port, client, client port)
+    and said --force.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+
+from nfsreset.model import Flow, FlowKey
+
+# Tickle repeats (seconds after the first). The client answers at most one
+# invalid segment per 500 ms (tcp_invalid_ratelimit), so a tickle right after
+# the stale socket provoked an answer is swallowed: repeat past that window.
+TICKLE_SCHEDULE = (0.0, 0.6, 1.5)
+
+STRATEGIES = ("auto", "destroy", "rst", "nft")
+
+
+class Moment(enum.Enum):
+    """When in a VIP's move we are acting (DESIGN.md §4)."""
+    POST_STOP = "post-stop"    # the VIP has just left this host
+    PRE_START = "pre-start"    # the VIP is about to arrive here
+    POST_START = "post-start"  # the VIP has arrived here
+    AWAY = "away"              # periodic check while the VIP is elsewhere
+
+
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    """What this kernel and host offer (see `nfsreset doctor`)."""
+    destroy: bool = True   # SOCK_DESTROY over sock_diag
+    raw: bool = True       # raw sockets for tickles and exact RSTs
+    nft: bool = True       # nftables guard and quarantine
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """A session the user named: client address, and port if given."""
+    client: str
+    cport: int | None = None
+
+    def matches(self, key: FlowKey) -> bool:
+        return key.client == self.client and (self.cport is None or key.cport == self.cport)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    vips: frozenset[str]
+    ports: frozenset[int] = frozenset({2049})
+    strategy: str = "auto"
+    clients: tuple[Session, ...] = ()      # restrict to these clients (empty: all)
+    force: bool = False                    # allow acting on a configured VIP for named sessions
+    tickle_rounds: int = len(TICKLE_SCHEDULE)
+
+
+# --- actions -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """Write the VIP's client tuples to the state dir (for the node taking it over)."""
+    vip: str
+    keys: tuple[FlowKey, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantine:
+    """Drop egress whose source is the VIP while it is away (IPv6 keeps sending)."""
+    vip: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LiftQuarantine:
+    vip: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Destroy:
+    """SOCK_DESTROY these sockets."""
+    flows: tuple[Flow, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactRst:
+    """Learn each local socket's rcv_nxt and RST it from the client's side (VIP local)."""
+    flows: tuple[Flow, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardTuples:
+    """nft: reject non-SYN non-RST segments of these tuples with a reset, until a SYN."""
+    keys: tuple[FlowKey, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Defer:
+    """Cannot end these here and now (the rung needs the VIP local): record them as
+    pending, so post-start on this node finishes them before it tickles."""
+    vip: str
+    flows: tuple[Flow, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Announce:
+    """Gratuitous ARP / unsolicited NA, so the clients' answers come here."""
+    vip: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Tickle:
+    """Tickle ACKs to these client tuples at TICKLE_SCHEDULE, stopping per tuple
+    once it has reconnected."""
+    vip: str
+    keys: tuple[FlowKey, ...]
+    schedule: tuple[float, ...] = TICKLE_SCHEDULE
+
+
+@dataclasses.dataclass(frozen=True)
+class Refuse:
+    """Nothing may be done; say why (exit code 3)."""
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unable:
+    """Some sessions cannot be ended by any rung available (exit code 1)."""
+    flows: tuple[Flow, ...]
+    reason: str
+
+
+Action = (Record | Quarantine | LiftQuarantine | Destroy | ExactRst | GuardTuples | Defer
+          | Announce | Tickle | Refuse | Unable)
+DESTRUCTIVE = (Destroy, ExactRst, GuardTuples)
+
+
+# --- what is stale -------------------------------------------------------------
+def watched(flow: Flow, opts: Options) -> bool:
+    return (flow.key.vip in opts.vips and flow.key.vport in opts.ports
+            and flow.state != "LISTEN"
+            and (not opts.clients or any(s.matches(flow.key) for s in opts.clients)))
+
+
+def named_exactly(key: FlowKey, opts: Options) -> bool:
+    """The user named this very session (client and client port)."""
+    return any(s.cport is not None and s.matches(key) for s in opts.clients)
+
+
+def is_stale(flow: Flow, local_addrs: frozenset[str] | set[str],
+             vip_since: Mapping[str, float] | None = None,
+             old_cookies: frozenset[int] = frozenset()) -> bool:
+    """DESIGN §3: local address not configured here, or the socket existed while
+    it was not: first seen before the address arrived, or seen by a hook while
+    the address was away (its cookie recorded as pending). Unknown age = live."""
+    if flow.key.vip not in local_addrs:
+        return True
+    if flow.cookie is not None and flow.cookie in old_cookies:
+        return True
+    since = (vip_since or {}).get(flow.key.vip)
+    return since is not None and flow.first_seen is not None and flow.first_seen < since
+
+
+def may_touch(flow: Flow, local_addrs, opts: Options, vip_since=None,
+              old_cookies: frozenset[int] = frozenset()) -> bool:
+    """Rule zero, in one place."""
+    if is_stale(flow, local_addrs, vip_since, old_cookies):
+        return True
+    return opts.force and named_exactly(flow.key, opts)
+
+
+# --- the ladder ------------------------------------------------------------------
+def rungs(strategy: str, caps: Caps, vip_local: bool, tried: Iterable[str] = ()) -> list[str]:
+    """Rungs to use, best first. 'rst' needs the VIP local (the RST must enter the
+    local stack from the client's address). 'nft' guards work whenever the VIP
+    comes here, so they can be laid in advance."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    offered = {"destroy": caps.destroy, "rst": caps.raw and vip_local, "nft": caps.nft}
+    wanted = ("destroy", "rst", "nft") if strategy == "auto" else (strategy,)
+    return [r for r in wanted if offered[r] and r not in set(tried)]
+
+
+def _end(flows: Sequence[Flow], vip: str, opts: Options, caps: Caps, vip_local: bool,
+         tried: Iterable[str]) -> list[Action]:
+    if not flows:
+        return []
+    ladder = rungs(opts.strategy, caps, vip_local, tried)
+    if ladder:
+        first = ladder[0]
+        if first == "destroy":
+            return [Destroy(tuple(flows))]
+        if first == "rst":
+            return [ExactRst(tuple(flows))]
+        return [GuardTuples(tuple(f.key for f in flows))]
+    wants_local = opts.strategy == "rst" or (opts.strategy == "auto" and caps.raw)
+    if not vip_local and wants_local and "rst" not in set(tried):
+        return [Defer(vip, tuple(flows))]
+    return [Unable(tuple(flows), _why_unable(opts.strategy, caps, vip_local, tried))]
+
+
+def _why_unable(strategy: str, caps: Caps, vip_local: bool, tried: Iterable[str]) -> str:
+    tried = set(tried)
+    if tried:
+        return f"still alive after {', '.join(sorted(tried))}; no rung left for strategy {strategy}"
+    missing = [n for n, ok in (("SOCK_DESTROY", caps.destroy), ("raw sockets", caps.raw),
+                               ("nftables", caps.nft)) if not ok]
+    return f"strategy {strategy} not available here (missing: {', '.join(missing) or 'VIP not local'})"
+
+
+# --- plans per moment ---------------------------------------------------------
+def plan(moment: Moment, vip: str, flows: Iterable[Flow], local_addrs: frozenset[str] | set[str],
+         caps: Caps, opts: Options, *, vip_since: Mapping[str, float] | None = None,
+         known_clients: Iterable[FlowKey] = (), tried: Iterable[str] = (),
+         old_cookies: frozenset[int] = frozenset()) -> list[Action]:
+    """Ordered actions for `vip` at `moment` (DESIGN §4).
+
+    flows: sockets seen here (any VIP; filtered here). known_clients: client
+    tuples from the state dir (for the tickle). tried: rungs already used this
+    round whose sockets survived (the executor re-plans after verifying).
+    old_cookies: sockets known to predate the VIP's arrival (pending from pre-start).
+    POST_STOP records the clients and quarantines; PRE_START only ends sockets
+    (recording there would overwrite the list the old owner just wrote, and a
+    quarantine there would outlive a start that fails half-way).
+    """
+    vip_local = vip in local_addrs
+    mine = [f for f in flows if f.key.vip == vip and watched(f, opts)]
+    if moment is Moment.POST_START:
+        return _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tried,
+                           old_cookies)
+
+    if vip_local and not opts.force:
+        return [Refuse(f"{vip} is configured on this host: its sessions are live "
+                       "(name one session with --client ADDR:PORT and --force to end it anyway)")]
+    if vip_local and not any(s.cport is not None for s in opts.clients):
+        return [Refuse(f"{vip} is configured on this host: --force ends only sessions named "
+                       "exactly with --client ADDR:PORT")]
+    targets = [f for f in mine if may_touch(f, local_addrs, opts, vip_since, old_cookies)]
+    actions: list[Action] = []
+    if moment is Moment.POST_STOP and not tried:
+        actions.append(Record(vip, tuple(sorted({f.key for f in mine}))))
+    if moment in (Moment.POST_STOP, Moment.AWAY) and not vip_local and caps.nft and not tried:
+        actions.append(Quarantine(vip))
+    actions += _end(targets, vip, opts, caps, vip_local, tried)
+    return actions
+
+
+def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tried,
+                old_cookies) -> list[Action]:
+    if vip not in local_addrs:
+        return [Refuse(f"{vip} is not configured on this host: nothing to tickle from here")]
+    actions: list[Action] = []
+    if caps.nft and not tried:
+        actions.append(LiftQuarantine(vip))
+    stale = [f for f in mine if may_touch(f, local_addrs, opts, vip_since, old_cookies)]
+    actions += _end(stale, vip, opts, caps, True, tried)
+    if tried:
+        return actions
+    keys = tuple(sorted({k for k in known_clients
+                         if k.vip == vip and k.vport in opts.ports
+                         and (not opts.clients or any(s.matches(k) for s in opts.clients))}))
+    if caps.raw:
+        actions.append(Announce(vip))
+        if keys and opts.tickle_rounds > 0:
+            actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds)))
+    return actions
+
+
+def _schedule(rounds: int) -> tuple[float, ...]:
+    """TICKLE_SCHEDULE, extended by doubling gaps when more rounds are asked for."""
+    sched = list(TICKLE_SCHEDULE[:rounds])
+    while len(sched) < rounds:
+        sched.append(round(sched[-1] + 2 * (sched[-1] - sched[-2]), 3))
+    return tuple(sched)
+
+
+def exit_code(actions: Sequence[Action]) -> int:
+    """0 done, 1 some sessions could not be ended, 3 refused for safety."""
+    if any(isinstance(a, Refuse) for a in actions):
+        return 3
+    if any(isinstance(a, Unable) for a in actions):
+        return 1
+    return 0

@@ -1,0 +1,94 @@
+"""Send whole forged IP packets through raw sockets.
+
+IPv4: AF_INET/SOCK_RAW/IPPROTO_RAW implies IP_HDRINCL; the kernel sends our
+header as is, except that it always recomputes the header checksum and fills
+in a zero id. IPv6: AF_INET6/SOCK_RAW/IPPROTO_RAW likewise implies header
+inclusion on Linux (inet6_create sets hdrincl for IPPROTO_RAW; IPV6_HDRINCL
+exists as an option only since 4.5); the source address is not checked.
+
+The destination given to sendto() only picks the route. A packet addressed to
+a local address takes the loopback path into this host's own TCP stack, with
+CHECKSUM_NONE, so the kernel verifies our TCP checksum like a wire packet
+(that is how ctdb_killtcp resets local sockets; verified for both families in
+tests/ns/test_packets.py).
+
+Sockets belong to the network namespace the thread was in when they were
+made: pass `netns` to make them there, or create the sender inside
+nfsreset.netns.entered().
+"""
+from __future__ import annotations
+
+import socket
+
+
+class RawSocketError(Exception):
+    """A raw socket could not be opened (no CAP_NET_RAW, no such namespace)."""
+
+
+class RawSender:
+    """Lazily opened v4/v6 raw sockets. Counts what it sent and what failed."""
+
+    def __init__(self, netns: str | None = None):
+        self.netns = netns
+        self.sent = 0
+        self.errors = 0
+        self.last_error: OSError | None = None
+        self._socks: dict[int, socket.socket] = {}
+
+    def _sock(self, version: int) -> socket.socket:
+        sock = self._socks.get(version)
+        if sock is None:
+            fam = socket.AF_INET if version == 4 else socket.AF_INET6
+            try:
+                if self.netns is None:
+                    sock = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                else:
+                    from nfsreset import netns as _netns
+                    with _netns.entered(self.netns):
+                        sock = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except Exception as exc:
+                raise RawSocketError(f"cannot open a raw IPv{version} socket: {exc}") from exc
+            # A burst of 10k tickles should not fail with ENOBUFS; blocking
+            # sends just wait for the device queue.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            self._socks[version] = sock
+        return sock
+
+    def send(self, packet: bytes) -> None:
+        """Send one IP packet (family from its version nibble). Raises OSError, RawSocketError."""
+        version = packet[0] >> 4
+        if version == 4:
+            dst = socket.inet_ntop(socket.AF_INET, packet[16:20])
+        elif version == 6:
+            dst = socket.inet_ntop(socket.AF_INET6, packet[24:40])
+        else:
+            raise ValueError(f"not an IP packet (version {version})")
+        self._sock(version).sendto(packet, (dst, 0))
+        self.sent += 1
+
+    def send_many(self, packets) -> int:
+        """Send every packet; a failing one (unreachable client...) does not stop the rest.
+
+        Returns how many went out; failures are counted in `errors` and the
+        last one kept in `last_error`. Not being able to open a socket at all
+        raises RawSocketError.
+        """
+        before = self.sent
+        for packet in packets:
+            try:
+                self.send(packet)
+            except OSError as exc:
+                self.errors += 1
+                self.last_error = exc
+        return self.sent - before
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+    def __enter__(self) -> "RawSender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

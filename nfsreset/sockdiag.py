@@ -1,0 +1,432 @@
+"""TCP sockets through sock_diag netlink: dump with a kernel-side filter, destroy.
+
+This is what `ss -K 'src VIP and sport = :2049'` does, without the
+subprocess and without one round trip per socket: the dump carries an
+INET_DIAG_REQ_BYTECODE filter so the kernel only returns sockets on the VIPs
+and ports asked for, and SOCK_DESTROY requests are sent many per send(). Each
+request asks for an ack, and every ack is read: the kernel runs the requests
+of one send() synchronously, so a batch's acks are all queued when send()
+returns, and the batch size bounds what sits in our receive buffer.
+
+pyroute2 has neither bytecode filters nor SOCK_DESTROY, so this is plain
+`socket` + `struct`. Layouts: include/uapi/linux/{netlink,sock_diag,inet_diag}.h;
+semantics: net/ipv4/inet_diag.c (inet_diag_bc_run, inet_diag_bc_audit,
+inet_diag_find_one_icsk) and tcp_diag.c (tcp_diag_destroy -> tcp_abort).
+
+Kernel facts this module relies on (checked on 6.18):
+- A sock_diag socket only sees the network namespace it was created in: every
+  call opens its socket in the calling thread's current netns.
+- One dump per family: SOCK_DIAG_BY_FAMILY picks its handler by sdiag_family
+  and AF_UNSPEC has none. A second dump request in the same send() would fail
+  with EBUSY, so the families are dumped one after the other.
+- A bytecode host condition of family AF_INET also matches an AF_INET6 socket
+  whose address is ::ffff:a.b.c.d, which is how one v4 VIP condition finds
+  both plain v4 sockets and dual-stack ([::]:2049) ones.
+- Bytecode runs as forward jumps; a program accepts when it jumps exactly to
+  its end and rejects when it jumps past it. The audit requires every `yes`
+  to be at least the op's own length, and `no` to land on an op boundary, on
+  the end, or 4 bytes past it.
+- Minisockets: TIME_WAIT ones are dumped with tw_substate, so an orphan that
+  entered timewait from FIN_WAIT2 shows as FIN_WAIT2; asking for SYN_RECV
+  also returns NEW_SYN_RECV request socks. tcp_abort() handles both kinds on
+  recent kernels (destroying a TIME_WAIT deschedules it); older ones may say
+  EOPNOTSUPP: that is reported in DestroyResult.failed, not hidden.
+- The destroy lookup is by 4-tuple (+ bound device) in the established hash,
+  so it still finds a socket whose local address was deleted (v4 and v6).
+  A cookie mismatch (4-tuple reused by a newer socket) is ENOENT, like a
+  socket that is gone: never destroy a newer connection by accident.
+- Without CONFIG_INET_DIAG_DESTROY every destroy is EOPNOTSUPP (ss -K then
+  silently does nothing); probe_destroy() finds out on a connection of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import itertools
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterable, Iterator
+
+from nfsreset import netns
+from nfsreset.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
+
+# include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h
+NETLINK_SOCK_DIAG = 4
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10          # acks without a copy of our request: 36 bytes each
+NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x2, 0x4, 0x10
+NLM_F_DUMP = 0x300
+SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+
+BC_JMP, BC_S_COND = 1, 7
+
+ALL_STATES_MASK = sum(1 << n for n in TCP_STATES)
+LISTEN_BIT = 1 << STATE_NUMBERS["LISTEN"]
+
+_NLMSGHDR = struct.Struct("=IHHII")                      # len type flags seq pid
+_NLATTR = struct.Struct("=HH")
+_BC_OP = struct.Struct("=BBH")                          # code yes no
+_HOSTCOND = struct.Struct("=BBxxi")                     # family prefix_len port(-1 = any)
+# nlmsghdr + inet_diag_req_v2 with its inet_diag_sockid; ports go in already
+# byte-swapped so the whole request is one pack() (they are __be16 on the wire).
+_REQUEST = struct.Struct("=IHHII" "BBBxI" "HH16s16sIII")
+# inet_diag_msg: the head is big-endian (ports), the tail host order.
+_MSG_HEAD = struct.Struct(">BBBBHH16s16s")
+_MSG_TAIL = struct.Struct("=IIIIIIII")    # if cookie_lo cookie_hi expires rqueue wqueue uid inode
+_MSG_LEN = _MSG_HEAD.size + _MSG_TAIL.size               # 72
+_ERR = struct.Struct("=i")
+
+RCVBUF = 8 << 20
+DEFAULT_BATCH = 1024           # ~1024 acks of ~1 KiB truesize each: far below RCVBUF
+RECV_TIMEOUT = 5.0             # one kernel reply never takes this long
+MAX_DUMP_MESSAGES = 10_000_000
+
+
+class SockDiagError(OSError):
+    """The kernel refused a sock_diag request (errno set)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SockId:
+    """Exactly what the kernel needs to find a socket again (inet_diag_sockid).
+
+    `family` is the socket's own family: a dual-stack socket serving a v4
+    client is AF_INET6 with ::ffff:a.b.c.d addresses. Addresses are the 16
+    raw bytes of the sockid (a v4 address is the first 4, rest zero).
+    """
+    family: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    if_index: int
+    cookie: int
+
+
+@dataclasses.dataclass
+class DestroyResult:
+    destroyed: list[SockId] = dataclasses.field(default_factory=list)
+    gone: list[SockId] = dataclasses.field(default_factory=list)      # ENOENT: already dead (or reused 4-tuple)
+    failed: list[tuple[SockId, int]] = dataclasses.field(default_factory=list)  # (sock, errno)
+
+    def __str__(self) -> str:
+        errs = sorted({errno.errorcode.get(e, str(e)) for _, e in self.failed})
+        return (f"destroyed {len(self.destroyed)}, gone {len(self.gone)}, "
+                f"failed {len(self.failed)}{' (' + ', '.join(errs) + ')' if errs else ''}")
+
+
+# -- codec (pure; tests/unit/test_sockdiag_codec.py) --------------------------------
+
+def _as_list(value, kind) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, int)):
+        return [kind(value)]
+    return [kind(v) for v in value]
+
+
+def states_mask(states: Iterable[str] | None, exclude_listen: bool = True) -> int:
+    """idiag_states bitmask. None: all states (but LISTEN when exclude_listen)."""
+    if states is None:
+        return ALL_STATES_MASK & ~LISTEN_BIT if exclude_listen else ALL_STATES_MASK
+    mask = 0
+    for name in states:
+        try:
+            mask |= 1 << STATE_NUMBERS[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown TCP state {name!r}; known: {', '.join(STATE_NUMBERS)}") from None
+    return mask
+
+
+def _hostcond(ip: str | None, port: int | None) -> bytes:
+    if ip is None:
+        return _HOSTCOND.pack(socket.AF_UNSPEC, 0, -1 if port is None else port)
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    addr = socket.inet_pton(fam, ip)
+    return _HOSTCOND.pack(fam, len(addr) * 8, -1 if port is None else port) + addr
+
+
+def encode_bytecode(local_ips: Iterable[str] | None, local_ports: Iterable[int] | None) -> bytes:
+    """Filter program: local (ip, port) is any of local_ips x local_ports.
+
+    Empty/None on one side means "any". Each pair is one S_COND op (a host
+    condition carries both address and port). Layout, with C = condition,
+    J = unconditional jump:
+
+        C1 [no -> C2]  J [-> end]  C2 [no -> C3]  J [-> end] ... Cn [no -> end+4]
+
+    A matching Ci falls through (yes) to its J, which jumps to the end:
+    accept. The last condition falls through to the end itself; its `no`
+    jumps 4 bytes past the end: reject. Returns b"" when nothing filters.
+    """
+    ips = [norm_ip(ip) for ip in _as_list(local_ips, str)] or [None]
+    ports = _as_list(local_ports, int) or [None]
+    for p in ports:
+        if p is not None and not 0 < p < 65536:
+            raise ValueError(f"bad port {p}")
+    if ips == [None] and ports == [None]:
+        return b""
+    conds = [_hostcond(ip, port) for ip in dict.fromkeys(ips) for port in dict.fromkeys(ports)]
+    total = sum(4 + len(c) for c in conds) + 4 * (len(conds) - 1)
+    out = bytearray()
+    for i, cond in enumerate(conds):
+        size = 4 + len(cond)
+        if i < len(conds) - 1:
+            # miss: skip our J to the next condition; hit: J jumps to the end.
+            out += _BC_OP.pack(BC_S_COND, size, size + 4) + cond
+            out += _BC_OP.pack(BC_JMP, 4, total - len(out))
+        else:
+            out += _BC_OP.pack(BC_S_COND, size, total - len(out) + 4) + cond
+    if len(out) > 0xFFFF - 4:
+        raise ValueError("filter too large: too many address x port pairs")
+    return bytes(out)
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    pad = (-len(payload)) % 4
+    return _NLATTR.pack(4 + len(payload), kind) + payload + b"\0" * pad
+
+
+def encode_dump_request(family: int, states: int, bytecode: bytes, seq: int) -> bytes:
+    """nlmsghdr + inet_diag_req_v2 (+ INET_DIAG_REQ_BYTECODE) for a TCP dump."""
+    attrs = _attr(INET_DIAG_REQ_BYTECODE, bytecode) if bytecode else b""
+    head = _REQUEST.pack(_REQUEST.size + len(attrs), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
+                         seq, 0, family, socket.IPPROTO_TCP, 0, states,
+                         0, 0, bytes(16), bytes(16), 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    return head + attrs
+
+
+def encode_destroy_request(sock: SockId, seq: int) -> bytes:
+    """One SOCK_DESTROY for `sock`, asking for an ack."""
+    return _REQUEST.pack(_REQUEST.size, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0,
+                         sock.family, socket.IPPROTO_TCP, 0, ALL_STATES_MASK,
+                         socket.htons(sock.sport), socket.htons(sock.dport), sock.src, sock.dst,
+                         sock.if_index, sock.cookie & 0xFFFFFFFF, sock.cookie >> 32)
+
+
+def iter_messages(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, seq, payload offset, payload end) for each nlmsg in buf."""
+    off, size = 0, len(buf)
+    while off + 16 <= size:
+        length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if length < 16 or off + length > size:
+            raise SockDiagError(errno.EBADMSG, f"truncated netlink message at {off} (len {length})")
+        yield kind, flags, seq, off + 16, off + length
+        off += (length + 3) & ~3
+
+
+def decode_error(buf: bytes, start: int) -> tuple[int, int]:
+    """NLMSG_ERROR payload -> (positive errno or 0, seq of the request it answers)."""
+    (err,) = _ERR.unpack_from(buf, start)
+    seq = _NLMSGHDR.unpack_from(buf, start + 4)[3]
+    return -err, seq
+
+
+@functools.lru_cache(maxsize=8192)
+def _addr_text(family: int, raw: bytes) -> str:
+    # A dump repeats a few VIPs and clients thousands of times: cache the text.
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return norm_ip(socket.inet_ntop(socket.AF_INET6, raw))
+
+
+def decode_diag_msg(buf: bytes, start: int, netns_inode: int | None) -> tuple[Flow, SockId]:
+    """One inet_diag_msg -> (Flow seen from the local side, SockId). Attributes are ignored."""
+    family, state, _timer, _retrans, sport, dport, src, dst = _MSG_HEAD.unpack_from(buf, start)
+    ifindex, ck_lo, ck_hi, _exp, rqueue, wqueue, _uid, inode = _MSG_TAIL.unpack_from(buf, start + 40)
+    cookie = (ck_hi << 32) | ck_lo
+    key = FlowKey(_addr_text(family, src), sport, _addr_text(family, dst), dport)
+    flow = Flow(key=key, state=TCP_STATES.get(state, str(state)), netns=netns_inode, cookie=cookie,
+                inode=inode, recvq=rqueue, sendq=wqueue)
+    return flow, SockId(family, src, dst, sport, dport, ifindex, cookie)
+
+
+# -- kernel I/O ---------------------------------------------------------------------
+
+def _open() -> socket.socket:
+    """A sock_diag socket in the current thread's netns."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)   # SO_RCVBUFFORCE: past rmem_max (root)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        except OSError:
+            pass                                             # < 4.3: acks carry our request back
+        sock.bind((0, 0))
+        sock.settimeout(RECV_TIMEOUT)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(1 << 17)
+    except socket.timeout:
+        raise SockDiagError(errno.ETIMEDOUT, f"no answer from sock_diag in {RECV_TIMEOUT} s") from None
+
+
+def _families_for(ips: list[str]) -> tuple[int, ...]:
+    # A v4 address also lives in AF_INET6 sockets (v4-mapped); a v6 one only there.
+    if ips and all(":" in ip for ip in ips):
+        return (socket.AF_INET6,)
+    return (socket.AF_INET, socket.AF_INET6)
+
+
+def dump(local_ips=None, local_ports=None, states=None, exclude_listen=True) -> list[tuple[Flow, SockId]]:
+    """TCP sockets of the current thread's netns whose local side matches.
+
+    local_ips: addresses (str or iterable; v4-mapped forms are normalised, a
+    v4 address also matches dual-stack sockets); local_ports: int or
+    iterable; None = any. states: names from model.TCP_STATES, None = all but
+    LISTEN (all with exclude_listen=False). The filter runs in the kernel.
+    """
+    ips = [norm_ip(ip) for ip in _as_list(local_ips, str)]
+    bytecode = encode_bytecode(ips, local_ports)
+    mask = states_mask(states, exclude_listen)
+    inode = netns.current_inode()
+    found: list[tuple[Flow, SockId]] = []
+    with _open() as sock:
+        for seq, family in enumerate(_families_for(ips), start=1):
+            sock.sendto(encode_dump_request(family, mask, bytecode, seq), (0, 0))
+            _read_dump(sock, seq, inode, found)
+    return found
+
+
+def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
+    count = 0
+    deadline = time.monotonic() + 60
+    while True:
+        buf = _recv(sock)
+        for kind, _flags, mseq, start, _end in iter_messages(buf):
+            if mseq != seq:
+                continue                                      # stale answer of an aborted request
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                err, _ = decode_error(buf, start)
+                raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
+            if kind == SOCK_DIAG_BY_FAMILY:
+                found.append(decode_diag_msg(buf, start, inode))
+                count += 1
+        if count > MAX_DUMP_MESSAGES or time.monotonic() > deadline:
+            raise SockDiagError(errno.E2BIG, f"sock_diag dump did not end ({count} sockets)")
+
+
+def destroy(socks: Iterable[SockId], batch: int = DEFAULT_BATCH) -> DestroyResult:
+    """SOCK_DESTROY each socket (current thread's netns); classify every ack.
+
+    The kernel answers a destroyed socket with an RST to its peer (when the
+    local address still routes) and ECONNABORTED to its owner. ENOENT means
+    gone (or 4-tuple reused by a socket with another cookie: left alone).
+    """
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    result = DestroyResult()
+    todo = iter(socks)
+    seqs = itertools.count(1)
+    with _open() as sock:
+        while chunk := list(itertools.islice(todo, batch)):
+            _destroy_batch(sock, chunk, seqs, result)
+    return result
+
+
+def _destroy_batch(sock: socket.socket, chunk: list[SockId], seqs, result: DestroyResult) -> None:
+    waiting: dict[int, SockId] = {}
+    parts = []
+    for sid in chunk:
+        seq = next(seqs)
+        waiting[seq] = sid
+        parts.append(encode_destroy_request(sid, seq))
+    sock.sendto(b"".join(parts), (0, 0))
+    lost = False
+    deadline = time.monotonic() + RECV_TIMEOUT
+    while waiting and time.monotonic() < deadline:
+        try:
+            buf = _recv(sock)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:      # acks dropped: receive buffer overflowed
+                lost = True
+                continue
+            raise
+        for kind, _flags, seq, start, _end in iter_messages(buf):
+            if kind != NLMSG_ERROR or seq not in waiting:
+                continue
+            err, _ = decode_error(buf, start)
+            sid = waiting.pop(seq)
+            if err == 0:
+                result.destroyed.append(sid)
+            elif err == errno.ENOENT:
+                result.gone.append(sid)
+            else:
+                result.failed.append((sid, err))
+        if lost and waiting and not _readable(sock):
+            break
+    if waiting and lost:
+        # The kernel ran every request; only acks were dropped. Ask again, one
+        # at a time: ENOENT now most likely means "destroyed by the first try".
+        for sid in list(waiting.values()):
+            _destroy_batch(sock, [sid], seqs, result)
+    elif waiting:
+        raise SockDiagError(errno.ETIMEDOUT, f"{len(waiting)} SOCK_DESTROY requests unanswered")
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0.05)[0])
+
+
+def probe_destroy() -> tuple[bool, str]:
+    """Can this kernel destroy sockets here? Tries on a loopback connection of our own.
+
+    (True, detail) when the destroyed socket really died; (False, reason)
+    otherwise (EOPNOTSUPP: no CONFIG_INET_DIAG_DESTROY; EPERM: no
+    CAP_NET_ADMIN over this netns; or no usable loopback to try on).
+    """
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            return _probe_on(family, host)
+        except OSError as exc:
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.ECONNREFUSED, errno.EAFNOSUPPORT):
+                continue      # lo down or no v6: try the other family
+            return False, f"probe failed: {exc}"
+    return False, "no usable loopback address in this netns (is lo up?)"
+
+
+def _probe_on(family: int, host: str) -> tuple[bool, str]:
+    with socket.socket(family, socket.SOCK_STREAM) as listener, socket.socket(family, socket.SOCK_STREAM) as client:
+        listener.bind((host, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        client.settimeout(2)
+        client.connect((host, port))
+        listener.settimeout(2)
+        server, _ = listener.accept()
+        with server:
+            cport = client.getsockname()[1]
+            mine = [sid for flow, sid in dump([host], [port]) if flow.key.cport == cport]
+            if len(mine) != 1:
+                return False, f"dump found {len(mine)} sockets for our own probe connection"
+            res = destroy(mine)
+            if res.failed:
+                err = res.failed[0][1]
+                why = {errno.EOPNOTSUPP: "kernel without CONFIG_INET_DIAG_DESTROY",
+                       errno.EPERM: "no CAP_NET_ADMIN in this netns"}.get(err, "")
+                return False, f"SOCK_DESTROY: {os.strerror(err)}{' (' + why + ')' if why else ''}"
+            if not res.destroyed:
+                return False, f"SOCK_DESTROY did not destroy the probe socket ({res})"
+            err = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err != errno.ECONNABORTED:
+                return False, f"destroy acked but the socket is alive (SO_ERROR={err})"
+            return True, f"SOCK_DESTROY works ({'v4' if family == socket.AF_INET else 'v6'} loopback probe)"
