@@ -2,13 +2,15 @@
 /*
  * flowtrack: the TCP sockets of watched VIPs and ports, as the kernel changes them.
  *
- * Loaded by nfsreset/tracker.py through bcc. Only tracepoints are used: this
- * kernel has no kprobes and refuses fentry. The headers bcc compiles against
- * may belong to another kernel, so no kernel struct is dereferenced here by
- * field name: every read goes through bpf_probe_read_kernel() at an offset
- * that Python resolved from /sys/kernel/btf/vmlinux and passed as -DOFF_*.
- * Tracepoint format structs (args->...) come from the running kernel's tracefs
- * and are safe to use directly.
+ * Loaded by nfsreset/tracker.py through bcc. Only raw tracepoints are used:
+ * this kernel has no kprobes and refuses fentry, and a raw tracepoint skips
+ * building the event record that a classic tracepoint fills for every socket
+ * of the host (measured: the classic sock:inet_sock_set_state alone cost ~6%
+ * of a connect/close loop; see bench/bench_tracker.py). It also needs no
+ * tracefs. The headers bcc compiles against may belong to another kernel, so
+ * no kernel struct is dereferenced here by field name: every read goes
+ * through bpf_probe_read_kernel() at an offset that Python resolved from
+ * /sys/kernel/btf/vmlinux and passed as -DOFF_*.
  *
  * Filter order, cheapest first and before any per-flow map is touched:
  * protocol TCP, local port in `ports`, local address in `vips`, then (only
@@ -19,7 +21,10 @@
 
 #if !defined(OFF_TCP_RCV_NXT) || !defined(OFF_TCP_SND_NXT) || !defined(OFF_SK_NET) || \
     !defined(OFF_NET_INUM) || !defined(OFF_SK_COOKIE) || !defined(OFF_SKB_CB) || \
-    !defined(OFF_TCB_SEQ) || !defined(OFF_TCB_END_SEQ)
+    !defined(OFF_TCB_SEQ) || !defined(OFF_TCB_END_SEQ) || !defined(OFF_SK_PROTOCOL) || \
+    !defined(OFF_SK_FAMILY) || !defined(OFF_INET_SPORT) || !defined(OFF_SK_DPORT) || \
+    !defined(OFF_SK_RCV_SADDR) || !defined(OFF_SK_DADDR) || !defined(OFF_SK_V6_RCV_SADDR) || \
+    !defined(OFF_SK_V6_DADDR)
 #error "struct offsets must come from BTF: see nfsreset.tracker.bpf_offsets()"
 #endif
 #ifndef MAX_FLOWS
@@ -109,51 +114,65 @@ static __always_inline void read_seqs(const void *sk, struct flow *f)
 
 static __always_inline void emit(u32 kind, u32 old_state, const struct flow *f)
 {
-    struct event ev = {};
-    ev.kind = kind;
-    ev.old_state = old_state;
-    ev.flow = *f;
-    if (events.ringbuf_output(&ev, sizeof(ev), 0) != 0) {
+    struct event *ev = events.ringbuf_reserve(sizeof(struct event));
+    if (!ev) {
         // Ring full: Python reads this count and reconciles with a socket dump.
         u32 zero = 0;
         u64 *n = lost.lookup(&zero);
         if (n)
             __sync_fetch_and_add(n, 1);
+        return;
     }
+    ev->kind = kind;
+    ev->old_state = old_state;
+    ev->flow = *f;
+    // Default wakeup: the kernel only wakes the reader when it had caught up,
+    // so a burst costs one wakeup, not one per event.
+    events.ringbuf_submit(ev, 0);
 }
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+#define READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
+
+// trace_inet_sock_set_state(sk, oldstate, newstate): fires for every inet
+// socket of every namespace, v4 and v6, on each state change.
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
-    if (args->protocol != FT_IPPROTO_TCP)
+    const void *sk = (const void *)ctx->args[0];
+    int oldstate = (int)ctx->args[1], newstate = (int)ctx->args[2];
+    u16 protocol = 0, lport = 0, rport = 0, family = 0;
+    READ(protocol, sk, OFF_SK_PROTOCOL);
+    if (protocol != FT_IPPROTO_TCP)
         return 0;
-    int oldstate = args->oldstate, newstate = args->newstate;
     // Listeners are not flows; SYN_RECV children are not worth a map entry
     // until the handshake completes (a SYN flood must not fill `flows`).
     if (newstate == FT_TCP_LISTEN || oldstate == FT_TCP_LISTEN ||
         newstate == FT_TCP_SYN_RECV || newstate == FT_TCP_NEW_SYN_RECV)
         return 0;
-    u16 lport = args->sport;
+    // inet_sport, not skc_num: tcp_set_state(TCP_CLOSE) releases the port
+    // (inet_put_port zeroes skc_num) before the tracepoint fires.
+    READ(lport, sk, OFF_INET_SPORT);
+    lport = __builtin_bswap16(lport);           // network order
     if (!ports.lookup(&lport))
         return 0;
 
     struct addr16 laddr = {}, raddr = {};
-    if (args->family == FT_AF_INET) {
+    READ(family, sk, OFF_SK_FAMILY);
+    if (family == FT_AF_INET) {
         laddr.a[10] = 0xff; laddr.a[11] = 0xff;
         raddr.a[10] = 0xff; raddr.a[11] = 0xff;
-        // Arrays in the ctx: clang turns memcpy into loads from a modified
-        // ctx pointer, which the verifier refuses; probe_read is fine.
-        bpf_probe_read_kernel(&laddr.a[12], 4, args->saddr);
-        bpf_probe_read_kernel(&raddr.a[12], 4, args->daddr);
-    } else if (args->family == FT_AF_INET6) {
-        bpf_probe_read_kernel(laddr.a, 16, args->saddr_v6);
-        bpf_probe_read_kernel(raddr.a, 16, args->daddr_v6);
+        bpf_probe_read_kernel(&laddr.a[12], 4, (const char *)sk + OFF_SK_RCV_SADDR);
+        bpf_probe_read_kernel(&raddr.a[12], 4, (const char *)sk + OFF_SK_DADDR);
+    } else if (family == FT_AF_INET6) {
+        READ(laddr, sk, OFF_SK_V6_RCV_SADDR);   // dual-stack v4: already v4-mapped
+        READ(raddr, sk, OFF_SK_V6_DADDR);
     } else {
         return 0;
     }
     if (!vips.lookup(&laddr))
         return 0;
+    READ(rport, sk, OFF_SK_DPORT);
+    rport = __builtin_bswap16(rport);           // skc_dport: network order
 
-    const void *sk = args->skaddr;
     u32 netns = sk_netns(sk);
     u32 zero = 0;
     u32 *filter_netns = config.lookup(&zero);
@@ -173,8 +192,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             // close event. A child that died in SYN_RECV is not.
             if (oldstate == FT_TCP_SYN_RECV)
                 return 0;
-            f.laddr = laddr; f.raddr = raddr; f.lport = lport; f.rport = args->dport;
-            f.netns = netns; f.family = args->family; f.sk = key;
+            f.laddr = laddr; f.raddr = raddr; f.lport = lport; f.rport = rport;
+            f.netns = netns; f.family = family; f.sk = key;
         }
         f.state = newstate;
         f.last_change = now;
@@ -196,8 +215,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     // First sight: a new connection (SYN_RECV -> ESTABLISHED, CLOSE -> SYN_SENT)
     // or one that existed before the tracker and changes state now.
     struct flow f = {};
-    f.laddr = laddr; f.raddr = raddr; f.lport = lport; f.rport = args->dport;
-    f.netns = netns; f.state = newstate; f.family = args->family; f.sk = key;
+    f.laddr = laddr; f.raddr = raddr; f.lport = lport; f.rport = rport;
+    f.netns = netns; f.state = newstate; f.family = family; f.sk = key;
     f.first_seen = now;
     f.last_change = now;
     read_seqs(sk, &f);

@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 
-from nfsreset.packets import checksum
+from nfsreset.packets import _addr, checksum
 
 SIOCGIFCONF = 0x8912
 _IFREQ_SIZE = 40                    # struct ifreq on 64-bit Linux
@@ -130,9 +130,10 @@ def announce(vip: str, ifname: str | None = None, count: int = 1, interval: floa
     With `ifname`, the VIP must be on that device. Raises AnnounceError when
     the VIP is not configured (or still tentative), or the device is not Ethernet.
     """
-    from nfsreset.model import norm_ip
-
-    vip = norm_ip(vip)
+    # Canonical text (v4-mapped becomes v4) without nfsreset.model: ipaddress
+    # costs ~5 ms of import in a hook that should reach its packets first.
+    family, packed = _addr(vip.strip().strip("[]"))
+    vip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, packed)
     dev = find_interface(vip)
     if ifname is not None and ifname != dev:
         # The same v4 address may sit on two devices; check the one asked for.
@@ -141,7 +142,10 @@ def announce(vip: str, ifname: str | None = None, count: int = 1, interval: floa
         if ifname not in devices:
             raise AnnounceError(f"{vip} is not configured on {ifname} (it is on {dev})")
         dev = ifname
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+    from nfsreset.rawsend import close_later
+
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
         sock.bind((dev, 0))
         _, _, _, hatype, mac = sock.getsockname()
         if hatype != ARPHRD_ETHER or len(mac) != 6:
@@ -152,4 +156,8 @@ def announce(vip: str, ifname: str | None = None, count: int = 1, interval: floa
                 time.sleep(interval)
             for frame in frames:
                 sock.send(frame)
+    finally:
+        # The tickles come right after this: don't make them wait for the
+        # 8-20 ms RCU grace period of an AF_PACKET close.
+        close_later(sock)
     return dev

@@ -88,11 +88,15 @@ class BTF:
         return self._data[start:self._data.index(b"\0", start)].decode()
 
     def find_struct(self, name: str) -> int:
-        """Type id of the first complete struct or union called `name`."""
+        """Type id of the first struct or union called `name` (or typedef'd
+        to it: possible_net_t is a typedef of an anonymous struct)."""
         if self._by_name is None:
             self._by_name = {}
             for tid, (kind, name_off, *_rest) in enumerate(self._types):
                 if kind in (STRUCT, UNION) and name_off:
+                    self._by_name.setdefault(self._string(name_off), tid)
+            for tid, (kind, name_off, *_rest) in enumerate(self._types):
+                if kind == TYPEDEF and self._types[self.resolve(tid)][0] in (STRUCT, UNION):
                     self._by_name.setdefault(self._string(name_off), tid)
         try:
             return self._by_name[name]

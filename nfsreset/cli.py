@@ -36,16 +36,20 @@ class Fail(Exception):
 
 
 def main() -> None:
-    import click
+    # typer vendors click as typer._click (0.29); its exceptions are not re-exported.
+    from typer._click import exceptions as click_exc
     try:
         code = app(standalone_mode=False)
     except Fail as e:
         print(f"nfsreset {_command()}: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except click.exceptions.UsageError as e:
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.format_message())
+        sys.exit(0)
+    except click_exc.UsageError as e:
         print(f"nfsreset {_command()}: {e.format_message()}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click_exc.Abort:
         print(f"nfsreset {_command()}: interrupted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
@@ -309,6 +313,55 @@ def doctor(
         for name, r in strat.items():
             print(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} {r['why']}")
     return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
+
+
+# --- watch -----------------------------------------------------------------------------
+@app.command()
+def watch(
+    vip: List[str] = typer.Option([], "--vip", help="A VIP to watch (repeatable)."),
+    port: List[int] = typer.Option([], "--port", help=PORT_HELP + " Default 2049."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", help="Client tuples per VIP, kept current "
+                                            "for the peer (default /var/lib/nfsreset)."),
+    netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="auto|destroy|rst|nft (default auto)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus text metrics on HOST:PORT."),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with vips, ports, state_dir, strategy, "
+                                         "netns, metrics; command-line options win."),
+    no_bpf: bool = typer.Option(False, "--no-bpf", help="Do not load the BPF flow tracker; use sock_diag dumps."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Log what would be done; change nothing."),
+) -> int:
+    """Run as a daemon: act the moment a VIP leaves or arrives.
+
+    When a watched VIP is deleted here it records the VIP's clients, quarantines
+    it and destroys its sessions; when it arrives it ends sessions left from its
+    last stay, announces it and tickles the clients the old owner recorded. It
+    keeps the state dir current while it owns a VIP. Prints a line containing
+    `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
+    """
+    from nfsreset.watch import Config, ConfigError, load_config, parse_metrics, run_daemon
+    try:
+        doc = load_config(config) if config else {}
+        vips_text = list(vip) or list(doc.get("vips") or [])
+        if not vips_text:
+            raise Fail("give at least one --vip (or vips = [...] in --config)")
+        vips = frozenset(_vip(str(v)) for v in vips_text)
+        ports = _ports(list(port) or [int(p) for p in doc.get("ports") or [2049]])
+        strat = _strategy(strategy or doc.get("strategy") or "auto")
+        mtext = metrics or doc.get("metrics")
+        cfg = Config(vips=vips, ports=ports, state_dir=state_dir or doc.get("state_dir") or "/var/lib/nfsreset",
+                     strategy=strat, netns=netns_name or doc.get("netns"),
+                     metrics=parse_metrics(mtext) if mtext else None, dry_run=dry_run, bpf=not no_bpf)
+    except ConfigError as e:
+        raise Fail(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise Fail(f"bad config value: {e}") from None
+    if cfg.netns is not None:
+        from nfsreset import netns
+        if not netns.exists(cfg.netns):
+            raise Fail(f"--netns: network namespace {cfg.netns!r} does not exist (see `ip netns list`)")
+    _need_root("it loads BPF, destroys sockets and changes nftables")
+    _state(cfg.state_dir)
+    return run_daemon(cfg)
 
 
 def _register_optional() -> None:

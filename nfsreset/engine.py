@@ -18,6 +18,7 @@ from nfsreset.model import Flow, FlowKey, format_endpoint
 
 TICKLE_POLL_S = 0.05    # how often a tickle run looks for reconnected clients
 TICKLE_LINGER_S = 0.5   # after the last round, how long to wait for late reconnects
+EXACT_RST_TIMEOUT_S = 2.0   # covers the probe repeats at 0, 0.55, 1.5 s (answers are rate-limited)
 GUARD_TIMEOUT_S = 300   # a guard element outlives a failback; the stale socket dies on the client's RST
 
 
@@ -70,13 +71,17 @@ class Engine:
         self.log = log
         self._sids: dict[int, object] = {}
         self._guard = None
+        # The daemon adds what a dump cannot know (first-seen times, sequence
+        # numbers) from its BPF flow table.
+        self.enrich: Callable[[list[Flow]], list[Flow]] | None = None
 
     # -- observation -------------------------------------------------------------------
     def dump(self, vip: str) -> list[Flow]:
         from nfsreset import sockdiag
         pairs = sockdiag.dump(local_ips=[vip], local_ports=sorted(self.opts.ports))
         self._sids.update({f.cookie: sid for f, sid in pairs})
-        return [f for f, _ in pairs]
+        flows = [f for f, _ in pairs]
+        return self.enrich(flows) if self.enrich else flows
 
     @staticmethod
     def local_addrs() -> frozenset[str]:
@@ -90,14 +95,15 @@ class Engine:
         return self._guard
 
     # -- one moment ------------------------------------------------------------------------
-    def run(self, moment: P.Moment, vip: str, *, known_clients=(), vip_since=None) -> Outcome:
+    def run(self, moment: P.Moment, vip: str, *, known_clients=(), vip_since=None,
+            old_cookies: frozenset[int] = frozenset()) -> Outcome:
+        """Act for `vip` at `moment`. old_cookies: sockets known to predate the VIP here."""
         out = Outcome(moment.value, vip, self.dry_run)
         local = self.local_addrs()
-        old_cookies: frozenset[int] = frozenset()
         pending = {}
         if moment is P.Moment.POST_START and self.state is not None:
             pending = self.state.read_pending(vip)
-            old_cookies = frozenset(c for c in pending.values() if c is not None)
+            old_cookies = old_cookies | frozenset(c for c in pending.values() if c is not None)
         flows = self.dump(vip)
         tried: set[str] = set()
         for _ in range(4):   # one pass per rung at most
@@ -221,7 +227,7 @@ class Engine:
             return "rst"
         from nfsreset import seqprobe
         t0 = time.monotonic()
-        ok = sum(1 for f in act.flows if seqprobe.kill_local(f.key))
+        ok = len(seqprobe.kill_local_many([f.key for f in act.flows], timeout=EXACT_RST_TIMEOUT_S))
         ms = (time.monotonic() - t0) * 1000
         out.step(action="rst", sessions=[flow_json(f) for f in act.flows], reset=ok, ms=round(ms, 1))
         self.log(f"reset {ok} of {len(act.flows)} session(s) by exact-sequence RST in {ms:.0f} ms: "

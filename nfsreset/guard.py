@@ -35,10 +35,18 @@ Quarantine: while a VIP is away, drop output whose source is the VIP. IPv6
 sockets keep sending from a deleted address (FIN, retransmissions, even the RST
 of SOCK_DESTROY), and those were measured to push clients into SYN back-off.
 
-Every mutation sends the whole skeleton with it, in the same transaction:
-`add` of an existing table/chain/set is a no-op, and flush-then-add makes the
-rules idempotent. So the table reappears whole if someone deleted it, two
-writers never duplicate rules, and a change costs one netlink round trip.
+Every mutation sends the skeleton with it, in the same transaction: `add` of
+an existing table/chain is a no-op, flush-then-add makes the rules idempotent,
+and sets are added only when the last listing lacked them (see skeleton()). So
+the table reappears whole if someone deleted it, two writers never duplicate
+rules, and a change costs one listing plus one netlink round trip; a change
+that fails against a stale listing is retried once with a fresh one.
+
+What the guard does to a reconnecting client, as captured in the lab (v4):
+data -> RST from the guard; SYN (same tuple) -> element deleted, the stale
+socket answers with a challenge ACK -> the client's RST (seq = the stale
+socket's rcv_nxt) kills it -> the client resends its SYN 14 ms later (Linux
+retries at TCP_TIMEOUT_MIN after a bad ACK in SYN_SENT) -> handshake.
 
 Namespace: libnftables 1.0.6 opens its netlink socket in nft_ctx_new(), i.e.
 in the network namespace of the calling *thread* at the time Nftables() is
@@ -47,8 +55,10 @@ socket's namespace (SIOCGSKNS) against the thread's; create it inside
 `nfsreset.netns.entered(...)`. Afterwards it may be used from anywhere.
 
 Quirks of nft 1.0.6 / kernel 6.18 found here:
-- The JSON parser refuses the set flag "dynamic" ("Invalid set flag"); none is
-  needed: a `timeout` hash set accepts `delete @set` from a rule.
+- The JSON parser refuses the set flag "dynamic" ("Invalid set flag"). A set
+  created in the same transaction as a rule writing to it gets it anyway
+  (nft adds it), and the kernel then refuses a later `add set` without it:
+  "File exists". Hence existing sets are never re-sent.
 - `add element` of an existing element succeeds and refreshes its timeout
   (the counter is kept).
 - `delete element` of a missing element fails the whole transaction (ENOENT);
@@ -60,6 +70,7 @@ Quirks of nft 1.0.6 / kernel 6.18 found here:
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import socket
 import threading
@@ -174,9 +185,13 @@ def skeleton(syn_delete: bool = True, existing_sets: Iterable[str] = ()) -> list
     return cmds
 
 
+# Thousands of keys share a handful of VIPs and clients: parse each address once.
+_norm = functools.lru_cache(maxsize=4096)(norm_ip)
+
+
 def stale_tuple(key: FlowKey) -> tuple[int, tuple]:
     """(family, (client, cport, vip, vport)) with normalised addresses; ValueError if mixed."""
-    vip, client = norm_ip(key.vip), norm_ip(key.client)
+    vip, client = _norm(key.vip), _norm(key.client)
     fam = family_of(vip)
     if family_of(client) != fam:
         raise ValueError(f"mixed address families in {key}")
@@ -188,7 +203,7 @@ def stale_tuple(key: FlowKey) -> tuple[int, tuple]:
 
 def key_of(tup: tuple) -> FlowKey:
     client, cport, vip, vport = tup
-    return FlowKey(vip=norm_ip(vip), vport=int(vport), client=norm_ip(client), cport=int(cport))
+    return FlowKey(vip=_norm(vip), vport=int(vport), client=_norm(client), cport=int(cport))
 
 
 def group_stale(keys: Iterable[FlowKey]) -> dict[int, list[tuple]]:
@@ -411,8 +426,8 @@ class Guard:
         if not commands:
             return 0
         listing = self._list()
-        present = {k for k, _ in parse_stale(listing)}
-        wanted = {key_of(t) for tups in by_family.values() for t in tups}
+        present = {stale_tuple(k)[1] for k, _ in parse_stale(listing)}
+        wanted = {t for tups in by_family.values() for t in tups}
         self._change(commands, f"add {len(wanted)} stale tuple(s)", listing)
         return len(wanted - present)
 

@@ -7,15 +7,15 @@ events through a ring buffer. Sequence numbers (snd_nxt/rcv_nxt) are refreshed
 on every state change and on every segment an ESTABLISHED flow receives.
 
 Kernel facts this is built on (6.18, Debian 12's bcc 0.26):
-- kprobes are not built and fentry/kfunc are refused: tracepoints only
-  (sock:inet_sock_set_state, raw tcp_probe).
+- kprobes are not built and fentry/kfunc are refused: tracepoints only. Raw
+  tracepoints (inet_sock_set_state, tcp_probe) cost less than classic ones
+  and, unlike them, need no tracefs: the tracker loads under `ip netns exec`
+  as it is. ensure_tracefs() remains for bcc programs with classic ones.
 - bcc compiles against headers that may belong to another kernel; struct
   offsets come from BTF (nfsreset.btf) and reach the C code as -D flags.
-- bcc reads tracepoint formats and ids from tracefs, which `ip netns exec`
-  hides (it remounts /sys): see ensure_tracefs().
-- Compiling with clang costs ~1-2 s per FlowTracker; BTF offsets and the
-  source are cached per process, the compiled object cannot be (bcc 0.26 has
-  no API to load a saved object).
+- Compile + load + attach takes ~0.2-0.4 s (the program includes no kernel
+  headers beyond linux/types.h). BTF offsets and the source are cached per
+  process; the compiled object cannot be (bcc 0.26 has no API to load one).
 
 bcc is imported inside functions: hooks import this module and must start fast.
 """
@@ -24,10 +24,11 @@ from __future__ import annotations
 import atexit
 import ctypes
 import dataclasses
-import errno
 import functools
 import ipaddress
 import os
+import socket
+import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -46,6 +47,14 @@ _OFFSETS = {
     "OFF_SKB_CB": ("sk_buff.cb", None),
     "OFF_TCB_SEQ": ("tcp_skb_cb.seq", 4),
     "OFF_TCB_END_SEQ": ("tcp_skb_cb.end_seq", 4),
+    "OFF_SK_PROTOCOL": ("sock.sk_protocol", 2),
+    "OFF_SK_FAMILY": ("sock.__sk_common.skc_family", 2),
+    "OFF_INET_SPORT": ("inet_sock.inet_sport", 2),
+    "OFF_SK_DPORT": ("sock.__sk_common.skc_dport", 2),
+    "OFF_SK_RCV_SADDR": ("sock.__sk_common.skc_rcv_saddr", 4),
+    "OFF_SK_DADDR": ("sock.__sk_common.skc_daddr", 4),
+    "OFF_SK_V6_RCV_SADDR": ("sock.__sk_common.skc_v6_rcv_saddr", 16),
+    "OFF_SK_V6_DADDR": ("sock.__sk_common.skc_v6_daddr", 16),
 }
 EVENT_KINDS = {1: "open", 2: "state", 3: "close"}
 AF_INET, AF_INET6 = 2, 10
@@ -115,36 +124,34 @@ class _Addr16(ctypes.Structure):
     _fields_ = [("a", ctypes.c_ubyte * 16)]
 
 
-class _Flow(ctypes.Structure):
-    # Mirrors struct flow in flowtrack.c.
-    _fields_ = [
-        ("laddr", _Addr16), ("raddr", _Addr16),
-        ("lport", ctypes.c_uint16), ("rport", ctypes.c_uint16),
-        ("netns", ctypes.c_uint32), ("state", ctypes.c_uint32),
-        ("snd_nxt", ctypes.c_uint32), ("rcv_nxt", ctypes.c_uint32), ("family", ctypes.c_uint32),
-        ("first_seen", ctypes.c_uint64), ("last_change", ctypes.c_uint64),
-        ("cookie", ctypes.c_uint64), ("sk", ctypes.c_uint64),
-    ]
+# struct flow and struct event of flowtrack.c, decoded with struct rather than
+# ctypes attributes: the reader must keep up with ~10^5 events/s of churn.
+_FLOW = struct.Struct("<16s16sHHIIIIIQQQQ")
+_EVENT_HEAD = struct.Struct("<II")
+_EVENT_SIZE = _EVENT_HEAD.size + _FLOW.size
+_V4MAPPED = bytes(10) + b"\xff\xff"
 
 
-class _Event(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_uint32), ("old_state", ctypes.c_uint32), ("flow", _Flow)]
+@functools.lru_cache(maxsize=4096)
+def _ip(raw: bytes) -> str:
+    """Text of a 16-byte key; v4-mapped becomes plain v4 (as model.norm_ip)."""
+    if raw[:12] == _V4MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:])
+    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def _ip(raw: _Addr16) -> str:
-    return norm_ip(str(ipaddress.IPv6Address(bytes(raw.a))))
-
-
-def _to_flow(f) -> Flow:
+def _to_flow(raw: bytes, offset: int = 0) -> Flow:
+    (laddr, raddr, lport, rport, netns_inode, state, snd_nxt, rcv_nxt, _family,
+     first_seen, last_change, cookie, _sk) = _FLOW.unpack_from(raw, offset)
     return Flow(
-        key=FlowKey(_ip(f.laddr), f.lport, _ip(f.raddr), f.rport),
-        state=TCP_STATES.get(f.state, str(f.state)),
-        netns=f.netns,
-        cookie=f.cookie or None,
-        first_seen=f.first_seen / 1e9 if f.first_seen else None,
-        last_change=f.last_change / 1e9 if f.last_change else None,
-        snd_nxt=f.snd_nxt,
-        rcv_nxt=f.rcv_nxt,
+        key=FlowKey(_ip(laddr), lport, _ip(raddr), rport),
+        state=TCP_STATES.get(state) or str(state),
+        netns=netns_inode,
+        cookie=cookie or None,
+        first_seen=first_seen / 1e9 if first_seen else None,
+        last_change=last_change / 1e9 if last_change else None,
+        snd_nxt=snd_nxt,
+        rcv_nxt=rcv_nxt,
     )
 
 
@@ -152,7 +159,7 @@ def _addr_key(ip: str) -> bytes:
     """16 bytes as flowtrack.c keys addresses: IPv4 as v4-mapped IPv6."""
     addr = ipaddress.ip_address(norm_ip(ip))
     if addr.version == 4:
-        return bytes(10) + b"\xff\xff" + addr.packed
+        return _V4MAPPED + addr.packed
     return addr.packed
 
 
@@ -167,15 +174,17 @@ class FlowTracker:
 
     def __init__(self, ports: Iterable[int], vips: Iterable[str] = (), netns_inodes: Iterable[int] = (),
                  max_flows: int = 65536, ring_pages: int = 64):
-        ensure_tracefs()
         from bcc import BPF  # heavy (~0.3 s), only here
 
         cflags = [f"-D{k}={v}" for k, v in bpf_offsets().items()]
         cflags += [f"-DMAX_FLOWS={int(max_flows)}", f"-DRING_PAGES={int(ring_pages)}", "-w"]
         self._pending: list[FlowEvent] = []
-        self._bpf = BPF(text=_source(), cflags=cflags)
+        self._bpf = BPF(text=_source().encode(), cflags=cflags)
         try:
-            self._bpf["events"].open_ring_buffer(self._on_event)
+            leaf = ctypes.sizeof(self._bpf[b"flows"].Leaf)
+            if leaf != _FLOW.size:
+                raise TrackerError(f"struct flow is {leaf} bytes in flowtrack.c, {_FLOW.size} in tracker.py")
+            self._bpf[b"events"].open_ring_buffer(self._on_event)
             self._ports: set[int] = set()
             self._vips: set[bytes] = set()
             self._netns: set[int] = set()
@@ -202,7 +211,7 @@ class FlowTracker:
 
     def set_netns(self, inodes: Iterable[int]) -> None:
         new = {int(i) for i in inodes}
-        config = self._bpf["config"]
+        config = self._bpf[b"config"]
         if not new:  # switch the filter off first: all namespaces
             config[ctypes.c_int(0)] = ctypes.c_uint32(0)
         self._sync("netns_ok", self._netns, new, lambda i: ctypes.c_uint32(i))
@@ -211,7 +220,7 @@ class FlowTracker:
         self._netns = new
 
     def _sync(self, name: str, old: set, new: set, make_key) -> None:
-        table = self._bpf[name]
+        table = self._bpf[name.encode()]
         for k in new - old:
             table[make_key(k)] = ctypes.c_uint8(1)
         for k in old - new:
@@ -222,12 +231,10 @@ class FlowTracker:
 
     # events and state
     def _on_event(self, _ctx, data, size) -> None:
-        ev = _Event.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(_Event)))
-        self._pending.append(FlowEvent(
-            kind=EVENT_KINDS.get(ev.kind, str(ev.kind)),
-            flow=_to_flow(ev.flow),
-            old_state=TCP_STATES.get(ev.old_state),
-        ))
+        raw = ctypes.string_at(data, _EVENT_SIZE)
+        kind, old_state = _EVENT_HEAD.unpack_from(raw)
+        self._pending.append(FlowEvent(EVENT_KINDS.get(kind) or str(kind),
+                                       _to_flow(raw, _EVENT_HEAD.size), TCP_STATES.get(old_state)))
 
     def poll(self, timeout_ms: int = 100) -> list[FlowEvent]:
         """Events that arrived, waiting up to timeout_ms for the first one."""
@@ -239,12 +246,12 @@ class FlowTracker:
 
     def flows(self) -> list[Flow]:
         """The current table, read from the BPF hash map."""
-        return [_to_flow(v) for _k, v in self._bpf["flows"].items()]
+        return [_to_flow(bytes(v)) for _k, v in self._bpf[b"flows"].items()]
 
     @property
     def lost(self) -> int:
         """Events dropped because the ring buffer was full: reconcile with a dump."""
-        return int(self._bpf["lost"][ctypes.c_int(0)].value)
+        return int(self._bpf[b"lost"][ctypes.c_int(0)].value)
 
     def close(self) -> None:
         bpf, self._bpf = getattr(self, "_bpf", None), None
@@ -265,17 +272,14 @@ class FlowTracker:
 def available() -> tuple[bool, str]:
     """Can this process track flows? (ok, what was found or what is missing).
 
-    Loads the real program once (compile + attach + detach, ~1-2 s), so the
-    answer is cached per process. May mount tracefs privately (ensure_tracefs).
+    Loads the real program once (compile + attach + detach, ~0.3 s), so the
+    answer is cached per process. tracefs is reported, not required: the
+    tracker uses raw tracepoints only.
     """
     try:
         offsets = bpf_offsets()
     except (btf.BTFError, OSError) as e:
         return False, f"BTF: {e}"
-    try:
-        ensure_tracefs()
-    except TrackerError as e:
-        return False, f"tracefs: {e}"
     try:
         import bcc  # noqa: F401
     except ImportError as e:
@@ -284,4 +288,5 @@ def available() -> tuple[bool, str]:
         FlowTracker(ports=()).close()
     except Exception as e:  # bcc raises bare Exception on compile/load errors
         return False, f"compile/load of flowtrack.c failed: {e}"
-    return True, f"BTF offsets {offsets}; tracefs at {TRACEFS}; flowtrack.c loads"
+    tracefs = "mounted" if os.path.exists(os.path.join(TRACEFS, "events")) else "not mounted (not needed)"
+    return True, f"{len(offsets)} struct offsets from BTF; flowtrack.c loads; tracefs {tracefs}"

@@ -140,7 +140,8 @@ def _cells(run: FamilyResult) -> list[tuple[str, str]]:
         rows.append(("slowest hook", f"{slow.seconds:.3f} s {slow.hook}@{slow.node or '-'}"))
     failed = [h for h in run.hook_timings if h.error]
     if failed:
-        rows.append(("hook errors", f"{len(failed)} ({failed[0].hook}: {failed[0].error})"))
+        first = " ".join(f"{failed[0].hook}: {failed[0].error}".split())
+        rows.append(("hook errors", f"{len(failed)} ({first[:70]}{'...' if len(first) > 70 else ''})"))
     return rows
 
 
@@ -181,7 +182,7 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
 
 # -- JSON ------------------------------------------------------------------------------
 def _ms(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
+    return None if x is None else round(float(x), 3)
 
 
 def direction_json(d: DirectionResult | None) -> dict | None:

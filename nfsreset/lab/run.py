@@ -120,6 +120,11 @@ def _signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _stop(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -159,7 +164,7 @@ class _Run:
         try:
             call()
         except Exception as e:  # a failing remedy is a result, not a crash of the lab
-            error = f"{type(e).__name__}: {e}"
+            error = " ".join(f"{type(e).__name__}: {e}".split())  # one line: it goes into a table
             self.log(f"{self.remedy.name}.{hook} on {node} failed: {error}")
         self.result.hook_timings.append(
             report.HookTiming(self.phase, hook, node, time.monotonic() - t, error))
@@ -196,12 +201,12 @@ class _Run:
                     stdout=out, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
-            if all('"listening"' in open(p).read() for p in logs):
+            if all('"listening"' in _read(p) for p in logs):
                 return
             if any(s.poll() is not None for s in self.servers):
                 break
             time.sleep(0.02)
-        raise LabError("lab server did not start: " + " | ".join(open(p).read().strip()[-300:] for p in logs))
+        raise LabError("lab server did not start: " + " | ".join(_read(p).strip()[-300:] for p in logs))
 
     def start_client(self) -> None:
         err = open(os.path.join(self.workdir, "client.err"), "w")

@@ -124,11 +124,11 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
     assert wait_for(lambda: len(calls(tmp_path)) >= 2), calls(tmp_path)
     kill, tickle = calls(tmp_path)
     # pre-start kill while the address is not there yet; tickle once it is
-    assert kill.startswith("kill vip=absent kill --vip " + vip)
+    assert kill.startswith("kill vip=absent kill --vip " + vip + " --moment pre-start")
     assert f"--state-dir {tmp_path / 'state'}" in kill
     assert "--strategy destroy" in kill and "--port 2049 --port 20048" in kill
     assert tickle.startswith("tickle vip=present tickle --vip " + vip)
-    assert "--port 2049 --port 20048" in tickle and "--strategy" not in tickle
+    assert "--port 2049 --port 20048" in tickle and "--strategy destroy" in tickle
     # the background tickle leaves its result for the operator
     status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
     assert wait_for(status.exists)
@@ -139,8 +139,8 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
     assert res.returncode == 0, res.stderr
     assert not topo.has_addr("node1", vip, usable=False)
     post_stop = calls(tmp_path)[2]
-    assert post_stop.startswith("kill vip=absent kill --vip " + vip)
-    assert "--port 2049 " in post_stop and "--strategy auto" in post_stop
+    assert post_stop.startswith("kill vip=absent kill --vip " + vip + " --moment post-stop")
+    assert post_stop.endswith("--port 2049") and "--strategy auto" in post_stop
 
 
 def test_netns_parameter_is_passed_on(topo, tmp_path, stub):
@@ -261,3 +261,109 @@ def test_start_stop_cost_compared_with_plain_ipaddr2(topo, tmp_path, stub):
     own_start, own_stop = results["agent+stub"]
     assert own_start - base_start < 0.5
     assert own_stop - base_stop < 0.5
+
+
+# -- with the real nfsreset: a real session, a real stop/start cycle ----------
+
+LISTENER = r"""
+import socket, sys, time
+srv = socket.socket(socket.AF_INET6)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+srv.bind(("::", 2049)); srv.listen(16); srv.settimeout(0.5)
+print("listening", flush=True)
+held = []                      # like nfsd: never closes because an address went away
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        held.append(srv.accept()[0])
+    except socket.timeout:
+        pass
+"""
+
+CONNECT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 2049), timeout=3)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+print("connected", s.getsockname()[1])
+"""
+
+
+def sessions_on(topo, node, vip) -> list[str]:
+    out = topo.run(node, "ss", "-Htn", "state", "all", "sport", "= :2049").stdout
+    return [line for line in out.splitlines() if vip in line and "LISTEN" not in line]
+
+
+def quarantined(topo, node) -> str:
+    return topo.run(node, "nft", "list", "table", "inet", "nfsreset", check=False).stdout
+
+
+@pytest.fixture
+def listener(topo):
+    proc = topo.popen("node1", "python3", "-c", LISTENER, stdout=__import__("subprocess").PIPE,
+                      text=True)
+    try:
+        assert proc.stdout.readline().strip() == "listening"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def _client_keeps_a_session(topo):
+    """A client session to the VIP that outlives the connect (kept by a sleeper)."""
+    return topo.popen("client", "python3", "-c",
+                      "import socket,time; s=socket.create_connection(('%s',2049),3); "
+                      "print('up', flush=True); time.sleep(30)" % VIP4,
+                      stdout=__import__("subprocess").PIPE, text=True)
+
+
+def test_real_cycle_ends_sessions_and_leaves_the_vip_usable(topo, tmp_path, listener):
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state"}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        res, _ = run_agent(topo, tmp_path, "stop", **params)
+        assert res.returncode == 0, res.stderr
+        print(res.stderr)
+        assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
+        # the agent's post-stop kill left no session on the departed VIP
+        assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
+        res, _ = run_agent(topo, tmp_path, "start", **params)
+        assert res.returncode == 0, res.stderr
+        status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+        assert wait_for(status.exists, timeout=15)
+        print(status.read_text())
+        # whatever the tickle did, the VIP answers again: no quarantine left over
+        assert VIP4 not in quarantined(topo, "node1")
+        topo.run("client", "python3", "-c", CONNECT, VIP4)
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)
+
+
+def test_a_failed_tickle_does_not_leave_the_vip_quarantined(topo, tmp_path, listener):
+    """post-stop quarantines the VIP; if the tickle then fails, the agent lifts it."""
+    wrapper = tmp_path / "half-broken-nfsreset"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = tickle ] && exit 70\nexec {REAL_NFSRESET} "$@"\n')
+    wrapper.chmod(0o755)
+    params = {"nfsreset_bin": wrapper, "nfsreset_state_dir": tmp_path / "state"}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    res, _ = run_agent(topo, tmp_path, "stop", **params)
+    assert res.returncode == 0, res.stderr
+    table = quarantined(topo, "node1")
+    if VIP4 not in table:
+        pytest.skip("this nfsreset did not quarantine the VIP (no nft?): nothing to lift")
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0
+    status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=10)
+    assert status.read_text().startswith("rc=70")
+    assert wait_for(lambda: VIP4 not in quarantined(topo, "node1"), timeout=5)
+    topo.run("client", "python3", "-c", CONNECT, VIP4)
+    run_agent(topo, tmp_path, "stop", **params)
