@@ -220,7 +220,13 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     f.first_seen = now;
     f.last_change = now;
     read_seqs(sk, &f);
-    flows.update(&key, &f);
+    if (flows.update(&key, &f) != 0) {
+        // Table full: the flow is reported but not kept; count it with the
+        // lost events, since the remedy (reconcile with a dump) is the same.
+        u64 *n = lost.lookup(&zero);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+    }
     emit(EV_OPEN, oldstate, &f);
     return 0;
 }

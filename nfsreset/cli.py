@@ -195,6 +195,9 @@ def tickle(
     client: List[str] = typer.Option([], "--client", help="A client tuple ADDR:PORT to tickle (repeatable)."),
     port: List[int] = typer.Option([2049], "--port", help=PORT_HELP),
     rounds: int = typer.Option(3, "--rounds", help="Tickle rounds at 0, 0.6, 1.5 s, ... (stops early per client once it reconnected)."),
+    wait: float = typer.Option(0.0, "--wait", help="First wait up to this many seconds for the VIP to be configured "
+                               "and usable here (IPv6: DAD done). Start it in the background just before IPaddr2 "
+                               "start: IPaddr2 announces an IPv6 VIP for ~0.8 s before a post-start hook could run."),
     strategy: str = typer.Option("auto", "--strategy", help="How to end sockets left from the VIP's last stay here."),
     netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; send nothing."),
@@ -231,14 +234,30 @@ def tickle(
             known += state.read_clients(vip_)
         except StateError as e:
             raise Fail(str(e), e.exit_code) from None
+    if not 0 <= wait <= 600:
+        raise Fail(f"--wait must be 0-600 seconds, not {wait}")
     opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
+        if wait and not _wait_usable(vip_, wait):
+            raise Fail(f"{vip_} was not configured and usable here within {wait:g} s; nothing sent", 1)
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(P.Moment.POST_START, vip_,
                                                                       known_clients=known)
     if not known:
         _say(f"no known client of {vip_} to tickle")
     return _finish(out, json_out)
+
+
+def _wait_usable(vip: str, timeout: float) -> bool:
+    import time
+    from nfsreset import addrs
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(a.ip == vip and not a.tentative for a in addrs.dump()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 # --- flows -----------------------------------------------------------------------------

@@ -111,8 +111,10 @@ class Engine:
                              known_clients=known_clients, tried=tried, old_cookies=old_cookies)
             targeted: list[Flow] = []
             rung = None
+            stale = {f.cookie for f in flows
+                     if P.is_stale(f, local, vip_since, old_cookies)}
             for act in actions:
-                r = self._do(act, out, flows)
+                r = self._do(act, out, stale)
                 if isinstance(act, P.DESTRUCTIVE):
                     targeted += list(act.flows) if hasattr(act, "flows") else \
                         [f for f in flows if f.key in set(act.keys)]
@@ -148,7 +150,7 @@ class Engine:
         return left
 
     # -- actions ------------------------------------------------------------------------------
-    def _do(self, act, out: Outcome, flows: list[Flow]) -> str | None:
+    def _do(self, act, out: Outcome, stale_cookies: set[int]) -> str | None:
         dry = " (dry run)" if self.dry_run else ""
         if isinstance(act, P.Record):
             n = 0
@@ -195,7 +197,7 @@ class Engine:
             out.step(action="announce", vip=act.vip, ifname=ifname)
             self.log(f"announced {act.vip} on {ifname}{dry}")
         elif isinstance(act, P.Tickle):
-            self._tickle(act, out, flows)
+            self._tickle(act, out, stale_cookies)
         return None
 
     def _destroy(self, act: P.Destroy, out: Outcome) -> str:
@@ -234,10 +236,12 @@ class Engine:
                  f"{describe(act.flows)}")
         return "rst"
 
-    def _tickle(self, act: P.Tickle, out: Outcome, flows_before: list[Flow]) -> None:
-        """Tickle at the scheduled offsets; a tuple is done once a connection on it
-        exists that was not there before (the client has reconnected)."""
-        old = {f.cookie for f in flows_before}
+    def _tickle(self, act: P.Tickle, out: Outcome, stale_cookies: set[int]) -> None:
+        """Tickle at the scheduled offsets; a tuple is done once a live (not stale)
+        ESTABLISHED connection on it exists: the client has reconnected. A client
+        that reconnected before we started (its own retransmission found this
+        node) is not tickled at all."""
+        old = stale_cookies
         if self.dry_run:
             out.step(action="tickle", vip=act.vip, tuples=len(act.keys), rounds=len(act.schedule), sent=0)
             self.log(f"would tickle {len(act.keys)} client tuple(s) at {list(act.schedule)} s (dry run)")
@@ -253,8 +257,11 @@ class Engine:
         # Poll between rounds so a hook returns as soon as every client is back
         # (typically ~0.1 s), not after the whole schedule.
         end = t0 + act.schedule[-1] + TICKLE_LINGER_S
+        todo -= reconnected_now()
         with RawSender() as tx:
             for i, offset in enumerate(act.schedule):
+                if not todo:
+                    break
                 if out.first_action_at is None:
                     out.first_action_at = time.monotonic()
                 tx.send_many(packets.tickle_to_client(k) for k in sorted(todo))

@@ -63,6 +63,7 @@ class Options:
     clients: tuple[Session, ...] = ()      # restrict to these clients (empty: all)
     force: bool = False                    # allow acting on a configured VIP for named sessions
     tickle_rounds: int = len(TICKLE_SCHEDULE)
+    announce: bool = True                  # False while an IPv6 VIP is still in DAD
 
 
 # --- actions -----------------------------------------------------------------
@@ -250,6 +251,12 @@ def plan(moment: Moment, vip: str, flows: Iterable[Flow], local_addrs: frozenset
     if moment in (Moment.POST_STOP, Moment.AWAY) and not vip_local and caps.nft and not tried:
         actions.append(Quarantine(vip))
     actions += _end(targets, vip, opts, caps, vip_local, tried)
+    if moment is Moment.PRE_START and caps.nft and not tried:
+        # The VIP is about to be added here: its announcements (IPaddr2's
+        # unsolicited NA is sent from the VIP) and its new sessions must get
+        # out. Lifted after the destroy, so the RSTs of the destroyed stale
+        # sockets (IPv6 still sends them) were dropped.
+        actions.append(LiftQuarantine(vip))
     return actions
 
 
@@ -267,7 +274,7 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     keys = tuple(sorted({k for k in known_clients
                          if k.vip == vip and k.vport in opts.ports
                          and (not opts.clients or any(s.matches(k) for s in opts.clients))}))
-    if caps.raw:
+    if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:
             actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds)))

@@ -16,9 +16,12 @@ inet_diag_find_one_icsk) and tcp_diag.c (tcp_diag_destroy -> tcp_abort).
 Kernel facts this module relies on (checked on 6.18):
 - A sock_diag socket only sees the network namespace it was created in: every
   call opens its socket in the calling thread's current netns.
-- One dump per family: SOCK_DIAG_BY_FAMILY picks its handler by sdiag_family
-  and AF_UNSPEC has none. A second dump request in the same send() would fail
-  with EBUSY, so the families are dumped one after the other.
+- SOCK_DIAG_BY_FAMILY picks its handler by sdiag_family and AF_UNSPEC has
+  none, so it walks the (global, all-netns) socket hash once per family. The
+  older TCPDIAG_GETSOCK request (still in 6.18) dumps both families in one
+  walk with the same bytecode; we use it when both are needed and fall back
+  to a walk per family if the kernel refuses it. Dumps on one socket run one
+  after the other (a second dump request while one runs fails with EBUSY).
 - A bytecode host condition of family AF_INET also matches an AF_INET6 socket
   whose address is ::ffff:a.b.c.d, which is how one v4 VIP condition finds
   both plain v4 sockets and dual-stack ([::]:2049) ones.
@@ -43,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import gc
 import itertools
 import os
@@ -61,9 +63,10 @@ from nfsreset.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
 NETLINK_SOCK_DIAG = 4
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10          # acks without a copy of our request: 36 bytes each
-NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x2, 0x4, 0x10
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP = 0x300
+TCPDIAG_GETSOCK = 18            # the pre-3.3 request: still the only one dumping both families at once
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
 INET_DIAG_REQ_BYTECODE = 1
@@ -81,15 +84,14 @@ _HOSTCOND = struct.Struct("=BBxxi")                     # family prefix_len port
 # nlmsghdr + inet_diag_req_v2 with its inet_diag_sockid; ports go in already
 # byte-swapped so the whole request is one pack() (they are __be16 on the wire).
 _REQUEST = struct.Struct("=IHHII" "BBBxI" "HH16s16sIII")
-# inet_diag_msg: the head is big-endian (ports), the tail host order.
-_MSG_HEAD = struct.Struct(">BBBBHH16s16s")
-_MSG_TAIL = struct.Struct("=IIIIIIII")    # if cookie_lo cookie_hi expires rqueue wqueue uid inode
-_MSG_LEN = _MSG_HEAD.size + _MSG_TAIL.size               # 72
+# nlmsghdr + inet_diag_req (v1): family src_len dst_len ext, sockid, states, dbs
+_REQUEST_V1 = struct.Struct("=IHHII" "BBBB" "HH16s16sIII" "II")
 _ERR = struct.Struct("=i")
 _ACK = struct.Struct("=IHHIIi")                          # nlmsghdr + nlmsgerr.error
 
 RCVBUF = 8 << 20
 DEFAULT_BATCH = 1024           # ~1024 acks of ~1 KiB truesize each: far below RCVBUF
+MAX_BATCH = 2048               # 2048 x 72 bytes stays under the default netlink sndbuf (EMSGSIZE past it)
 RECV_TIMEOUT = 5.0             # one kernel reply never takes this long
 MAX_DUMP_MESSAGES = 10_000_000
 
@@ -117,6 +119,13 @@ class SockId:
 
 @dataclasses.dataclass
 class DestroyResult:
+    """Outcome per socket, as the kernel's acks said.
+
+    gone: ENOENT, the socket no longer exists, or its 4-tuple now belongs to
+    a socket with another cookie (left alone). If acks were lost to a full
+    receive buffer (ENOBUFS), the requests without an ack are sent again and
+    one we had destroyed the first time shows up here too.
+    """
     destroyed: list[SockId] = dataclasses.field(default_factory=list)
     gone: list[SockId] = dataclasses.field(default_factory=list)      # ENOENT: already dead (or reused 4-tuple)
     failed: list[tuple[SockId, int]] = dataclasses.field(default_factory=list)  # (sock, errno)
@@ -205,9 +214,22 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 
 def encode_dump_request(family: int, states: int, bytecode: bytes, seq: int) -> bytes:
-    """nlmsghdr + inet_diag_req_v2 (+ INET_DIAG_REQ_BYTECODE) for a TCP dump."""
+    """Request for a TCP dump (+ INET_DIAG_REQ_BYTECODE when `bytecode`).
+
+    AF_INET / AF_INET6: SOCK_DIAG_BY_FAMILY with inet_diag_req_v2.
+    AF_UNSPEC: both families in ONE walk of the socket hash, which only the
+    older TCPDIAG_GETSOCK request with inet_diag_req (v1) can ask for
+    (inet_diag_dump_compat); SOCK_DIAG_BY_FAMILY has no AF_UNSPEC handler.
+    Replies carry the request's type.
+    """
     attrs = _attr(INET_DIAG_REQ_BYTECODE, bytecode) if bytecode else b""
-    head = _REQUEST.pack(_REQUEST.size + len(attrs), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
+    flags = NLM_F_REQUEST | NLM_F_DUMP
+    if family == socket.AF_UNSPEC:
+        return _REQUEST_V1.pack(_REQUEST_V1.size + len(attrs), TCPDIAG_GETSOCK, flags, seq, 0,
+                                socket.AF_INET, 0, 0, 0,
+                                0, 0, bytes(16), bytes(16), 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE,
+                                states, 0) + attrs
+    head = _REQUEST.pack(_REQUEST.size + len(attrs), SOCK_DIAG_BY_FAMILY, flags,
                          seq, 0, family, socket.IPPROTO_TCP, 0, states,
                          0, 0, bytes(16), bytes(16), 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     return head + attrs
@@ -239,60 +261,70 @@ def decode_error(buf: bytes, start: int) -> tuple[int, int]:
     return -err, seq
 
 
-@functools.lru_cache(maxsize=8192)
+_TEXT_CACHE: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
+
+
 def _addr_text(family: int, raw: bytes) -> str:
-    # A dump repeats a few VIPs and clients thousands of times: cache the text.
-    if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw[:4])
-    return norm_ip(socket.inet_ntop(socket.AF_INET6, raw))
+    """Normalised text of a sockid address, cached: a dump repeats a few VIPs
+    and clients thousands of times, and inet_ntop + norm_ip cost 1.5 us."""
+    cache = _TEXT_CACHE[family]
+    text = cache.get(raw)
+    if text is None:
+        if len(cache) >= 65536:
+            cache.clear()
+        if family == socket.AF_INET:
+            text = socket.inet_ntop(socket.AF_INET, raw[:4])
+        else:
+            text = norm_ip(socket.inet_ntop(socket.AF_INET6, raw))
+        cache[raw] = text
+    return text
 
 
-def _fast_builder(cls):
-    """Constructor for a frozen dataclass that skips its __init__, or the class itself.
-
-    A frozen dataclass's __init__ does one object.__setattr__ per field; for
-    Flow that is 0.85 us of the ~2.5 us it takes to decode one socket, which
-    is what separates us from `ss -K` at 10,000 sockets. Setting __dict__ in
-    one go gives an identical object (equality, hash and repr come from the
-    fields). Only done when it is safe: no __post_init__, no slots, no
-    default factories; otherwise the real constructor is used.
-    """
-    fields = dataclasses.fields(cls)
-    if (hasattr(cls, "__post_init__") or hasattr(cls, "__slots__")
-            or any(f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
-                   for f in fields)):
-        return lambda values: cls(**values)
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    new, setattr_ = object.__new__, object.__setattr__
-
-    if not defaults:
-        def build(values: dict):
-            obj = new(cls)
-            setattr_(obj, "__dict__", values)
-            return obj
-    else:
-        def build(values: dict):
-            obj = new(cls)
-            setattr_(obj, "__dict__", {**defaults, **values})
-            return obj
-    return build
+def _plain_frozen(cls, filled: set[str]) -> bool:
+    """May `cls` be built by filling its __dict__ (see _make)? Yes unless it
+    has a __post_init__, slots, or a field outside `filled` without a plain default."""
+    return not (hasattr(cls, "__post_init__") or hasattr(cls, "__slots__")) and all(
+        f.name in filled or f.default is not dataclasses.MISSING for f in dataclasses.fields(cls))
 
 
+_object_new, _object_setattr = object.__new__, object.__setattr__
+_FLOW_FROM_DUMP = {"key", "state", "netns", "cookie", "inode", "recvq", "sendq"}
+_FLOW_REST = {f.name: f.default for f in dataclasses.fields(Flow) if f.name not in _FLOW_FROM_DUMP}
+# A frozen dataclass's __init__ does one object.__setattr__ per field: 0.85 us
+# for Flow, a third of the cost of decoding a socket, and what decides whether
+# we beat `ss -K` at 10,000 sockets. Filling __dict__ in one go makes the same
+# object (eq, hash, repr and replace() all read the fields), so do that when
+# the classes allow it.
+_FAST_OBJECTS = (_plain_frozen(Flow, _FLOW_FROM_DUMP)
+                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)}))
 _STATE_NAMES = tuple(TCP_STATES.get(n, str(n)) for n in range(256))
-_new_flow = _fast_builder(Flow)
-_new_sockid = _fast_builder(SockId)
+# inet_diag_msg: ports are __be16, the rest host order; two unpacks.
+_MSG = struct.Struct("=BBBB4x16s16sIIIIIIII")
+_MSG_PORTS = struct.Struct(">HH")
 
 
 def decode_diag_msg(buf: bytes, start: int, netns_inode: int | None) -> tuple[Flow, SockId]:
     """One inet_diag_msg -> (Flow seen from the local side, SockId). Attributes are ignored."""
-    family, state, _timer, _retrans, sport, dport, src, dst = _MSG_HEAD.unpack_from(buf, start)
-    ifindex, ck_lo, ck_hi, _exp, rqueue, wqueue, _uid, inode = _MSG_TAIL.unpack_from(buf, start + 40)
+    (family, state, _timer, _retrans, src, dst,
+     ifindex, ck_lo, ck_hi, _expires, rqueue, wqueue, _uid, inode) = _MSG.unpack_from(buf, start)
+    sport, dport = _MSG_PORTS.unpack_from(buf, start + 4)
     cookie = (ck_hi << 32) | ck_lo
-    key = FlowKey(_addr_text(family, src), sport, _addr_text(family, dst), dport)
-    flow = _new_flow({"key": key, "state": _STATE_NAMES[state], "netns": netns_inode,
-                      "cookie": cookie, "inode": inode, "recvq": rqueue, "sendq": wqueue})
-    return flow, _new_sockid({"family": family, "src": src, "dst": dst, "sport": sport,
-                              "dport": dport, "if_index": ifindex, "cookie": cookie})
+    texts = _TEXT_CACHE.get(family)
+    if texts is None:
+        raise SockDiagError(errno.EBADMSG, f"inet_diag message of family {family}")
+    key = FlowKey(texts.get(src) or _addr_text(family, src), sport,
+                  texts.get(dst) or _addr_text(family, dst), dport)
+    flow_fields = {"key": key, "state": _STATE_NAMES[state], "netns": netns_inode, "cookie": cookie,
+                   "inode": inode, "recvq": rqueue, "sendq": wqueue, **_FLOW_REST}
+    sid_fields = {"family": family, "src": src, "dst": dst, "sport": sport, "dport": dport,
+                  "if_index": ifindex, "cookie": cookie}
+    if not _FAST_OBJECTS:
+        return Flow(**flow_fields), SockId(**sid_fields)
+    flow = _object_new(Flow)
+    _object_setattr(flow, "__dict__", flow_fields)
+    sid = _object_new(SockId)
+    _object_setattr(sid, "__dict__", sid_fields)
+    return flow, sid
 
 
 # -- kernel I/O ---------------------------------------------------------------------
@@ -342,11 +374,16 @@ def _gc_paused():
             gc.enable()
 
 
+_NO_COMPAT_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, errno.EPROTONOSUPPORT)
+_both_in_one_walk = True      # cleared if this kernel refuses TCPDIAG_GETSOCK
+_dump_seqs = itertools.count(1)
+
+
 def _families_for(ips: list[str]) -> tuple[int, ...]:
     # A v4 address also lives in AF_INET6 sockets (v4-mapped); a v6 one only there.
     if ips and all(":" in ip for ip in ips):
         return (socket.AF_INET6,)
-    return (socket.AF_INET, socket.AF_INET6)
+    return (socket.AF_UNSPEC,) if _both_in_one_walk else (socket.AF_INET, socket.AF_INET6)
 
 
 def dump(local_ips=None, local_ports=None, states=None, exclude_listen=True) -> list[tuple[Flow, SockId]]:
@@ -363,10 +400,22 @@ def dump(local_ips=None, local_ports=None, states=None, exclude_listen=True) -> 
     inode = netns.current_inode()
     found: list[tuple[Flow, SockId]] = []
     with _open() as sock, _gc_paused():
-        for seq, family in enumerate(_families_for(ips), start=1):
-            sock.sendto(encode_dump_request(family, mask, bytecode, seq), (0, 0))
-            _read_dump(sock, seq, inode, found)
+        _dump_into(sock, _families_for(ips), mask, bytecode, inode, found)
     return found
+
+
+def _dump_into(sock, families, mask: int, bytecode: bytes, inode: int, found: list) -> None:
+    global _both_in_one_walk
+    for family in families:
+        seq = next(_dump_seqs)
+        sock.sendto(encode_dump_request(family, mask, bytecode, seq), (0, 0))
+        try:
+            _read_dump(sock, seq, inode, found)
+        except SockDiagError as exc:
+            if family != socket.AF_UNSPEC or found or exc.errno not in _NO_COMPAT_ERRNOS:
+                raise
+            _both_in_one_walk = False       # a kernel without the old request: one walk per family
+            _dump_into(sock, (socket.AF_INET, socket.AF_INET6), mask, bytecode, inode, found)
 
 
 def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
@@ -383,7 +432,7 @@ def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
             if length < 16 or off + length > size:
                 raise SockDiagError(errno.EBADMSG, f"truncated netlink message at {off} (len {length})")
             if mseq == seq:                      # else: stale answer of an aborted request
-                if kind == SOCK_DIAG_BY_FAMILY:
+                if kind == SOCK_DIAG_BY_FAMILY or kind == TCPDIAG_GETSOCK:
                     append(decode(buf, off + 16, inode))
                     count += 1
                 elif kind == NLMSG_DONE:
@@ -406,6 +455,7 @@ def destroy(socks: Iterable[SockId], batch: int = DEFAULT_BATCH) -> DestroyResul
     """
     if batch < 1:
         raise ValueError("batch must be >= 1")
+    batch = min(batch, MAX_BATCH)
     result = DestroyResult()
     todo = iter(socks)
     seqs = itertools.count(1)
@@ -418,16 +468,8 @@ def destroy(socks: Iterable[SockId], batch: int = DEFAULT_BATCH) -> DestroyResul
 
 def _destroy_batch(sock: socket.socket, reader: "_AckReader", chunk: list[SockId], seqs,
                    result: DestroyResult) -> None:
-    waiting: dict[int, SockId] = {}
-    parts = []
-    pack, htons = _REQUEST.pack, socket.htons
-    for sid in chunk:
-        seq = next(seqs)
-        waiting[seq] = sid
-        parts.append(pack(_REQUEST.size, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, 0,
-                          sid.family, socket.IPPROTO_TCP, 0, ALL_STATES_MASK,
-                          htons(sid.sport), htons(sid.dport), sid.src, sid.dst,
-                          sid.if_index, sid.cookie & 0xFFFFFFFF, sid.cookie >> 32))
+    waiting = {next(seqs): sid for sid in chunk}
+    parts = [encode_destroy_request(sid, seq) for seq, sid in waiting.items()]
     # The kernel runs every request of this send() before it returns, so all
     # acks are queued now; reading them is a loop over what is already there.
     sock.sendto(b"".join(parts), (0, 0))
@@ -559,14 +601,30 @@ def probe_destroy() -> tuple[bool, str]:
     otherwise (EOPNOTSUPP: no CONFIG_INET_DIAG_DESTROY; EPERM: no
     CAP_NET_ADMIN over this netns; or no usable loopback to try on).
     """
+    if not _loopback_up():
+        return False, "lo is down in this netns: no loopback connection to probe on"
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
             return _probe_on(family, host)
+        except TimeoutError:
+            continue
         except OSError as exc:
             if exc.errno in (errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.ECONNREFUSED, errno.EAFNOSUPPORT):
-                continue      # lo down or no v6: try the other family
+                continue      # no 127.0.0.1 / ::1 here: try the other family
             return False, f"probe failed: {exc}"
-    return False, "no usable loopback address in this netns (is lo up?)"
+    return False, "no usable loopback address in this netns"
+
+
+def _loopback_up() -> bool:
+    # SIOCGIFFLAGS on a socket of this netns (/sys may show another netns's devices).
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s, 0x8913, struct.pack("16sH14x", b"lo", 0))   # SIOCGIFFLAGS
+        except OSError:
+            return False
+    return bool(struct.unpack_from("=H", raw, 16)[0] & 0x1)                 # IFF_UP
 
 
 def _probe_on(family: int, host: str) -> tuple[bool, str]:
@@ -574,9 +632,9 @@ def _probe_on(family: int, host: str) -> tuple[bool, str]:
         listener.bind((host, 0))
         listener.listen(1)
         port = listener.getsockname()[1]
-        client.settimeout(2)
+        client.settimeout(1)                # a loopback handshake completes inside connect()
         client.connect((host, port))
-        listener.settimeout(2)
+        listener.settimeout(1)
         server, _ = listener.accept()
         with server:
             cport = client.getsockname()[1]

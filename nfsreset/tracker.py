@@ -179,6 +179,7 @@ class FlowTracker:
         cflags = [f"-D{k}={v}" for k, v in bpf_offsets().items()]
         cflags += [f"-DMAX_FLOWS={int(max_flows)}", f"-DRING_PAGES={int(ring_pages)}", "-w"]
         self._pending: list[FlowEvent] = []
+        self._lost_seen = 0
         self._bpf = BPF(text=_source().encode(), cflags=cflags)
         try:
             leaf = ctypes.sizeof(self._bpf[b"flows"].Leaf)
@@ -250,7 +251,17 @@ class FlowTracker:
 
     @property
     def lost(self) -> int:
-        """Events dropped because the ring buffer was full: reconcile with a dump."""
+        """Events dropped because the ring buffer was full, plus flows not kept
+        because the table was full (max_flows). Nonzero: reconcile with a dump,
+        then set `lost = 0` to count afresh (the kernel counter is not reset,
+        so nothing lost meanwhile is forgotten)."""
+        return self._lost_in_kernel() - self._lost_seen
+
+    @lost.setter
+    def lost(self, value: int) -> None:
+        self._lost_seen = self._lost_in_kernel() - int(value)
+
+    def _lost_in_kernel(self) -> int:
         return int(self._bpf[b"lost"][ctypes.c_int(0)].value)
 
     def close(self) -> None:

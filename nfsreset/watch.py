@@ -168,11 +168,13 @@ class Daemon:
         self.netns_ino = None
         self.state = None
         self.last_written: dict[str, frozenset[FlowKey]] = {}
+        self.pending_dad: set[str] = set()
 
     # -- engine glue -------------------------------------------------------------------------------
-    def engine(self, vip: str):
+    def engine(self, vip: str, announce: bool = True):
         from nfsreset.engine import Engine
-        opts = P.Options(vips=frozenset({vip}), ports=self.cfg.ports, strategy=self.cfg.strategy)
+        opts = P.Options(vips=frozenset({vip}), ports=self.cfg.ports, strategy=self.cfg.strategy,
+                         announce=announce)
         eng = Engine(opts, state=self.state, dry_run=self.cfg.dry_run, log=self.log)
         eng.enrich = self.enrich
         return eng
@@ -189,8 +191,8 @@ class Daemon:
                                                snd_nxt=t.snd_nxt, rcv_nxt=t.rcv_nxt) if t else f)
             return out
 
-    def act(self, vip: str, moment: P.Moment, t_event: float) -> None:
-        eng = self.engine(vip)
+    def act(self, vip: str, moment: P.Moment, t_event: float, usable: bool = True) -> None:
+        eng = self.engine(vip, announce=usable)
         known: list[FlowKey] = []
         if moment is P.Moment.POST_START and self.state is not None:
             try:
@@ -210,11 +212,11 @@ class Daemon:
         q = self.queues[vip]
         while not self.stop.is_set():
             try:
-                moment, t_event = q.get(timeout=0.5)
+                moment, t_event, usable = q.get(timeout=0.5)
             except queue.Empty:
                 continue
             try:
-                self.act(vip, moment, t_event)
+                self.act(vip, moment, t_event, usable)
             except Exception as e:
                 self.log(f"{vip} {moment.value} failed: {type(e).__name__}: {e}")
 
@@ -229,18 +231,21 @@ class Daemon:
             self.old_cookies[vip] = frozenset(f.cookie for f in self.engine(vip).dump(vip)
                                               if f.cookie is not None)
             self.log(f"{vip} arrived" + (" (tentative: waiting for DAD)" if tentative else ""))
-            if not tentative:
-                self.queues[vip].put((P.Moment.POST_START, now))
-            else:
-                self.pending_dad = getattr(self, "pending_dad", set()) | {vip}
-        elif present and was and not tentative and vip in getattr(self, "pending_dad", set()):
+            # While IPv6 DAD runs: end the old sockets and lift the quarantine at
+            # once (IPaddr2 announces from the VIP right after DAD); announce and
+            # tickle only once the address is usable.
+            self.queues[vip].put((P.Moment.POST_START, now, not tentative))
+            if tentative:
+                self.pending_dad.add(vip)
+        elif present and was and not tentative and vip in self.pending_dad:
             self.pending_dad.discard(vip)
             self.log(f"{vip} usable (DAD done)")
-            self.queues[vip].put((P.Moment.POST_START, now))
+            self.queues[vip].put((P.Moment.POST_START, now, True))
         elif not present and was:
             self.present[vip] = False
+            self.pending_dad.discard(vip)
             self.log(f"{vip} left")
-            self.queues[vip].put((P.Moment.POST_STOP, now))
+            self.queues[vip].put((P.Moment.POST_STOP, now, True))
 
     def handle_rtnl(self, ipr) -> None:
         now = time.monotonic()
@@ -271,7 +276,7 @@ class Daemon:
             self.dirty.add(f.key.vip)
         elif ev.kind != "close" and f.key.vip in self.cfg.vips and not self.present.get(f.key.vip):
             # A session on a VIP that is away: a straggler. End it now.
-            self.queues[f.key.vip].put((P.Moment.AWAY, time.monotonic()))
+            self.queues[f.key.vip].put((P.Moment.AWAY, time.monotonic(), True))
 
     def poll_bpf(self) -> None:
         while not self.stop.is_set():
@@ -357,7 +362,7 @@ class Daemon:
             a = next((a for a in local if a.ip == vip), None)
             self.present[vip] = a is not None
             if a is not None and a.tentative:
-                self.pending_dad = getattr(self, "pending_dad", set()) | {vip}
+                self.pending_dad.add(vip)
         threads = [threading.Thread(target=self.worker, args=(v,), name=f"vip-{v}", daemon=True)
                    for v in self.cfg.vips]
         if self.tracker is not None:
@@ -371,7 +376,7 @@ class Daemon:
         for vip, here in sorted(self.present.items()):
             self.log(f"{vip} is {'configured here' if here else 'away'}")
             if not here:
-                self.queues[vip].put((P.Moment.AWAY, time.monotonic()))
+                self.queues[vip].put((P.Moment.AWAY, time.monotonic(), True))
         self.dirty |= {v for v, p in self.present.items() if p}
         self.flush_state()
         on_ready()
@@ -391,7 +396,7 @@ class Daemon:
                 if now >= next_away:
                     for vip, here in self.present.items():
                         if not here and any(k.vip == vip for (_, k) in list(self.table)):
-                            self.queues[vip].put((P.Moment.AWAY, now))
+                            self.queues[vip].put((P.Moment.AWAY, now, True))
                     next_away = now + AWAY_CHECK_S
         finally:
             self.shutdown(ipr, threads)

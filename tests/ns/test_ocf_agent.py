@@ -332,11 +332,15 @@ def test_real_cycle_ends_sessions_and_leaves_the_vip_usable(topo, tmp_path, list
         assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
         # the agent's post-stop kill left no session on the departed VIP
         assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
+        status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+        status.unlink(missing_ok=True)  # the first start's tickle had nobody to tickle
         res, _ = run_agent(topo, tmp_path, "start", **params)
         assert res.returncode == 0, res.stderr
-        status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
         assert wait_for(status.exists, timeout=15)
         print(status.read_text())
+        # the client recorded at post-stop was tickled from the state dir
+        assert status.read_text().startswith("rc=0 ")
+        assert "no known client" not in status.read_text()
         # whatever the tickle did, the VIP answers again: no quarantine left over
         assert VIP4 not in quarantined(topo, "node1")
         topo.run("client", "python3", "-c", CONNECT, VIP4)
@@ -347,9 +351,10 @@ def test_real_cycle_ends_sessions_and_leaves_the_vip_usable(topo, tmp_path, list
 
 
 def test_a_failed_tickle_does_not_leave_the_vip_quarantined(topo, tmp_path, listener):
-    """post-stop quarantines the VIP; if the tickle then fails, the agent lifts it."""
+    """post-stop quarantines the VIP; pre-start kill and tickle would lift it. If
+    both fail, the agent deletes the quarantine element itself."""
     wrapper = tmp_path / "half-broken-nfsreset"
-    wrapper.write_text(f'#!/bin/sh\n[ "$1" = tickle ] && exit 70\nexec {REAL_NFSRESET} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\ncase "$*" in *post-stop*) exec {REAL_NFSRESET} "$@" ;; esac\nexit 70\n')
     wrapper.chmod(0o755)
     params = {"nfsreset_bin": wrapper, "nfsreset_state_dir": tmp_path / "state"}
     res, _ = run_agent(topo, tmp_path, "start", **params)

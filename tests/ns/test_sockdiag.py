@@ -329,3 +329,29 @@ def test_destroy_survives_lost_acks(topo, socks, monkeypatch):
     assert len(res.destroyed) + len(res.gone) == n
     assert res.gone, "expected lost acks with a 4 KiB receive buffer"
     assert set(res.destroyed + res.gone) == {sid for _, sid in found}
+
+
+def test_dump_without_the_old_both_families_request(topo, socks, monkeypatch):
+    """A kernel that refuses TCPDIAG_GETSOCK (here: a type it does not know,
+    answered with EINVAL) gets one SOCK_DIAG_BY_FAMILY walk per family."""
+    monkeypatch.setattr(sockdiag, "_both_in_one_walk", True)
+    monkeypatch.setattr(sockdiag, "TCPDIAG_GETSOCK", 23)
+    topo.add_addr("node1", VIP4)
+    with netns.entered(topo.ns("node1")):
+        dual = socks.listen("::", 2049, dual_stack=True)
+        plain = socks.listen(VIP4, 2050)
+    connect_pair(topo, socks, dual, VIP4, 2049)
+    connect_pair(topo, socks, plain, VIP4, 2050)
+    with netns.entered(topo.ns("node1")):
+        found = sockdiag.dump([VIP4], [2049, 2050])
+    assert sockdiag._both_in_one_walk is False
+    assert sorted((sid.family, f.key.vport) for f, sid in found) == [(AF4, 2050), (AF6, 2049)]
+
+
+def test_probe_destroy_says_why_without_loopback(topo):
+    from nfsreset.lab.topology import sh
+
+    sh("ip", "-n", topo.bridge_ns, "link", "set", "lo", "down")   # our own namespace, nothing else in it uses lo
+    with netns.entered(topo.bridge_ns):
+        ok, why = sockdiag.probe_destroy()
+    assert not ok and "loopback" in why

@@ -66,7 +66,7 @@ def test_ladder_falls_back_when_destroy_is_missing_or_tried():
 
 def test_forced_rst_before_the_vip_arrives_is_deferred_to_post_start():
     acts = P.plan(P.Moment.PRE_START, VIP, [flow()], LOCAL_HOST, P.Caps(), opts(strategy="rst"))
-    assert kinds(acts) == ["Defer"]
+    assert kinds(acts) == ["Defer", "LiftQuarantine"]
     assert P.exit_code(acts) == 0
 
 
@@ -146,3 +146,24 @@ def test_exactly_one_outcome_for_every_stale_session(flows, local, vip):
     else:
         want = [f for f in flows if f.key.vip == vip and f.key.vport == 2049 and f.state != "LISTEN"]
         assert sorted(ended, key=repr) == sorted(want, key=repr)
+
+
+def test_pre_start_destroys_first_then_lifts_the_quarantine():
+    acts = P.plan(P.Moment.PRE_START, VIP, [flow()], LOCAL_HOST, P.Caps(), opts())
+    assert kinds(acts) == ["Destroy", "LiftQuarantine"]
+
+
+def test_post_start_during_dad_ends_old_sockets_but_does_not_announce():
+    local = LOCAL_HOST | {VIP}
+    acts = P.plan(P.Moment.POST_START, VIP, [flow(first_seen=1.0)], local, P.Caps(), opts(announce=False),
+                  vip_since={VIP: 2.0}, known_clients=[flow().key])
+    assert kinds(acts) == ["LiftQuarantine", "Destroy"]
+
+
+def test_pending_cookies_from_pre_start_mark_sockets_stale_at_post_start():
+    local = LOCAL_HOST | {VIP}
+    old = Flow(FlowKey(VIP, 2049, "198.51.100.100", 800), "ESTABLISHED", cookie=77)
+    live = Flow(FlowKey(VIP, 2049, "198.51.100.100", 801), "ESTABLISHED", cookie=78)
+    acts = P.plan(P.Moment.POST_START, VIP, [old, live], local, P.Caps(), opts(), old_cookies=frozenset({77}))
+    (d,) = [a for a in acts if isinstance(a, P.Destroy)]
+    assert d.flows == (old,)

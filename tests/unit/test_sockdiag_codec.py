@@ -219,6 +219,15 @@ def test_dump_request_by_hand():
     assert len(payload) == 56                                         # sizeof(struct inet_diag_req_v2)
 
 
+def test_dump_request_for_both_families_by_hand():
+    bc = sockdiag.encode_bytecode(None, [2049])
+    msg = sockdiag.encode_dump_request(socket.AF_UNSPEC, 0x2, bc, seq=3)
+    payload = (bytes([AF4, 0, 0, 0]) + bytes(4 + 32 + 4) + b"\xff" * 8   # inet_diag_req: family.. sockid
+               + struct.pack("=II", 2, 0))                                  # states, dbs
+    attr = struct.pack("=HH", 4 + len(bc), 1) + bc
+    assert msg == struct.pack("=IHHII", 16 + 60 + len(attr), 18, 0x301, 3, 0) + payload + attr
+
+
 def test_dump_request_without_filter_has_no_attribute():
     msg = sockdiag.encode_dump_request(AF4, 0xFFF, b"", seq=1)
     assert len(msg) == 72 and struct.unpack_from("=I", msg)[0] == 72
@@ -284,13 +293,15 @@ def test_iter_messages_multipart_and_errors():
     assert sockdiag.decode_diag_msg(m1 + m2, msgs[1][3], None)[0].key.cport == 2
     with pytest.raises(OSError):
         list(sockdiag.iter_messages(m1[:40] + struct.pack("=I", 0)))
+    with pytest.raises(OSError):                                      # not AF_INET/AF_INET6
+        sockdiag.decode_diag_msg(diag_msg(1, 1, src, dst, 1, 2, cookie=1), 16, None)
     # NLMSG_ERROR: int error, then the header of the request it answers (NETLINK_CAP_ACK: nothing more)
     ack = struct.pack("=IHHIIi", 36, 2, 0x100, 9, 0, -errno.ENOENT) + struct.pack("=IHHII", 72, 21, 5, 9, 0)
     ((kind, _f, seq, start, _e),) = sockdiag.iter_messages(ack)
     assert (kind, seq) == (2, 9) and sockdiag.decode_error(ack, start) == (errno.ENOENT, 9)
 
 
-def test_fast_builder_falls_back_when_unsafe():
+def test_fast_construction_only_for_plain_dataclasses():
     @dataclasses.dataclass(frozen=True)
     class WithPostInit:
         a: int
@@ -299,10 +310,28 @@ def test_fast_builder_falls_back_when_unsafe():
             if self.a < 0:
                 raise ValueError("negative")
 
-    build = sockdiag._fast_builder(WithPostInit)
-    assert build({"a": 1}) == WithPostInit(1)
-    with pytest.raises(ValueError):
-        build({"a": -1})
+    @dataclasses.dataclass(frozen=True)
+    class NeedsMore:
+        a: int
+        b: int
+
+    assert sockdiag._plain_frozen(Flow, sockdiag._FLOW_FROM_DUMP)
+    assert sockdiag._plain_frozen(sockdiag.SockId, {"family", "src", "dst", "sport", "dport", "if_index", "cookie"})
+    assert not sockdiag._plain_frozen(WithPostInit, {"a"})
+    assert not sockdiag._plain_frozen(NeedsMore, {"a"})
+    assert sockdiag._FAST_OBJECTS
+
+
+def test_decoded_objects_are_ordinary(monkeypatch):
+    src, dst = sockid_addr(AF4, "198.51.100.10"), sockid_addr(AF4, "198.51.100.100")
+    msg = diag_msg(AF4, 1, src, dst, 2049, 700, cookie=3)
+    fast = sockdiag.decode_diag_msg(msg, 16, 1)
+    monkeypatch.setattr(sockdiag, "_FAST_OBJECTS", False)
+    checked = sockdiag.decode_diag_msg(msg, 16, 1)
+    assert fast == checked and hash(fast) == hash(checked) and repr(fast) == repr(checked)
+    assert dataclasses.replace(fast[0], state="CLOSE").state == "CLOSE"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast[1].cookie = 4
 
 
 def test_destroy_result_str():
