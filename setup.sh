@@ -25,7 +25,7 @@ pkgs=(
     iproute2 iputils-ping iputils-arping ndisc6 bpftool procps tcpdump
     linux-headers-amd64
     # front doors (cli/) and their checks in the test suite
-    resource-agents shellcheck libxml2-utils vagrant
+    resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -79,7 +79,7 @@ fi
 stamp="$venv/.installed-$(sha1sum "$here/pyproject.toml" | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
     say "installing nfsreset into $venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[test]" \
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "${here}[test]" \
         || die "pip install failed; see the output above"
     rm -f "$venv"/.installed-*
     touch "$stamp"

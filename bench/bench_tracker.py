@@ -128,7 +128,7 @@ def main() -> None:
         tracker = FlowTracker([PORT], [VIP], [netns.inode_of(ns)])
         load_s = time.monotonic() - t0
         tracker.close()
-        print(f"tracker compile+load+attach: {load_s:.2f} s (second time in-process, BTF cached)")
+        print(f"tracker BTF parse + compile + load + attach (first in this process): {load_s:.2f} s")
 
         inode = netns.inode_of(ns)
         # (label, tracker filters, drain events): the first with-tracker mode is

@@ -347,8 +347,8 @@ class Daemon:
         ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)   # before the dump: no event falls between
         if self.cfg.bpf:
             try:
-                from nfsreset.tracker import FlowTracker, ensure_tracefs
-                ensure_tracefs()
+                # Raw tracepoints: no tracefs needed, so this works under `ip netns exec` as is.
+                from nfsreset.tracker import FlowTracker
                 self.tracker = FlowTracker(ports=self.cfg.ports, vips=self.cfg.vips,
                                            netns_inodes=[self.netns_ino])
             except Exception as e:

@@ -118,8 +118,10 @@ class Topology:
         return self.ns("br")
 
     def _add_ns(self, name: str) -> None:
-        sh("ip", "netns", "add", name)
+        # Listed before it exists: a signal between the two would otherwise leak
+        # it (kill_netns tolerates a name that was never created).
         self.created.append(name)
+        sh("ip", "netns", "add", name)
         sh("ip", "-n", name, "link", "set", "lo", "up")
 
     def _build(self) -> None:

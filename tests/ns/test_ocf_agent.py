@@ -38,12 +38,17 @@ for a in "$@"; do
     [ "$prev" = "--vip" ] && vip=$a
     prev=$a
 done
-if ip -o addr show | awk '{print $4}' | grep -qx "$vip/[0-9]*"; then
+present() { ip -o addr show | grep -v tentative | awk '{print $4}' | grep -qx "$vip/[0-9]*"; }
+case " $* " in *" --wait "*)   # the contract: wait until the VIP is usable
+    i=0; while [ $i -lt 100 ] && ! present; do sleep 0.05; i=$((i + 1)); done ;;
+esac
+if present; then
     where=present
 else
     where=absent
 fi
 echo "$1 vip=$where $*" >> "$STUB_LOG"
+echo "$1 $(date +%s.%N)" >> "$STUB_LOG.times"
 case $1 in
 tickle) sleep "${STUB_TICKLE_SLEEP:-0}" ;;
 kill) sleep "${STUB_KILL_SLEEP:-0}" ;;
@@ -119,6 +124,7 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
     res, _ = run_agent(topo, tmp_path, "start", ip=vip, nfsreset_bin=stub,
                        nfsreset_port="2049 20048", nfsreset_strategy="destroy",
                        nfsreset_state_dir=tmp_path / "state")
+    started_at = time.time()
     assert res.returncode == 0, res.stderr
     assert topo.has_addr("node1", vip, usable=False)
     assert wait_for(lambda: len(calls(tmp_path)) >= 2), calls(tmp_path)
@@ -127,8 +133,12 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
     assert kill.startswith("kill vip=absent kill --vip " + vip + " --moment pre-start")
     assert f"--state-dir {tmp_path / 'state'}" in kill
     assert "--strategy destroy" in kill and "--port 2049 --port 20048" in kill
-    assert tickle.startswith("tickle vip=present tickle --vip " + vip)
+    # started before IPaddr2 start, it waited for the VIP (--wait)
+    assert tickle.startswith("tickle vip=present tickle --vip " + vip + " --wait 5")
     assert "--port 2049 --port 20048" in tickle and "--strategy destroy" in tickle
+    # ... and fired while IPaddr2 was still announcing, not after start returned
+    tickled_at = float((tmp_path / "calls.log.times").read_text().splitlines()[1].split()[1])
+    assert tickled_at < started_at - 0.3, (started_at - tickled_at)
     # the background tickle leaves its result for the operator
     status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
     assert wait_for(status.exists)
