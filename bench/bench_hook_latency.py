@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import select
+import signal
 import socket
 import statistics
 import struct
@@ -402,5 +403,11 @@ def print_table(rep: dict) -> None:
             print(f"  {cum_us / 1000:7.1f} ms cumulative {self_us / 1000:6.1f} ms self  {name.strip()}")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt    # run the finally blocks: namespaces, children, temp dirs
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     sys.exit(main())

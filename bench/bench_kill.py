@@ -33,6 +33,7 @@ import json
 import os
 import resource
 import select
+import signal
 import shutil
 import socket
 import statistics
@@ -360,5 +361,11 @@ def main() -> int:
     return 0 if all(r["nfsreset_left"] == 0 and r["ss_left"] == 0 for r in report["sizes"]) else 1
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt    # run the finally blocks: namespaces, children, temp dirs
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     sys.exit(main())

@@ -274,17 +274,31 @@ def flows(
     moved away and the socket stayed). Exit code 1 when any is stale, so a
     monitor can call it during and after a move.
     """
-    from nfsreset import addrs, sockdiag
+    import time
+    from nfsreset import addrs, netns, sockdiag
     from nfsreset.plan import is_stale
+    from nfsreset.watch import read_live_table
     vips = [_vip(v) for v in vip]
     ports = _ports(port)
     with _in_netns(netns_name):
         local = addrs.local_ips()
         pairs = sockdiag.dump(local_ips=vips or None, local_ports=sorted(ports))
+        live = read_live_table(netns.current_inode())
+    # A running `watch` for this namespace knows what a dump cannot: how old each
+    # session is and its sequence numbers (from BPF). Queues come from the dump.
+    tracked = {}
+    if live is not None:
+        for r in live.get("flows", []):
+            tracked[(r["vip"], r["vport"], r["client"], r["cport"])] = r
+    now = time.monotonic()
     rows = []
     for f, _ in sorted(pairs, key=lambda p: p[0].key):
+        t = tracked.get((f.key.vip, f.key.vport, f.key.client, f.key.cport), {})
+        first = t.get("first_seen")
         rows.append({"vip": f.key.vip, "vport": f.key.vport, "client": f.key.client, "cport": f.key.cport,
-                     "state": f.state, "age_s": None, "recvq": f.recvq, "sendq": f.sendq,
+                     "state": f.state, "age_s": round(now - first, 1) if first else None,
+                     "recvq": f.recvq, "sendq": f.sendq,
+                     "snd_nxt": t.get("snd_nxt"), "rcv_nxt": t.get("rcv_nxt"),
                      "stale": is_stale(f, local)})
     summary: dict[str, dict] = {}
     for r in rows:
@@ -293,14 +307,21 @@ def flows(
         s["stale"] += r["stale"]
     for v in vips:
         summary.setdefault(v, {"sessions": 0, "stale": 0, "configured": v in local})
+    source = f"watch pid {live['pid']}" if live else "sock_diag dump"
     if json_out:
-        print(json.dumps({"sessions": rows, "vips": summary}))
+        print(json.dumps({"source": source, "sessions": rows, "vips": summary}))
     else:
         from nfsreset.model import format_endpoint
-        print(f"{'VIP':<28} {'CLIENT':<28} {'STATE':<12} {'AGE':>6} {'RECVQ':>7} {'SENDQ':>7}  STALE")
+        seqs = live is not None and live.get("bpf")
+        print(f"{'VIP':<28} {'CLIENT':<28} {'STATE':<12} {'AGE':>7} {'RECVQ':>7} {'SENDQ':>7}  STALE"
+              + ("  SND_NXT/RCV_NXT" if seqs else ""))
         for r in rows:
+            age = f"{r['age_s']:.0f}s" if r["age_s"] is not None else "-"
+            seq = f"  {r['snd_nxt']}/{r['rcv_nxt']}" if seqs and r["snd_nxt"] is not None else ""
             print(f"{format_endpoint(r['vip'], r['vport']):<28} {format_endpoint(r['client'], r['cport']):<28} "
-                  f"{r['state']:<12} {'-':>6} {r['recvq']:>7} {r['sendq']:>7}  {'STALE' if r['stale'] else '-'}")
+                  f"{r['state']:<12} {age:>7} {r['recvq']:>7} {r['sendq']:>7}  "
+                  f"{'STALE' if r['stale'] else '-':<5}{seq}")
+        print(f"# source: {source}")
         for v, s in sorted(summary.items()):
             where = "configured here" if s["configured"] else "NOT configured here"
             print(f"# {v}: {s['sessions']} session(s), {s['stale']} stale; {where}")

@@ -19,7 +19,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 
-from nfsreset.model import Flow, FlowKey
+from nfsreset.model import Flow, FlowKey, key_order
 
 # Tickle repeats (seconds after the first). The client answers at most one
 # invalid segment per 500 ms (tcp_invalid_ratelimit), so a tickle right after
@@ -247,7 +247,7 @@ def plan(moment: Moment, vip: str, flows: Iterable[Flow], local_addrs: frozenset
     targets = [f for f in mine if may_touch(f, local_addrs, opts, vip_since, old_cookies)]
     actions: list[Action] = []
     if moment is Moment.POST_STOP and not tried:
-        actions.append(Record(vip, tuple(sorted({f.key for f in mine}))))
+        actions.append(Record(vip, tuple(sorted({f.key for f in mine}, key=key_order))))
     if moment in (Moment.POST_STOP, Moment.AWAY) and not vip_local and caps.nft and not tried:
         actions.append(Quarantine(vip))
     actions += _end(targets, vip, opts, caps, vip_local, tried)
@@ -273,7 +273,7 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
         return actions
     keys = tuple(sorted({k for k in known_clients
                          if k.vip == vip and k.vport in opts.ports
-                         and (not opts.clients or any(s.matches(k) for s in opts.clients))}))
+                         and (not opts.clients or any(s.matches(k) for s in opts.clients))}, key=key_order))
     if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:

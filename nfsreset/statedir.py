@@ -18,7 +18,7 @@ import stat
 import tempfile
 import time
 
-from nfsreset.model import FlowKey, family_of, norm_ip
+from nfsreset.model import FlowKey, family_of, key_order, norm_ip
 
 DEFAULT_DIR = "/var/lib/nfsreset"
 MAX_ENTRIES = 65536
@@ -118,7 +118,7 @@ class StateDir:
         An empty list does not clobber a previous one: kernel nfsd closes its own
         sockets on address deletion, so a post-stop hook may find nothing while
         the clients it should pass on are the ones recorded earlier."""
-        keys = sorted(set(keys))[: self.max_entries]
+        keys = sorted(set(keys), key=key_order)[: self.max_entries]
         if not keys:
             return 0
         self._write(self._file(vip, "clients"), {
@@ -138,7 +138,7 @@ class StateDir:
 
     def write_pending(self, vip: str, pending: dict[FlowKey, int | None], node: str | None = None) -> None:
         path = self._file(vip, f"pending.{node or node_id()}")
-        items = sorted(pending.items())[: self.max_entries]
+        items = sorted(pending.items(), key=lambda kv: key_order(kv[0]))[: self.max_entries]
         if not items:
             self.clear_pending(vip, node)
             return

@@ -1,0 +1,98 @@
+"""`nfsreset flows` and `nfsreset doctor`, run as fresh processes, from inside a
+node (`ip netns exec`) and from outside with `--netns`.
+
+doctor runs only with --netns of a namespace this test made: its checks create
+sockets and an nft table, which must never happen in the host's namespace.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from nfsreset.lab.topology import VIP4, VIP6
+from nfsreset.model import format_endpoint
+from tests.ns.test_cli_kill_tickle import NFSRESET, Scene, nft_tables
+
+pytestmark = [pytest.mark.netns]
+
+VIP_OF = {4: VIP4, 6: VIP6}
+
+
+@pytest.fixture
+def scene(topo, tmp_path):
+    s = Scene(topo, tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def outside(*argv: str) -> subprocess.CompletedProcess:
+    """nfsreset run in the host's namespace, acting in the one --netns names."""
+    return subprocess.run([NFSRESET, *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_flows_exit_1_and_stale_line_only_while_the_vip_is_away(scene, fam):
+    vip = VIP_OF[fam]
+    node1 = scene.topo.ns("node1")
+    scene.topo.add_addr("node1", vip, nodad=True)
+    c = scene.connect(vip, 46001)
+    assert c.echo()
+    session = re.compile(rf"^{re.escape(format_endpoint(vip, 2049))}\s+{re.escape(c.endpoint)}\s+ESTABLISHED\b")
+
+    # The VIP is here: the session is live.
+    res = outside("flows", "--netns", node1)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if session.match(ln)]
+    assert len(rows) == 1 and rows[0].split()[6] == "-", res.stdout
+    assert f"# {vip}: 1 session(s), 0 stale; configured here" in res.stdout
+    doc = json.loads(scene.nfsreset("node1", "flows", "--vip", vip, "--json").stdout)
+    assert doc["vips"] == {vip: {"sessions": 1, "stale": 0, "configured": True}}
+    assert [(s["client"], s["cport"], s["stale"]) for s in doc["sessions"]] == [(c.ip, c.cport, False)]
+
+    # The VIP left node1 and the server kept the socket: stale.
+    scene.topo.del_addr("node1", vip)
+    res = outside("flows", "--netns", node1)
+    assert res.returncode == 1, res.stdout + res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if session.match(ln)]
+    assert len(rows) == 1 and rows[0].split()[6] == "STALE", res.stdout
+    assert f"# {vip}: 1 session(s), 1 stale; NOT configured here" in res.stdout
+    res = scene.nfsreset("node1", "flows", "--vip", vip, "--json")
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    assert doc["vips"] == {vip: {"sessions": 1, "stale": 1, "configured": False}}
+    assert doc["sessions"][0]["state"] == "ESTABLISHED" and doc["sessions"][0]["stale"] is True
+
+    # flows only looks: the session is still there, nothing in nft.
+    assert scene.holds("node1", c)
+    assert nft_tables(scene.topo, "node1") == ""
+
+    # node2 (the VIP never was there) and a filter on another VIP: nothing stale.
+    assert scene.nfsreset("node2", "flows").returncode == 0
+    res = scene.nfsreset("node1", "flows", "--vip", "203.0.113.9", "--json")
+    assert res.returncode == 0
+    doc = json.loads(res.stdout)
+    assert doc["sessions"] == []
+    assert doc["vips"] == {"203.0.113.9": {"sessions": 0, "stale": 0, "configured": False}}
+
+
+@pytest.mark.bpf   # the bpf-tracker check compiles and loads flowtrack.c
+def test_doctor_in_a_test_namespace_reports_sock_destroy_and_the_strategies(topo):
+    ns = topo.ns("node1")
+    res = outside("doctor", "--netns", ns)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"^ok\s+sock-destroy\s", res.stdout, re.M), res.stdout
+    assert re.search(r"^yes\s+strategy destroy\s", res.stdout, re.M), res.stdout
+    res = outside("doctor", "--netns", ns, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert set(doc["checks"]) >= {"sock-destroy", "raw-sockets", "nftables", "btf"}
+    assert doc["checks"]["sock-destroy"]["ok"] is True, doc["checks"]["sock-destroy"]
+    assert all(doc["strategies"][s]["ok"] for s in ("destroy", "rst", "nft", "tickle")), doc["strategies"]
+    # its probes clean up after themselves
+    assert nft_tables(topo, "node1") == ""
+    assert topo.run("node1", "ss", "-tanH").stdout.strip() == ""
