@@ -348,7 +348,10 @@ def test_dry_run_says_what_it_would_do_and_changes_nothing(scene, fam):
     scene.topo.add_addr("node1", vip, nodad=True)
     c = scene.connect(vip, 43001)
     scene.topo.del_addr("node1", vip)
-    res = scene.nfsreset("node1", "kill", "--vip", vip, "--state-dir", scene.state, "--dry-run", "--json")
+    # From outside, with --netns: a dry run that looked in the wrong namespace
+    # would find no session at all.
+    res = subprocess.run([NFSRESET, "kill", "--vip", vip, "--state-dir", scene.state, "--dry-run", "--json",
+                          "--netns", scene.topo.ns("node1")], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     assert "would destroy 1 session(s)" in res.stderr and c.endpoint in res.stderr, res.stderr
     assert "dry run" in res.stderr
