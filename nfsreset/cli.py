@@ -243,7 +243,7 @@ def tickle(
             raise Fail(f"{vip_} was not configured and usable here within {wait:g} s; nothing sent", 1)
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(P.Moment.POST_START, vip_,
                                                                       known_clients=known)
-    if not known:
+    if not known and out.code == 0:
         _say(f"no known client of {vip_} to tickle")
     return _finish(out, json_out)
 
