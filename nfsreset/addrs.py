@@ -7,7 +7,6 @@ within 0.1 s of exec. The daemon uses pyroute2 for address *events*.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import socket
 import struct
 
@@ -27,7 +26,8 @@ class Addr:
     ip: str
     prefixlen: int
     ifindex: int
-    tentative: bool   # IPv6 still in DAD: configured but not usable yet
+    tentative: bool   # IPv6 still in DAD (or failed it): configured but not usable
+    dadfailed: bool = False
 
 
 def dump() -> list[Addr]:
@@ -75,8 +75,10 @@ def _parse(msg: bytes) -> Addr | None:
     raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    ip = str(ipaddress.ip_address(raw))
-    return Addr(ip, plen, ifindex, bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)))
+    # inet_ntop, not ipaddress: same RFC 5952 text, and hooks skip ~5 ms of import.
+    ip = socket.inet_ntop(family, raw)
+    return Addr(ip, plen, ifindex, bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)),
+                bool(flags & IFA_F_DADFAILED))
 
 
 def local_ips(usable_only: bool = False) -> frozenset[str]:

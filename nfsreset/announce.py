@@ -1,12 +1,11 @@
 """Tell the segment that a VIP now lives here: gratuitous ARP (v4), unsolicited NA (v6).
 
 Frames are written whole through an AF_PACKET socket on the interface that
-holds the VIP, in the current network namespace. The interface is found
-without netlink, so a hook pays no pyroute2 import: SIOCGIFCONF lists every
-IPv4 address with its label (labels start with the device name, "eth0:vip"),
-/proc/thread-self/net/if_inet6 lists IPv6 ones (thread-self, not self: after
-setns() only the calling thread is in the target namespace). Not /sys: sysfs
-shows the namespace it was mounted in.
+holds the VIP, in the current network namespace. The interface comes from the
+same RTM_GETADDR dump as every other "is this address here" question
+(nfsreset.addrs; no pyroute2 import in a hook), named by if_indextoname() on a
+socket of the calling thread's namespace. Not /sys: sysfs shows the namespace
+it was mounted in.
 
 What receivers do with them (Linux):
 - ARP: an existing neighbour entry is overridden by a gratuitous request
@@ -19,18 +18,12 @@ What receivers do with them (Linux):
 """
 from __future__ import annotations
 
-import array
-import fcntl
 import socket
 import struct
 import time
 
 from nfsreset.packets import _addr, checksum
 
-SIOCGIFCONF = 0x8912
-_IFREQ_SIZE = 40                    # struct ifreq on 64-bit Linux
-IFA_F_TENTATIVE = 0x40
-IFA_F_DADFAILED = 0x08
 ARPHRD_ETHER = 1
 ETH_P_ARP, ETH_P_IP, ETH_P_IPV6 = 0x0806, 0x0800, 0x86DD
 ARPOP_REQUEST, ARPOP_REPLY = 1, 2
@@ -46,58 +39,19 @@ class AnnounceError(Exception):
     pass
 
 
-def ipv4_addresses() -> list[tuple[str, str]]:
-    """(device, address) for every IPv4 address in the current namespace."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        size = 64
-        while True:
-            buf = array.array("B", b"\0" * (size * _IFREQ_SIZE))
-            addr, _ = buf.buffer_info()
-            ifconf = struct.pack("i4xQ", len(buf), addr)
-            used = struct.unpack("i4xQ", fcntl.ioctl(sock.fileno(), SIOCGIFCONF, ifconf))[0]
-            if used < len(buf):      # a full buffer may have been cut short: grow and retry
-                break
-            size *= 4
-    raw = buf.tobytes()[:used]
-    out = []
-    for off in range(0, used, _IFREQ_SIZE):
-        label = raw[off:off + 16].split(b"\0", 1)[0].decode()
-        ip = socket.inet_ntop(socket.AF_INET, raw[off + 20:off + 24])
-        out.append((label.split(":", 1)[0], ip))
-    return out
-
-
-def ipv6_addresses() -> list[tuple[str, str, int]]:
-    """(device, address, IFA flags) for every IPv6 address in the current namespace."""
-    out = []
-    try:
-        with open("/proc/thread-self/net/if_inet6") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:        # IPv6 disabled
-        return out
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 6:
-            continue
-        ip = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
-        out.append((fields[5], ip, int(fields[4], 16)))
-    return out
+def devices_of(vip: str) -> list[tuple[str, "object"]]:
+    """(device, nfsreset.addrs.Addr) for each place `vip` is configured here."""
+    from nfsreset import addrs
+    return [(socket.if_indextoname(a.ifindex), a) for a in addrs.dump() if a.ip == vip]
 
 
 def find_interface(vip: str) -> str:
     """The device holding `vip` here. AnnounceError when it is not configured (or not usable)."""
-    if ":" in vip:
-        packed = socket.inet_pton(socket.AF_INET6, vip)
-        for dev, ip, flags in ipv6_addresses():
-            if socket.inet_pton(socket.AF_INET6, ip) == packed:
-                if flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
-                    state = "failed DAD" if flags & IFA_F_DADFAILED else "is tentative (DAD running)"
-                    raise AnnounceError(f"{vip} on {dev} {state}; it must not be advertised yet")
-                return dev
-    else:
-        for dev, ip in ipv4_addresses():
-            if ip == vip:
-                return dev
+    for dev, a in devices_of(vip):
+        if a.tentative:
+            state = "failed DAD" if a.dadfailed else "is tentative (DAD running)"
+            raise AnnounceError(f"{vip} on {dev} {state}; it must not be advertised yet")
+        return dev
     raise AnnounceError(f"{vip} is not configured in this network namespace")
 
 
@@ -137,9 +91,7 @@ def announce(vip: str, ifname: str | None = None, count: int = 1, interval: floa
     dev = find_interface(vip)
     if ifname is not None and ifname != dev:
         # The same v4 address may sit on two devices; check the one asked for.
-        devices = ({d for d, ip in ipv4_addresses() if ip == vip} if ":" not in vip
-                   else {d for d, ip, _ in ipv6_addresses() if ip == vip})
-        if ifname not in devices:
+        if ifname not in {d for d, _ in devices_of(vip)}:
             raise AnnounceError(f"{vip} is not configured on {ifname} (it is on {dev})")
         dev = ifname
     from nfsreset.rawsend import close_later

@@ -63,8 +63,8 @@ def test_announce_refuses_wrong_device_and_finds_addresses(topo):
     topo.add_addr("node2", VIP4)
     topo.add_addr("node2", VIP6, nodad=True)
     with netns.entered(topo.ns("node2")):
-        assert (IFACE, VIP4) in announce.ipv4_addresses()
-        assert any(d == IFACE and ip == VIP6 for d, ip, _ in announce.ipv6_addresses())
+        assert [d for d, _ in announce.devices_of(VIP4)] == [IFACE]
+        assert [d for d, _ in announce.devices_of(VIP6)] == [IFACE]
         with pytest.raises(announce.AnnounceError, match="not configured on lo"):
             announce.announce(VIP4, "lo")
         assert announce.announce("::ffff:" + VIP4) == IFACE      # v4-mapped means v4
