@@ -404,13 +404,7 @@ def watch(
     return run_daemon(cfg)
 
 
-def _register_optional() -> None:
-    """Commands that live in their own modules."""
-    from nfsreset.lab.command import lab
-    app.command("lab")(lab)
+# `lab` lives with the lab; its module imports only typer at load time.
+from nfsreset.lab.command import lab  # noqa: E402
 
-
-try:
-    _register_optional()
-except ImportError:   # pragma: no cover - a partial checkout
-    pass
+app.command("lab")(lab)

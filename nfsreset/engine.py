@@ -33,11 +33,8 @@ class Outcome:
     code: int = 0
     reason: str = ""
     started: float = dataclasses.field(default_factory=time.monotonic)
-    first_action_at: float | None = None
 
     def step(self, **kw) -> dict:
-        if self.first_action_at is None:
-            self.first_action_at = time.monotonic()
         self.steps.append(kw)
         return kw
 
@@ -207,8 +204,6 @@ class Engine:
             return "destroy"
         from nfsreset import sockdiag
         t0 = time.monotonic()
-        if out.first_action_at is None:
-            out.first_action_at = t0
         res = sockdiag.destroy([self._sids[f.cookie] for f in act.flows])
         ms = (time.monotonic() - t0) * 1000
         failed = [(sid, e) for sid, e in res.failed]
@@ -262,8 +257,6 @@ class Engine:
             for i, offset in enumerate(act.schedule):
                 if not todo:
                     break
-                if out.first_action_at is None:
-                    out.first_action_at = time.monotonic()
                 tx.send_many(packets.tickle_to_client(k) for k in sorted(todo))
                 sent += len(todo)
                 until = t0 + act.schedule[i + 1] if i + 1 < len(act.schedule) else end

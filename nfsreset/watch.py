@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from nfsreset import plan as P
+from nfsreset.addrs import IFA_F_DADFAILED, IFA_F_TENTATIVE
 from nfsreset.model import Flow, FlowKey, norm_ip
 
 RUN_DIR = "/run/nfsreset"
@@ -261,7 +262,7 @@ class Daemon:
                 continue
             self.metrics.events += 1
             flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-            self.on_addr(ip, ev == "RTM_NEWADDR", bool(flags & 0x48), now)
+            self.on_addr(ip, ev == "RTM_NEWADDR", bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)), now)
 
     # -- flow table ----------------------------------------------------------------------------------
     def on_flow_event(self, ev) -> None:
