@@ -14,20 +14,12 @@ import pytest
 
 from nfsreset.lab.topology import VIP4, VIP6
 from nfsreset.model import format_endpoint
-from tests.ns.test_cli_kill_tickle import NFSRESET, Scene, nft_tables
+from tests.ns.scene import NFSRESET, Scene, nft_tables
 
 pytestmark = [pytest.mark.netns]
 
 VIP_OF = {4: VIP4, 6: VIP6}
 
-
-@pytest.fixture
-def scene(topo, tmp_path):
-    s = Scene(topo, tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def outside(*argv: str) -> subprocess.CompletedProcess:

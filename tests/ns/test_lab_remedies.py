@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from tests.ns.test_cli_kill_tickle import NFSRESET
+from tests.ns.scene import NFSRESET
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -15,21 +15,13 @@ import time
 import pytest
 
 from nfsreset.lab.topology import VIP4, VIP6
-from tests.ns.test_cli_kill_tickle import NFS_PORT, Scene, nft_tables
+from tests.ns.scene import NFS_PORT, Scene, nft_tables
 
 pytestmark = [pytest.mark.netns]
 
 READY_TIMEOUT_S = 60
 MISSING_NS = f"nfsr-{os.getpid()}-no-such-namespace"
 
-
-@pytest.fixture
-def scene(topo, tmp_path):
-    s = Scene(topo, tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 class StderrLines:
