@@ -107,6 +107,28 @@ def stale_sockets(topo: Topology, vip: str, conns: int, listener: socket.socket)
     return held
 
 
+def run_hook(argv: list[str], observe) -> dict:
+    """Exec a hook, let observe(proc, t0) time its first action (a dict of times),
+    then reap it and add its exit, wall time and the engine's own elapsed_s."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = observe(proc, t0)
+        out, err = proc.communicate(timeout=PROC_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    exited = time.monotonic() - t0
+    engine = None
+    try:
+        engine = json.loads(out).get("elapsed_s")
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return {**seen, "exit_s": exited, "exit": proc.returncode, "engine_s": engine,
+            "stderr": err.decode(errors="replace").strip().splitlines()[-3:]}
+
+
 def count_on(topo: Topology, vip: str) -> int:
     with netns.entered(topo.ns(SERVER)):
         return len(sockdiag.dump([vip], [PORT]))
@@ -119,10 +141,9 @@ def one_kill(topo: Topology, how: str, vip: str, conns: int, listener: socket.so
             raise RuntimeError(f"expected {conns} stale sockets on {vip}")
         argv = launch_argv(topo, how, "kill", "--vip", vip, "--state-dir", state_dir,
                            "--moment", "post-stop", "--json")
-        t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        first = gone = None
-        try:
+
+        def observe(proc: subprocess.Popen, t0: float) -> dict:
+            first = gone = None
             with netns.entered(topo.ns(SERVER)):
                 deadline = t0 + ACTION_TIMEOUT_S
                 while time.monotonic() < deadline:
@@ -136,19 +157,9 @@ def one_kill(topo: Topology, how: str, vip: str, conns: int, listener: socket.so
                     if proc.poll() is not None and n == conns:
                         break           # it exited and nothing went: report, don't spin
                     time.sleep(POLL_S)
-            out, err = proc.communicate(timeout=PROC_TIMEOUT_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        exited = time.monotonic() - t0
-        engine = None
-        try:
-            engine = json.loads(out).get("elapsed_s")
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        return {"first_s": first, "all_gone_s": gone, "exit_s": exited, "exit": proc.returncode,
-                "engine_s": engine, "stderr": err.decode(errors="replace").strip().splitlines()[-3:]}
+            return {"first_s": first, "all_gone_s": gone}
+
+        return run_hook(argv, observe)
     finally:
         for s in held:
             s.close()
@@ -207,10 +218,9 @@ def one_tickle(topo: Topology, how: str, vip: str, client_ip: str, cport: int, c
     drain(cap)
     endpoint = f"[{client_ip}]:{cport}" if ":" in client_ip else f"{client_ip}:{cport}"
     argv = launch_argv(topo, how, "tickle", "--vip", vip, "--client", endpoint, "--rounds", "1", "--json")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = {"announce": None, "tickle": None}
-    try:
+
+    def observe(proc: subprocess.Popen, t0: float) -> dict:
+        first = {"announce": None, "tickle": None}
         deadline = t0 + ACTION_TIMEOUT_S
         while first["tickle"] is None and time.monotonic() < deadline:
             r, _, _ = select.select([cap], [], [], 0.05)
@@ -229,20 +239,9 @@ def one_tickle(topo: Topology, how: str, vip: str, client_ip: str, cport: int, c
                 kind = classify(frame, vip, cport)
                 if kind and first[kind] is None:
                     first[kind] = now - t0
-        out, err = proc.communicate(timeout=PROC_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    exited = time.monotonic() - t0
-    engine = None
-    try:
-        engine = json.loads(out).get("elapsed_s")
-    except (json.JSONDecodeError, AttributeError):
-        pass
-    return {"first_s": first["tickle"], "announce_s": first["announce"], "exit_s": exited,
-            "exit": proc.returncode, "engine_s": engine,
-            "stderr": err.decode(errors="replace").strip().splitlines()[-3:]}
+        return {"first_s": first["tickle"], "announce_s": first["announce"]}
+
+    return run_hook(argv, observe)
 
 
 # -- imports ------------------------------------------------------------------------------
