@@ -113,8 +113,11 @@ class Engine:
             for act in actions:
                 r = self._do(act, out, stale)
                 if isinstance(act, P.DESTRUCTIVE):
-                    targeted += list(act.flows) if hasattr(act, "flows") else \
-                        [f for f in flows if f.key in set(act.keys)]
+                    if isinstance(act, P.GuardTuples):
+                        keys = set(act.keys)
+                        targeted += [f for f in flows if f.key in keys]
+                    else:
+                        targeted += act.flows
                     rung = r
             code = P.exit_code(actions)
             if code == 3:
