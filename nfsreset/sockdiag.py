@@ -296,7 +296,8 @@ _FLOW_REST = {f.name: f.default for f in dataclasses.fields(Flow) if f.name not 
 # object (eq, hash, repr and replace() all read the fields), so do that when
 # the classes allow it.
 _FAST_OBJECTS = (_plain_frozen(Flow, _FLOW_FROM_DUMP)
-                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)}))
+                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)})
+                 and _plain_frozen(FlowKey, {f.name for f in dataclasses.fields(FlowKey)}))
 _STATE_NAMES = tuple(TCP_STATES.get(n, str(n)) for n in range(256))
 # inet_diag_msg: ports are __be16, the rest host order; two unpacks.
 _MSG = struct.Struct("=BBBB4x16s16sIIIIIIII")
@@ -312,8 +313,13 @@ def decode_diag_msg(buf: bytes, start: int, netns_inode: int | None) -> tuple[Fl
     texts = _TEXT_CACHE.get(family)
     if texts is None:
         raise SockDiagError(errno.EBADMSG, f"inet_diag message of family {family}")
-    key = FlowKey(texts.get(src) or _addr_text(family, src), sport,
-                  texts.get(dst) or _addr_text(family, dst), dport)
+    key_fields = {"vip": texts.get(src) or _addr_text(family, src), "vport": sport,
+                  "client": texts.get(dst) or _addr_text(family, dst), "cport": dport}
+    if _FAST_OBJECTS:
+        key = _object_new(FlowKey)
+        _object_setattr(key, "__dict__", key_fields)
+    else:
+        key = FlowKey(**key_fields)
     flow_fields = {"key": key, "state": _STATE_NAMES[state], "netns": netns_inode, "cookie": cookie,
                    "inode": inode, "recvq": rqueue, "sendq": wqueue, **_FLOW_REST}
     sid_fields = {"family": family, "src": src, "dst": dst, "sport": sport, "dport": dport,

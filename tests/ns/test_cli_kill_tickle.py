@@ -31,9 +31,13 @@ def test_hooks_end_the_stale_session_and_the_real_client_recovers(scene, fam):
     scene.move(vip, "node1", "node2")
     assert scene.holds("node1", c), "the old owner must be left holding the session"
 
-    res = scene.nfsreset("node1", "kill", "--vip", vip, "--state-dir", scene.state)
+    res = scene.nfsreset("node1", "kill", "--vip", vip, "--state-dir", scene.state, "--json")
     assert res.returncode == 0, res.stderr
     assert f"destroyed 1 of 1 session(s) on {vip}" in res.stderr and c.endpoint in res.stderr, res.stderr
+    # The kernel's per-socket acks are the check that none is left (no second
+    # dump); this dump confirms what they said.
+    verify = [s for s in json.loads(res.stdout)["steps"] if s["action"] == "verify"]
+    assert verify == [{"action": "verify", "left": 0, "sessions": [], "by": "acks"}]
     assert scene.sockets("node1", vip) == []
     path = scene.state_file(vip)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

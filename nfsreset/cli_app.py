@@ -1,0 +1,235 @@
+"""The typer front end: every command's --help, and parsing for all but the hooks.
+
+`kill` and `tickle` are parsed by nfsreset.cli_hooks when they run (typer costs
+~75 ms of a hook's start); they are declared here too, for `--help` and for the
+command list, and their bodies live in nfsreset.cli. tests/unit/test_cli_parity.py
+keeps the two declarations the same.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+from nfsreset import cli
+from nfsreset.cli import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _ports, _state, _strategy, _vip
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Make TCP clients (NFS first) recover at once when a floating IP (VIP) moves between "
+         "cluster nodes: end the stale sessions a VIP leaves behind, and tickle its clients "
+         "where it arrives.",
+)
+
+
+def main() -> None:
+    # typer vendors click as typer._click (0.29); its exceptions are not re-exported.
+    from typer._click import exceptions as click_exc
+    try:
+        code = app(standalone_mode=False)
+    except Fail as e:
+        cli.fail_exit(e)
+    except click_exc.NoArgsIsHelpError as e:
+        print(e.format_message())
+        sys.exit(0)
+    except click_exc.UsageError as e:
+        print(f"nfsreset {cli._command()}: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+    except (click_exc.Abort, KeyboardInterrupt):
+        cli.interrupted()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# --- kill and tickle: declared for --help; parsed by cli_hooks when run ---------------------
+@app.command(help=cli.KILL_DOC)
+def kill(
+    vip: str = typer.Option(..., "--vip", help="The VIP whose sessions to end. It must NOT be configured here."),
+    client: List[str] = typer.Option([], "--client", help="Only sessions of this client: ADDR or ADDR:PORT (repeatable)."),
+    port: List[int] = typer.Option([2049], "--port", help=PORT_HELP),
+    state_dir: Optional[str] = typer.Option("/var/lib/nfsreset", "--state-dir",
+                                            help="Where the VIP's client tuples are recorded for the node that takes it over."),
+    strategy: str = typer.Option("auto", "--strategy",
+                                 help="auto: destroy, else exact RST, else nft guard. Or force one: destroy|rst|nft."),
+    moment: str = typer.Option("post-stop", "--moment",
+                               help="post-stop (the VIP just left: record clients, quarantine, end sessions) or "
+                                    "pre-start (the VIP is about to arrive: only end sessions left from its last stay)."),
+    force: bool = typer.Option(False, "--force", help="Allow ending sessions of a VIP configured here, "
+                                                     "but only those named exactly with --client ADDR:PORT."),
+    netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; change nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
+) -> int:
+    return cli.kill(vip, client, port, state_dir, strategy, moment, force, netns_name, dry_run, json_out)
+
+
+@app.command(help=cli.TICKLE_DOC)
+def tickle(
+    vip: str = typer.Option(..., "--vip", help="The VIP that has just arrived here."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", help="Read the VIP's client tuples from here."),
+    client: List[str] = typer.Option([], "--client", help="A client tuple ADDR:PORT to tickle (repeatable)."),
+    port: List[int] = typer.Option([2049], "--port", help=PORT_HELP),
+    rounds: int = typer.Option(3, "--rounds", help="Tickle rounds at 0, 0.6, 1.5 s, ... (stops early per client once it reconnected)."),
+    wait: float = typer.Option(0.0, "--wait", help="First wait up to this many seconds for the VIP to be configured "
+                               "and usable here (IPv6: DAD done). Start it in the background just before IPaddr2 "
+                               "start: IPaddr2 announces an IPv6 VIP for ~0.8 s before a post-start hook could run."),
+    strategy: str = typer.Option("auto", "--strategy", help="How to end sockets left from the VIP's last stay here."),
+    netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; send nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
+) -> int:
+    return cli.tickle(vip, state_dir, client, port, rounds, wait, strategy, netns_name, dry_run, json_out)
+
+
+# --- flows -----------------------------------------------------------------------------
+@app.command()
+def flows(
+    vip: List[str] = typer.Option([], "--vip", help="Only sessions on this VIP (repeatable). Default: every local address."),
+    port: List[int] = typer.Option([2049], "--port", help=PORT_HELP),
+    netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object: sessions and a summary per VIP."),
+) -> int:
+    """Show the sessions on the watched ports, and which are stale.
+
+    A session is stale when its local address is not configured here (the VIP
+    moved away and the socket stayed). Exit code 1 when any is stale, so a
+    monitor can call it during and after a move.
+    """
+    import time
+    from nfsreset import addrs, netns, sockdiag
+    from nfsreset.plan import is_stale
+    from nfsreset.watch import read_live_table
+    vips = [_vip(v) for v in vip]
+    ports = _ports(port)
+    with _in_netns(netns_name):
+        local = addrs.local_ips()
+        pairs = sockdiag.dump(local_ips=vips or None, local_ports=sorted(ports))
+        live = read_live_table(netns.current_inode())
+    # A running `watch` for this namespace knows what a dump cannot: how old each
+    # session is and its sequence numbers (from BPF). Queues come from the dump.
+    tracked = {}
+    if live is not None:
+        for r in live.get("flows", []):
+            tracked[(r["vip"], r["vport"], r["client"], r["cport"])] = r
+    now = time.monotonic()
+    rows = []
+    for f, _ in sorted(pairs, key=lambda p: p[0].key):
+        t = tracked.get((f.key.vip, f.key.vport, f.key.client, f.key.cport), {})
+        first = t.get("first_seen")
+        rows.append({"vip": f.key.vip, "vport": f.key.vport, "client": f.key.client, "cport": f.key.cport,
+                     "state": f.state, "age_s": round(now - first, 1) if first else None,
+                     "recvq": f.recvq, "sendq": f.sendq,
+                     "snd_nxt": t.get("snd_nxt"), "rcv_nxt": t.get("rcv_nxt"),
+                     "stale": is_stale(f, local)})
+    summary: dict[str, dict] = {}
+    for r in rows:
+        s = summary.setdefault(r["vip"], {"sessions": 0, "stale": 0, "configured": r["vip"] in local})
+        s["sessions"] += 1
+        s["stale"] += r["stale"]
+    for v in vips:
+        summary.setdefault(v, {"sessions": 0, "stale": 0, "configured": v in local})
+    source = f"watch pid {live['pid']}" if live else "sock_diag dump"
+    if json_out:
+        print(json.dumps({"source": source, "sessions": rows, "vips": summary}))
+    else:
+        from nfsreset.model import format_endpoint
+        seqs = live is not None and live.get("bpf")
+        print(f"{'VIP':<28} {'CLIENT':<28} {'STATE':<12} {'AGE':>7} {'RECVQ':>7} {'SENDQ':>7}  STALE"
+              + ("  SND_NXT/RCV_NXT" if seqs else ""))
+        for r in rows:
+            age = f"{r['age_s']:.0f}s" if r["age_s"] is not None else "-"
+            seq = f"  {r['snd_nxt']}/{r['rcv_nxt']}" if seqs and r["snd_nxt"] is not None else ""
+            print(f"{format_endpoint(r['vip'], r['vport']):<28} {format_endpoint(r['client'], r['cport']):<28} "
+                  f"{r['state']:<12} {age:>7} {r['recvq']:>7} {r['sendq']:>7}  "
+                  f"{'STALE' if r['stale'] else '-':<5}{seq}")
+        print(f"# source: {source}")
+        for v, s in sorted(summary.items()):
+            where = "configured here" if s["configured"] else "NOT configured here"
+            print(f"# {v}: {s['sessions']} session(s), {s['stale']} stale; {where}")
+    return 1 if any(r["stale"] for r in rows) else 0
+
+
+# --- doctor ------------------------------------------------------------------------------
+@app.command()
+def doctor(
+    netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object with every check and strategy."),
+) -> int:
+    """Say what this kernel and host offer, and which strategies follow.
+
+    Checks BTF, tracefs, bcc and the BPF flow tracker, SOCK_DESTROY (by destroying
+    a loopback connection of its own), raw sockets, nftables and kernel headers.
+    Exit 1 when no strategy to end stale sessions is available.
+    """
+    from nfsreset.doctor import checks, strategies
+    with _in_netns(netns_name):
+        results = checks()
+    strat = strategies(results)
+    if json_out:
+        print(json.dumps({"checks": results, "strategies": strat}))
+    else:
+        for name, r in results.items():
+            print(f"{'ok' if r['ok'] else '--':<3} {name:<14} {r['why']}")
+        print()
+        for name, r in strat.items():
+            print(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} {r['why']}")
+    return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
+
+
+# --- watch -----------------------------------------------------------------------------
+@app.command()
+def watch(
+    vip: List[str] = typer.Option([], "--vip", help="A VIP to watch (repeatable)."),
+    port: List[int] = typer.Option([], "--port", help=PORT_HELP + " Default 2049."),
+    state_dir: Optional[str] = typer.Option(None, "--state-dir", help="Client tuples per VIP, kept current "
+                                            "for the peer (default /var/lib/nfsreset)."),
+    netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="auto|destroy|rst|nft (default auto)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus text metrics on HOST:PORT."),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with vips, ports, state_dir, strategy, "
+                                         "netns, metrics; command-line options win."),
+    no_bpf: bool = typer.Option(False, "--no-bpf", help="Do not load the BPF flow tracker; use sock_diag dumps."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Log what would be done; change nothing."),
+) -> int:
+    """Run as a daemon: act the moment a VIP leaves or arrives.
+
+    When a watched VIP is deleted here it records the VIP's clients, quarantines
+    it and destroys its sessions; when it arrives it ends sessions left from its
+    last stay, announces it and tickles the clients the old owner recorded. It
+    keeps the state dir current while it owns a VIP. Prints a line containing
+    `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
+    """
+    from nfsreset.watch import Config, ConfigError, load_config, parse_metrics, run_daemon
+    try:
+        doc = load_config(config) if config else {}
+        vips_text = list(vip) or list(doc.get("vips") or [])
+        if not vips_text:
+            raise Fail("give at least one --vip (or vips = [...] in --config)")
+        vips = frozenset(_vip(str(v)) for v in vips_text)
+        ports = _ports(list(port) or [int(p) for p in doc.get("ports") or [2049]])
+        strat = _strategy(strategy or doc.get("strategy") or "auto")
+        mtext = metrics or doc.get("metrics")
+        cfg = Config(vips=vips, ports=ports, state_dir=state_dir or doc.get("state_dir") or "/var/lib/nfsreset",
+                     strategy=strat, netns=netns_name or doc.get("netns"),
+                     metrics=parse_metrics(mtext) if mtext else None, dry_run=dry_run, bpf=not no_bpf)
+    except ConfigError as e:
+        raise Fail(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise Fail(f"bad config value: {e}") from None
+    if cfg.netns is not None:
+        from nfsreset import netns
+        if not netns.exists(cfg.netns):
+            raise Fail(f"--netns: network namespace {cfg.netns!r} does not exist (see `ip netns list`)")
+    _need_root("it loads BPF, destroys sockets and changes nftables")
+    _state(cfg.state_dir)
+    return run_daemon(cfg)
+
+
+# `lab` lives with the lab; its module imports only typer at load time.
+from nfsreset.lab.command import lab  # noqa: E402
+
+app.command("lab")(lab)
