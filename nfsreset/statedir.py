@@ -102,11 +102,11 @@ class StateDir:
                 os.close(fd)
             os.unlink(tmp)
             raise
-        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        # No fsync of the directory: `kill` writes this right before its first
+        # destroy, and a second fsync puts disk latency (an NFS head's disk is
+        # busy during a failover) on that path once more. The data was synced
+        # before the rename, so a crash leaves either this file or the previous
+        # one whole, never a torn file that `tickle` would have to refuse.
 
     # -- client tuples ---------------------------------------------------------------
     def read_clients(self, vip: str) -> list[FlowKey]:
