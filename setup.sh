@@ -24,8 +24,9 @@ pkgs=(
     python3-bpfcc bpfcc-tools python3-nftables nftables python3-venv python3-pip
     iproute2 iputils-ping iputils-arping ndisc6 bpftool procps tcpdump
     linux-headers-amd64
-    # front doors (cli/) and their checks in the test suite
-    resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt
+    # front doors (cli/) and their checks in the test suite; keepalived only
+    # for tests/ns/test_keepalived.py (its service stays off: no keepalived.conf)
+    resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt keepalived
 )
 missing=()
 for p in "${pkgs[@]}"; do

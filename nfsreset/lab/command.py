@@ -48,9 +48,10 @@ def lab(
     family: str = typer.Option("both", "--family", help="4, 6 or both: which VIP (198.51.100.10, 2001:db8::10) to move."),
     cap: float = typer.Option(20.0, "--cap", help="Longest wait for the client after each move, in seconds; a longer stall shows as >CAP."),
     remedy: list[str] = typer.Option(["none"], "--remedy", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' is the baseline."),
+    mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside). Repeat or comma-separate to compare side by side."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
-    gap: float = typer.Option(1.0, "--gap", help="Seconds between 'ip addr del' on the old owner and 'ip addr add' on the new one."),
-    strategy: str | None = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard)."),
+    gap: float = typer.Option(1.0, "--gap", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
+    strategy: str | None = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step of the lab on stderr."),
 ) -> None:
@@ -69,8 +70,14 @@ def lab(
     answers the client with bare ACKs and never an RST. The table lists those
     stale sockets.
 
-    Several --remedy options run each one and print them side by side.
-    Needs root. Takes about 2 x (cap + 8) seconds per family and remedy.
+    --mover ipaddr2,ocf moves the VIP with the real resource agents instead:
+    plain ocf:heartbeat:IPaddr2 (the baseline) and this project's
+    ocf:nfsreset:IPaddr2nfs (cli/ocf/nfsreset, running the real nfsreset; keep
+    --remedy none, the agent is the remedy), side by side, with each agent's
+    stop and start times.
+
+    Several --remedy or --mover options run each one and print them side by side.
+    Needs root. Takes about 2 x (cap + 8) seconds per family, mover and remedy.
     """
     # -- validate everything before a single namespace exists -------------------------
     families = {"4": [4], "6": [6], "both": [4, 6]}.get(family.strip().lower())
@@ -92,6 +99,22 @@ def lab(
     if unknown:
         _fail(f"unknown remedy {unknown[0]!r}; known: {', '.join(sorted(known))}")
     names = list(dict.fromkeys(names))
+    from nfsreset.lab.mover import MOVERS
+
+    movers = list(dict.fromkeys(n.strip() for item in mover for n in item.split(",") if n.strip()))
+    if not movers:
+        _fail("--mover needs a name; known: " + ", ".join(MOVERS))
+    unknown = [n for n in movers if n not in MOVERS]
+    if unknown:
+        _fail(f"unknown mover {unknown[0]!r}; known: {', '.join(MOVERS)}")
+    from nfsreset.lab.mover_ocf import AgentError, agent_path
+
+    for name in movers:
+        if name != "ip":
+            try:
+                agent_path(name)
+            except AgentError as e:
+                _fail(str(e))
     if os.geteuid() != 0:
         _fail("needs root (it creates network namespaces)")
 
@@ -104,14 +127,16 @@ def lab(
     restore = _sigterm_raises()
     try:
         for fam in families:
-            for name in names:
-                progress.label = f"v{fam}" if len(names) == 1 else f"v{fam} {name}"
-                try:
-                    results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
-                                           progress=progress, strategy=strategy, log=log))
-                except Exception as e:
-                    results.append(report.FamilyResult(family=fam, remedy=name, vip="",
-                                                       error=f"{type(e).__name__}: {e}"))
+            for how in movers:
+                for name in names:
+                    progress.label = " ".join([f"v{fam}"] + ([how] if len(movers) > 1 else [])
+                                              + ([name] if len(names) > 1 else []))
+                    try:
+                        results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
+                                               progress=progress, strategy=strategy, log=log, mover=how))
+                    except Exception as e:
+                        results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
+                                                           error=f"{type(e).__name__}: {e}"))
     except KeyboardInterrupt:
         progress.done()
         typer.echo("nfsreset lab: interrupted; the lab's namespaces are removed", err=True)

@@ -15,6 +15,9 @@ IPv6 (the kernel only sends unsolicited NA with ndisc_notify=1).
 
 Hooks are plain callables so this module knows nothing about remedies; each
 moment is stamped with CLOCK_MONOTONIC.
+
+This is the lab's default mover ("ip"). mover_ocf.AgentMover moves the VIP
+with the real resource agents instead ("ipaddr2", "ocf"); make_mover() picks.
 """
 from __future__ import annotations
 
@@ -33,6 +36,13 @@ ARP_INTERVAL_MS, ARP_COUNT = 200, 5      # IPaddr2 arp_interval / arp_count defa
 
 Hook = Callable[[str, str], None]        # (node, vip)
 
+# `nfsreset lab --mover NAME`: what moves the VIP. The agents are in mover_ocf.py.
+MOVERS = {
+    "ip": "ip addr del/add + send_arp/send_ua, timed like IPaddr2 (no agent)",
+    "ipaddr2": "the real ocf:heartbeat:IPaddr2 agent: stop on the old owner, start on the new one",
+    "ocf": "the real ocf:nfsreset:IPaddr2nfs agent (cli/ocf/nfsreset) with the real nfsreset",
+}
+
 
 @dataclasses.dataclass
 class MoveTimes:
@@ -46,6 +56,8 @@ class MoveTimes:
     t_announced: float | None = None
     t_done: float | None = None
     announcer: str = ""
+    stop_s: float | None = None       # wall time of the stop action (ip: `ip addr del`; agents: `AGENT stop`)
+    start_s: float | None = None      # wall time of the start action, remedy hooks excluded
 
 
 def announcer_argv(vip: str, pidfile: str) -> tuple[list[str], bool]:
@@ -74,10 +86,12 @@ class Mover:
         """Bring the VIP up on `node`: pre_start, add, wait usable, announce, post_start."""
         if pre_start:
             pre_start(node, self.vip)
+        t0 = time.monotonic()
         self.topo.add_addr(node, self.vip)          # with DAD for IPv6, like IPaddr2
         times.t_add = time.monotonic()
         times.t_usable = self.topo.wait_usable(node, self.vip, timeout=self.usable_timeout)
         self._announce(node, times)
+        times.start_s = time.monotonic() - t0
         if post_start:
             post_start(node, self.vip)
         times.t_done = time.monotonic()
@@ -86,9 +100,7 @@ class Mover:
     def move(self, old: str, new: str, post_stop: Hook | None = None, pre_start: Hook | None = None,
              post_start: Hook | None = None) -> MoveTimes:
         times = MoveTimes(old=old, new=new, t_start=time.monotonic())
-        self.topo.del_addr(old, self.vip)
-        times.t_del = time.monotonic()
-        self.log(f"{self.vip} deleted on {old}")
+        self._remove(old, times)
         if post_stop:
             post_stop(old, self.vip)
         # The gap counts from the delete: slow stop hooks eat into it, as they
@@ -97,6 +109,13 @@ class Mover:
         self.start(new, times, pre_start, post_start)
         self.log(f"{self.vip} usable on {new} {times.t_usable - times.t_del:.3f} s after the delete")
         return times
+
+    def _remove(self, node: str, times: MoveTimes) -> None:
+        """Take the VIP off `node`; sets t_del and stop_s."""
+        self.topo.del_addr(node, self.vip)
+        times.t_del = time.monotonic()
+        times.stop_s = times.t_del - times.t_start
+        self.log(f"{self.vip} deleted on {node}")
 
     def _announce(self, node: str, times: MoveTimes) -> None:
         pidfile = os.path.join(self.workdir, f"send_arp-{node}-{self.vip}.pid")
@@ -119,9 +138,31 @@ class Mover:
     def close(self) -> None:
         """Reap background announcers (they finish within ~1 s by themselves)."""
         for proc in self._background:
-            try:
-                proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=2.0)
+            stop_process(proc, terminate=False)
         self._background.clear()
+
+
+def stop_process(proc: subprocess.Popen | None, terminate: bool = True, grace: float = 2.0) -> None:
+    """End a helper process of the lab: SIGTERM (unless it ends by itself), then
+    SIGKILL after `grace` seconds; always reaped."""
+    if proc is None or proc.poll() is not None:
+        return
+    if terminate:
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)
+
+
+def make_mover(name: str, topo: Topology, vip: str, gap: float, workdir: str, state_dir: str,
+               ports: list[int], strategy: str | None, log: Callable[[str], None]):
+    """The mover called `name` (a key of MOVERS) for one lab run."""
+    if name == "ip":
+        return Mover(topo, vip, gap=gap, workdir=workdir, log=log)
+    if name not in MOVERS:
+        raise ValueError(f"unknown mover {name!r}; known: {', '.join(MOVERS)}")
+    from nfsreset.lab.mover_ocf import AgentMover
+    return AgentMover(topo, vip, name, state_dir, gap=gap, workdir=workdir, ports=ports,
+                      strategy=strategy, log=log)

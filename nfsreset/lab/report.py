@@ -10,6 +10,9 @@ Definitions (all times CLOCK_MONOTONIC seconds):
 - usable -> first reply: from the moment the new owner's address left
   DAD/tentative state to the client's first reply after it; the part of the
   stall a remedy can remove (the rest is the move itself).
+- stop / start: wall time of the mover's stop action on the old owner and
+  start action on the new one (for the agent movers, the agent process from
+  exec to exit; remedy hooks are not in it).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class DirectionResult:
     del_to_usable: float | None = None      # the move itself: gap + DAD
     stale: list[str] = dataclasses.field(default_factory=list)   # ss lines on the old owner afterwards
     client_events: list[str] = dataclasses.field(default_factory=list)
+    stop_s: float | None = None             # the mover's stop action on the old owner
+    start_s: float | None = None            # the mover's start action on the new owner
 
     def stall_text(self) -> str:
         return f"{self.stall:.3f} s" if self.recovered and self.stall is not None else f">{_num(self.cap)} s"
@@ -59,6 +64,8 @@ class FamilyResult:
     failback: DirectionResult | None = None
     hook_timings: list[HookTiming] = dataclasses.field(default_factory=list)
     error: str | None = None
+    mover: str = "ip"                       # what moved the VIP: lab.mover.MOVERS
+    first_start_s: float | None = None      # the start action that first brought the VIP up on node1
 
     @property
     def stale_after_failover(self) -> list[str]:
@@ -135,6 +142,9 @@ def _cells(run: FamilyResult) -> list[tuple[str, str]]:
                                       f"{_secs(fb.usable_to_first_reply if fb else None)}"),
         ("stale sockets fo/fb", f"{len(fo.stale) if fo else '-'} / {len(fb.stale) if fb else '-'}"),
     ]
+    if run.mover != "ip" and fo and fb:
+        rows.append(("stop / start fo", f"{_secs(fo.stop_s)} / {_secs(fo.start_s)}"))
+        rows.append(("stop / start fb", f"{_secs(fb.stop_s)} / {_secs(fb.start_s)}"))
     if run.remedy != "none" and run.hook_timings:
         slow = max(run.hook_timings, key=lambda h: h.seconds)
         rows.append(("slowest hook", f"{slow.seconds:.3f} s {slow.hook}@{slow.node or '-'}"))
@@ -145,18 +155,41 @@ def _cells(run: FamilyResult) -> list[tuple[str, str]]:
     return rows
 
 
+MOVED_BY = {
+    "ip": "VIP moved like IPaddr2 (del, {gap} s gap, add, DAD, announce)",
+    "ipaddr2": "VIP moved by the real IPaddr2 agent (stop, {gap} s gap, start)",
+    "ocf": "VIP moved by the real IPaddr2nfs agent with nfsreset (stop, {gap} s gap, start)",
+}
+
+
+def column(run: FamilyResult, several_movers: bool, several_remedies: bool) -> str:
+    """A run's column heading: the remedy ("none", "hooks"), the mover ("ipaddr2",
+    "ocf"), or "mover+remedy" when both say something."""
+    parts = [run.mover] if several_movers or run.mover != "ip" else []
+    if several_remedies or run.remedy != "none" or not parts:
+        parts.append(run.remedy)
+    return "+".join(parts)
+
+
 def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: float) -> str:
-    """Side-by-side table: one column per remedy, one block of rows per family."""
-    remedies = list(dict.fromkeys(r.remedy for r in runs))
+    """Side-by-side table: one column per remedy (or mover), one block of rows per family."""
+    movers = list(dict.fromkeys(r.mover for r in runs))
+    several_movers = len(movers) > 1
+    several_remedies = len({r.remedy for r in runs}) > 1
+    remedies = list(dict.fromkeys(column(r, several_movers, several_remedies) for r in runs))
     families = list(dict.fromkeys(r.family for r in runs))
-    by_key = {(r.remedy, r.family): r for r in runs}
+    by_key = {(column(r, several_movers, several_remedies), r.family): r for r in runs}
+    moved = [MOVED_BY.get(m, f"VIP moved by {m}").format(gap=_num(gap)) for m in movers]
+    if several_movers:
+        moved = [f"{m}: {text}" for m, text in zip(movers, moved)]
     out = [
-        f"VIP moved like IPaddr2 (del, {_num(gap)} s gap, add, DAD, announce); "
-        f"client TCP_USER_TIMEOUT {_num(user_timeout)} s; cap {_num(cap)} s",
+        f"{'; '.join(moved)}; client TCP_USER_TIMEOUT {_num(user_timeout)} s; cap {_num(cap)} s",
         "stall = longest gap between client replies across the move; "
         f">{_num(cap)} s = no reply within the cap",
         "",
     ]
+    if any(m != "ip" for m in movers):
+        out.insert(2, "stop / start = wall time of the agent's stop on the old owner / start on the new one")
     table: list[list[str]] = [["", ""] + remedies]
     for fam in families:
         label = FAMILY_LABEL.get(fam, str(fam))
@@ -175,7 +208,7 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
         out += ["", "Stale sockets left on the old owner after the move (ss -tan, VIP side):"]
         for run, d in stale:
             for line in d.stale:
-                out.append(f"  {run.remedy:<{max(len(x) for x in remedies)}}  "
+                out.append(f"  {column(run, several_movers, several_remedies):<{max(len(x) for x in remedies)}}  "
                            f"{FAMILY_LABEL.get(run.family, run.family)} {d.direction:<8} {d.old}: {line}")
     return "\n".join(out)
 
@@ -198,6 +231,8 @@ def direction_json(d: DirectionResult | None) -> dict | None:
         "del_to_usable": _ms(d.del_to_usable),
         "stale_sockets": list(d.stale),
         "client_events": list(d.client_events),
+        "stop_s": _ms(d.stop_s),
+        "start_s": _ms(d.start_s),
     }
 
 
@@ -205,9 +240,11 @@ def run_json(r: FamilyResult) -> dict:
     return {
         "family": r.family,
         "remedy": r.remedy,
+        "mover": r.mover,
         "vip": r.vip,
         "client_port": r.client_port,
         "error": r.error,
+        "first_start_s": _ms(r.first_start_s),
         "failover": direction_json(r.failover),
         "failback": direction_json(r.failback),
         "hook_timings": [
@@ -228,6 +265,7 @@ def to_json_obj(runs: Iterable[FamilyResult], cap: float, gap: float, user_timeo
             "strategy": strategy,
             "families": list(dict.fromkeys(r.family for r in runs)),
             "remedies": list(dict.fromkeys(r.remedy for r in runs)),
+            "movers": list(dict.fromkeys(r.mover for r in runs)),
         },
         "runs": [run_json(r) for r in runs],
     }

@@ -29,7 +29,7 @@ import time
 from typing import Callable
 
 from nfsreset.lab import report
-from nfsreset.lab.mover import Mover, MoveTimes
+from nfsreset.lab.mover import MoveTimes, make_mover, stop_process
 from nfsreset.lab.remedies import LabContext, Remedy
 from nfsreset.lab.topology import VIP4, VIP6, Topology, TopologyError
 
@@ -125,35 +125,24 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=2.0)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=2.0)
-
-
 class _Run:
     """State of one run_lab() call; split out so each step reads as a method."""
 
     def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
                  progress: Progress, strategy: str | None, log: Callable[[str], None],
-                 steady: float, settle: float) -> None:
-        self.family, self.cap, self.remedy = family, cap, remedy
+                 steady: float, settle: float, mover: str = "ip") -> None:
+        self.family, self.cap, self.remedy, self.mover_name = family, cap, remedy, mover
         self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
         self.strategy, self.log = strategy, log
         self.steady, self.settle = steady, settle
         self.vip = VIP4 if family == 4 else VIP6
-        self.result = report.FamilyResult(family=family, remedy=remedy.name, vip=self.vip)
+        self.result = report.FamilyResult(family=family, remedy=remedy.name, vip=self.vip, mover=mover)
         self.topo: Topology | None = None
         self.workdir: str | None = None
         self.servers: list[subprocess.Popen] = []
         self.client: subprocess.Popen | None = None
         self.client_log: ClientLog | None = None
-        self.mover: Mover | None = None
+        self.mover = None     # mover.Mover or mover_ocf.AgentMover
         self.lab: LabContext | None = None
         self.phase = "setup"
 
@@ -188,7 +177,8 @@ class _Run:
         self.lab = LabContext(topo=self.topo, state_dir=state_dir, family=self.family, vip=self.vip,
                               ports=[PORT], nfsreset_argv=[sys.executable, "-m", "nfsreset"],
                               strategy=self.strategy, log=self.log)
-        self.mover = Mover(self.topo, self.vip, gap=self.gap, workdir=self.workdir, log=self.log)
+        self.mover = make_mover(self.mover_name, self.topo, self.vip, self.gap, self.workdir, state_dir,
+                                [PORT], self.strategy, self.log)
 
     def start_servers(self) -> None:
         logs = []
@@ -250,7 +240,7 @@ class _Run:
         return report.DirectionResult(
             direction=direction, old=old, new=new, cap=self.cap, recovered=recovered, stall=stall,
             usable_to_first_reply=to_reply, del_to_usable=times.t_usable - times.t_del,
-            stale=stale, client_events=events[:20])
+            stale=stale, client_events=events[:20], stop_s=times.stop_s, start_s=times.start_s)
 
     def teardown(self) -> None:
         with _signals_held():
@@ -259,7 +249,7 @@ class _Run:
                 self._timed("teardown", None, lambda: self.remedy.teardown(self.lab))
             for proc in [self.client, *self.servers]:
                 with contextlib.suppress(Exception):
-                    _stop(proc)
+                    stop_process(proc)
             if self.mover:
                 with contextlib.suppress(Exception):
                     self.mover.close()
@@ -272,8 +262,9 @@ class _Run:
 def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0, gap: float = 1.0,
             progress: Progress | None = None, strategy: str | None = None,
             log: Callable[[str], None] | None = None, steady: float = 1.0,
-            settle: float = 0.5) -> report.FamilyResult:
-    """Run the lab once for `family` (4 or 6) with `remedy`; everything removed afterwards.
+            settle: float = 0.5, mover: str = "ip") -> report.FamilyResult:
+    """Run the lab once for `family` (4 or 6) with `remedy`, the VIP moved by
+    `mover` (mover.MOVERS); everything removed afterwards.
 
     Raises LabError / TopologyError when the lab itself cannot be built or the
     client never talks to the VIP; a failing remedy hook is recorded instead.
@@ -281,7 +272,7 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family!r}")
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
-               log or (lambda _m: None), steady, settle)
+               log or (lambda _m: None), steady, settle, mover)
     try:
         run.build()
         run.start_servers()
@@ -290,6 +281,7 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
         run.phase = "start"
         times = MoveTimes(old=None, new="node1", t_start=time.monotonic())
         run.mover.start("node1", times, run._pre_start, run._post_start)
+        run.result.first_start_s = times.start_s
         run.start_client()
         run.result.failover = run.move("failover", "node1", "node2")
         run.result.failback = run.move("failback", "node2", "node1")

@@ -187,7 +187,14 @@ def recorder(tmp_path):
 
 
 def notify(tmp_path, recorder, *args, rc=0):
-    env = dict(os.environ, CALLS=str(tmp_path / "calls"), RC=str(rc))
+    # MASTER lifts the quarantine with nft: a recording nft first on PATH, so
+    # the host's ruleset is never touched.
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "nft").write_text('#!/bin/sh\necho "$*" >> "$NFT_CALLS"\n')
+    (bindir / "nft").chmod(0o755)
+    env = dict(os.environ, CALLS=str(tmp_path / "calls"), RC=str(rc), NFT_CALLS=str(tmp_path / "nft-calls"),
+               PATH=f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     res = subprocess.run([str(NOTIFY), "--nfsreset", str(recorder), *args],
                          capture_output=True, text=True, env=env, timeout=30)
     calls_file = tmp_path / "calls"
@@ -204,6 +211,10 @@ def test_notify_master_tickles_every_vip(tmp_path, recorder):
         "tickle --vip 2001:db8::10 --state-dir /var/lib/nfsreset --strategy auto --port 2049 --port 20048",
     ]
     assert "summary of tickle" in res.stderr
+    assert (tmp_path / "nft-calls").read_text().splitlines() == [
+        "delete element inet nfsreset quarantine4 { 198.51.100.10 }",
+        "delete element inet nfsreset quarantine6 { 2001:db8::10 }",
+    ]
 
 
 @pytest.mark.parametrize("state", ["BACKUP", "FAULT", "STOP"])
@@ -283,3 +294,14 @@ def test_unit_capabilities_suffice_for_a_bcc_tracepoint():
     assert ok.returncode == 0 and "attached" in ok.stdout, ok.stderr
     without = run_with([c for c in caps if c != "CAP_PERFMON"])
     assert without.returncode != 0
+
+
+def test_notify_lifts_the_quarantine_by_the_names_guard_uses():
+    # The script deletes nfsreset's quarantine element with nft itself (faster than
+    # a Python start-up); if guard.py renamed its table or sets, that would silently
+    # become a no-op and the new MASTER's first resets would be dropped again.
+    from nfsreset import guard
+    text = NOTIFY.read_text()
+    assert f"inet {guard.TABLE} " in text
+    for name in guard.QUARANTINE_SETS.values():
+        assert f"set={name} " in text

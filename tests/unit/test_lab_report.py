@@ -104,10 +104,10 @@ def test_json_expresses_unrecovered_as_recovered_false_with_cap():
     assert run["failback"] == {
         "old": "node2", "new": "node1", "recovered": False, "stall": None, "cap": 8.0,
         "usable_to_first_reply": None, "del_to_usable": 1.006, "stale_sockets": [STALE4],
-        "client_events": [],
+        "client_events": [], "stop_s": None, "start_s": None,
     }
     assert obj["settings"] == {"cap": 8.0, "gap": 1.0, "user_timeout": 180.0, "strategy": None,
-                               "families": [4], "remedies": ["none"]}
+                               "families": [4], "remedies": ["none"], "movers": ["ip"]}
     assert run["hook_timings"] == [{"phase": "failover", "hook": "post_stop", "node": "node1",
                                     "seconds": 0.0, "error": None}]
 
@@ -138,6 +138,25 @@ def test_text_table_puts_remedies_side_by_side():
     assert ">8 s" in fb and "1.100 s" in fb
     assert fb.index(">8 s") < fb.index("1.100 s")       # columns follow the header
     assert "slowest hook" in text and "pre_start@node1" in text
+
+
+def test_text_puts_movers_side_by_side_with_their_stop_and_start_times():
+    plain, agent = baseline(), remedied()
+    plain.mover, agent.mover, agent.remedy = "ipaddr2", "ocf", "none"
+    for run, stop, start in ((plain, 0.065, 0.064), (agent, 0.115, 0.164)):
+        run.failover.stop_s = run.failback.stop_s = stop
+        run.failover.start_s = run.failback.start_s = start
+    text = R.format_text([plain, agent], cap=8.0, gap=1.0, user_timeout=180)
+    lines = text.splitlines()
+    assert lines[0].startswith("ipaddr2: VIP moved by the real IPaddr2 agent")
+    header = next(line for line in lines if "ipaddr2" in line and "ocf" in line and "VIP" not in line)
+    assert header.index("ipaddr2") < header.index("ocf")
+    fo = next(line for line in lines if "stop / start fo" in line)
+    assert fo.index("0.065 s / 0.064 s") < fo.index("0.115 s / 0.164 s")
+    obj = json.loads(R.format_json([plain, agent], cap=8.0, gap=1.0, user_timeout=180))
+    assert obj["settings"]["movers"] == ["ipaddr2", "ocf"]
+    assert [(r["mover"], r["failback"]["stop_s"], r["failback"]["start_s"]) for r in obj["runs"]] == [
+        ("ipaddr2", 0.065, 0.064), ("ocf", 0.115, 0.164)]
 
 
 def test_text_shows_an_error_run_without_crashing():

@@ -1,0 +1,262 @@
+"""Real keepalived moving the lab's VIPs, with cli/keepalived/nfsreset-notify.
+
+keepalived (Debian's) runs VRRP on node1 and node2 over the lab bridge, one
+instance for 198.51.100.10 and one for 2001:db8::10 (unicast peers, the
+nodes' own documentation addresses), each with its own config, pid files and
+log under tmp_path. node1 has priority 150, node2 100; a track_file lowers
+node1 by 100 (failover to node2) and raises it back (failback, node1
+preempts). An nfsd-like lab server runs on both nodes, a Linux-NFS-like lab
+client talks to each VIP, and `ip monitor` times the address changes.
+
+With the notify script calling the real nfsreset, the old MASTER's BACKUP
+transition runs `nfsreset kill --moment post-stop` (its session on the VIP is
+destroyed and the client recorded), the new MASTER's runs `nfsreset tickle`:
+on failback the client is back within 0.5 s of node1 holding the VIP. The
+same scene without the notify script is the baseline: node1 keeps the stale
+session and the failback stalls past the cap (until the client's 180 s user
+timeout in real life).
+
+VRRP runs version 3 with advert_int 0.5 s: only how soon an election ends,
+which the stall does not count (it is measured from the address change).
+~25 s for both tests.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nfsreset.lab import report
+from nfsreset.lab.mover_ocf import AddrMonitor
+from nfsreset.lab.run import ClientLog
+from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6
+
+pytestmark = pytest.mark.netns
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+NOTIFY = ROOT / "cli" / "keepalived" / "nfsreset-notify"
+NFSRESET = pathlib.Path(sys.executable).parent / "nfsreset"
+KEEPALIVED = shutil.which("keepalived")
+VIPS = (VIP4, VIP6)
+CAP = 4.0                 # baseline failback: no reply within this = stalled
+ELECTION_TIMEOUT = 8.0    # an election with advert_int 0.5 ends within ~2 s
+
+if KEEPALIVED is None:
+    pytest.skip("keepalived not installed (apt-get install keepalived)", allow_module_level=True)
+
+
+def config(tmp: pathlib.Path, node: str, peer: str, priority: int, notify: bool) -> str:
+    """keepalived.conf for `node`: one VRRP instance per family, both tracking one file."""
+    def instance(name: str, vrid: int, vip: str, plen: int, me: str, other: str) -> str:
+        lines = [
+            f"vrrp_instance {name} {{",
+            "    state BACKUP",
+            "    interface eth0",
+            f"    virtual_router_id {vrid}",
+            f"    priority {priority}",
+            "    advert_int 0.5",
+            *(["    native_ipv6"] if ":" in vip else []),
+            f"    unicast_src_ip {me}",
+            f"    unicast_peer {{\n        {other}\n    }}",
+            f"    virtual_ipaddress {{\n        {vip}/{plen} dev eth0\n    }}",
+            "    track_file {\n        prio\n    }",
+        ]
+        if notify:
+            lines.append(f'    notify "{tmp}/notify-{node} --vip {vip} --port 2049 '
+                         f'--state-dir {tmp}/state --nfsreset {NFSRESET}" root')
+        return "\n".join(lines + ["}"])
+
+    (v4, v6), (p4, p6) = HOST_ADDRS[node], HOST_ADDRS[peer]
+    return "\n".join([
+        "global_defs {",
+        f"    router_id {node}",
+        "    script_user root",
+        "    vrrp_version 3",
+        "}",
+        "track_file prio {",
+        f'    file "{tmp}/prio-{node}"',
+        "    weight 1",
+        "    init_file 0 overwrite",
+        "}",
+        instance("nfs4", 51, VIP4, 24, v4, p4),
+        instance("nfs6", 52, VIP6, 64, v6, p6),
+    ]) + "\n"
+
+
+class Cluster:
+    """keepalived on node1 (priority 150) and node2 (100), an nfsd-like server on
+    both, a client per VIP; stop() ends every process it started."""
+
+    def __init__(self, topo, tmp: pathlib.Path, notify: bool) -> None:
+        self.topo, self.tmp = topo, tmp
+        (tmp / "state").mkdir(mode=0o700)
+        self.monitor = {vip: AddrMonitor(topo, ("node1", "node2"), vip) for vip in VIPS}
+        self.procs: list[subprocess.Popen] = []
+        self.keepalived: dict[str, subprocess.Popen] = {}
+        self.clients: dict[str, ClientLog] = {}
+        for node in ("node1", "node2"):
+            self._spawn(node, sys.executable, "-m", "nfsreset.lab.server", "--duration", "90",
+                        stdout=subprocess.DEVNULL)
+        for node, peer, prio in (("node1", "node2", 150), ("node2", "node1", 100)):
+            # The real script; the wrapper only keeps its stderr, which
+            # keepalived would send to /dev/null.
+            wrapper = tmp / f"notify-{node}"
+            wrapper.write_text(f'#!/bin/sh\nexec {NOTIFY} "$@" 2>>{tmp}/notify-{node}.log\n')
+            wrapper.chmod(0o755)
+            conf = tmp / f"{node}.conf"
+            conf.write_text(config(tmp, node, peer, prio, notify))
+            with open(tmp / f"keepalived-{node}.log", "w") as log:
+                self.keepalived[node] = self._spawn(
+                    node, KEEPALIVED, "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
+                    "--vrrp", "--use-file", str(conf), "--pid", str(tmp / f"{node}.pid"),
+                    "--vrrp_pid", str(tmp / f"{node}-vrrp.pid"), stdout=log, stderr=subprocess.STDOUT)
+
+    def _spawn(self, node: str, *argv: str, **kw) -> subprocess.Popen:
+        proc = self.topo.popen(node, *argv, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def wait_owner(self, node: str, after: float) -> dict[str, float]:
+        """When each VIP became usable on `node` (at or after `after`)."""
+        got = {vip: self.monitor[vip].first(node, ("usable",), after, ELECTION_TIMEOUT) for vip in VIPS}
+        missing = [vip for vip, t in got.items() if t is None]
+        assert not missing, f"{missing} never came up on {node}: {self.log(node)[-1500:]}"
+        return got
+
+    def start_clients(self) -> None:
+        for vip in VIPS:
+            proc = self._spawn("client", sys.executable, "-m", "nfsreset.lab.client", "--server", vip,
+                               "--duration", "60", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, bufsize=1)
+            self.clients[vip] = ClientLog(proc)
+        deadline = time.monotonic() + 10
+        while not all(c.first_reply_after(0) for c in self.clients.values()):
+            assert time.monotonic() < deadline, "a client got no reply from its VIP"
+            time.sleep(0.05)
+
+    def set_priority_offset(self, node: str, value: int) -> float:
+        t = time.monotonic()
+        tmp = self.tmp / f"prio-{node}.new"
+        tmp.write_text(f"{value}\n")
+        tmp.rename(self.tmp / f"prio-{node}")   # keepalived reads it on inotify: whole, never half-written
+        return t
+
+    def move(self, old: str, new: str, offset: int) -> dict[str, tuple]:
+        """Change node1's priority; per VIP (recovered, stall, usable->1st reply, t_usable)."""
+        t = self.set_priority_offset("node1", offset)
+        usable = self.wait_owner(new, t)
+        out = {}
+        for vip in VIPS:
+            deleted = self.monitor[vip].first(old, ("deleted",), t, ELECTION_TIMEOUT)
+            assert deleted is not None, f"{vip} never left {old}"
+            # VRRP adds on the new MASTER and deletes on the old one within ms of
+            # each other, in either order: the window spans both.
+            t_gone, t_here = min(deleted, usable[vip]), max(deleted, usable[vip])
+            out[vip] = (t_gone, t_here)
+        deadline = time.monotonic() + CAP + 1
+        while time.monotonic() < deadline and not all(
+                self.clients[vip].first_reply_after(t_here) for vip, (_, t_here) in out.items()):
+            time.sleep(0.05)
+        time.sleep(0.5)      # settle: the client's and the scripts' last words
+        return {vip: (*report.measure(self.clients[vip].replies(), t_gone, t_here, CAP), t_here)
+                for vip, (t_gone, t_here) in out.items()}
+
+    def log(self, node: str) -> str:
+        return (self.tmp / f"keepalived-{node}.log").read_text(errors="replace")
+
+    def notify_log(self, node: str) -> str:
+        path = self.tmp / f"notify-{node}.log"
+        return path.read_text() if path.exists() else ""
+
+    def ours(self) -> list[int]:
+        """keepalived processes (any node) started with one of our config files."""
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"keepalived" in cmd and str(self.tmp).encode() in cmd:
+                found.append(int(pid))
+        return found
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for monitor in self.monitor.values():
+            monitor.close()
+
+
+@pytest.fixture
+def cluster_factory(topo, tmp_path):
+    made: list[Cluster] = []
+
+    def make(notify: bool) -> Cluster:
+        made.append(Cluster(topo, tmp_path, notify))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.stop()
+        # keepalived is gone, its VRRP child too, before the namespaces are
+        for c in made:
+            deadline = time.monotonic() + 5
+            while c.ours() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.ours() == [], "keepalived left running"
+
+
+def run_scene(cluster: Cluster) -> tuple[dict, dict]:
+    cluster.wait_owner("node1", 0.0)
+    cluster.start_clients()
+    time.sleep(1.0)
+    failover = cluster.move("node1", "node2", -100)
+    failback = cluster.move("node2", "node1", 0)
+    return failover, failback
+
+
+def test_failback_is_fast_with_the_notify_script(cluster_factory):
+    cluster = cluster_factory(notify=True)
+    failover, failback = run_scene(cluster)
+    node1, node2 = cluster.notify_log("node1"), cluster.notify_log("node2")
+    for vip in VIPS:
+        print(f"keepalived+notify {vip}: failover {failover[vip][:3]} failback {failback[vip][:3]}")
+    for vip in VIPS:
+        recovered, stall, to_reply, _ = failback[vip]
+        assert recovered, (vip, failback[vip], cluster.log("node1")[-1500:])
+        assert to_reply <= 0.5, (vip, failback[vip])
+        assert stall <= 1.0, (vip, failback[vip])
+        assert failover[vip][0], (vip, failover[vip])
+        # node1's BACKUP transition destroyed the client's session on the VIP ...
+        assert f"BACKUP: nfsreset kill {vip}: rc=0 nfsreset kill: destroyed 1 of 1" in node1, node1
+        # ... and its MASTER transition tickled the client recorded then
+        assert f"MASTER: nfsreset tickle {vip}: rc=0 nfsreset tickle: tickled 1 client" in node1, node1
+    assert "timed out" not in node1 + node2
+
+
+@pytest.mark.slow
+def test_failback_stalls_without_it(cluster_factory):
+    """The baseline: same scene, no notify script; node1's stale session eats the failback."""
+    cluster = cluster_factory(notify=False)
+    failover, failback = run_scene(cluster)
+    for vip in VIPS:
+        print(f"keepalived alone {vip}: failover {failover[vip][:3]} failback {failback[vip][:3]}")
+        assert failover[vip][0], (vip, failover[vip])
+        assert failback[vip][0] is False, (vip, failback[vip])
+        stale = [line for line in cluster.topo.run("node1", "ss", "-tanH", "state", "established").stdout.splitlines()
+                 if ":2049" in line and (vip in line)]
+        assert stale, f"node1 should still hold the client's session on {vip}"
