@@ -60,7 +60,7 @@ class Engine:
     """Acts for one VIP in the current thread's network namespace."""
 
     def __init__(self, opts: P.Options, *, state=None, dry_run: bool = False, caps: P.Caps | None = None,
-                 log: Callable[[str], None] = lambda line: None):
+                 log: Callable[[str], None] = lambda line: None, guard=None):
         self.opts = opts
         self.state = state
         self.dry_run = dry_run
@@ -68,7 +68,10 @@ class Engine:
         self.log = log
         self._sids: dict[int, object] = {}
         self._acked_all = False     # did the last destroy get 0/ENOENT for every socket?
-        self._guard = None
+        # A long-lived caller (the daemon) passes its one Guard: each libnftables
+        # context costs a netlink socket, and one opened while the process holds
+        # >= 1024 descriptors aborts it (docs/internals.md).
+        self._guard = guard
         # The daemon adds what a dump cannot know (first-seen times, sequence
         # numbers) from its BPF flow table.
         self.enrich: Callable[[list[Flow]], list[Flow]] | None = None

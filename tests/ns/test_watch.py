@@ -85,6 +85,14 @@ def loaded_prog_ids() -> set[int]:
     return {p["id"] for p in json.loads(out or "[]")}
 
 
+def remove_live_table(topo, node: str) -> None:
+    from nfsreset.watch import live_table_path
+    try:
+        os.unlink(live_table_path(os.stat(f"/run/netns/{topo.ns(node)}").st_ino))
+    except FileNotFoundError:
+        pass
+
+
 def wait_until(cond, timeout: float, step: float = 0.02) -> float | None:
     """Seconds until cond() held, or None (bounded)."""
     start = time.monotonic()
@@ -148,6 +156,7 @@ def _watch_end_to_end(scene, vip: str, bpf: bool) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            remove_live_table(topo, "node1")   # a killed daemon leaves its file behind
     assert "Traceback" not in err.text(), err.text()
     assert nft_tables(topo, "node1") == ""
     if bpf:
@@ -180,3 +189,65 @@ def test_watch_bad_input_exits_2_before_ready(scene, args, why):
     assert "ready" not in res.stderr
     assert not os.path.exists(f"/run/netns/{MISSING_NS}")
     assert nft_tables(scene.topo, "node1") == ""
+
+
+@pytest.mark.bpf
+def test_watch_live_table_is_written_on_change_and_refused_once_its_writer_is_gone(scene):
+    """The file `nfsreset flows` reads (/run/nfsreset/flows-<netns>.json) is
+    rewritten when the daemon's table changes and not while it is idle; a
+    reader trusts it only while the very process that wrote it (pid and start
+    time) is alive, so a killed daemon's file is ignored however fresh it is."""
+    from nfsreset.watch import _start_ticks, live_table_path, read_live_table
+
+    topo = scene.topo
+    topo.add_addr("node1", VIP4, nodad=True)
+    ino = os.stat(f"/run/netns/{topo.ns('node1')}").st_ino
+    path = live_table_path(ino)
+    first = scene.connect(VIP4, 47011)
+    proc = scene.popen("node1", "watch", "--vip", VIP4, "--state-dir", scene.state,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = StderrLines(proc)
+
+    def clients() -> set[int]:
+        doc = read_live_table(ino)
+        return set() if doc is None else {r["cport"] for r in doc["flows"]}
+
+    def flows_source() -> str:
+        res = scene.nfsreset("node1", "flows", "--vip", VIP4, "--json")
+        return json.loads(res.stdout)["source"]
+
+    try:
+        assert err.wait_for(r"\bready\b", READY_TIMEOUT_S), err.text()
+        assert wait_until(lambda: clients() == {47011}, 2.0) is not None, err.text()
+        assert flows_source() == f"watch pid {proc.pid}"
+        st = os.stat(path)
+        time.sleep(1.6)                    # > 3 flush periods, nothing changes
+        again = os.stat(path)
+        assert (again.st_ino, again.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), "rewritten while idle"
+        second = scene.connect(VIP4, 47012)
+        took = wait_until(lambda: clients() == {47011, 47012}, 2.0)
+        print(f"live table: new session listed {took} s after connect")
+        assert took is not None and took < 1.0, err.text()
+        assert first.echo() and second.echo()
+
+        proc.kill()                        # no clean shutdown: the file stays behind
+        proc.wait(timeout=10)
+        assert os.path.exists(path)
+        assert read_live_table(ino) is None
+        assert flows_source() == "sock_diag dump"
+        # A live pid is not enough: it must be the writer (same start time).
+        with open(path) as f:
+            doc = json.load(f)
+        me = os.getpid()
+        for started, trusted in ((_start_ticks(me) + 1, False), (_start_ticks(me), True)):
+            with open(path, "w") as f:
+                json.dump(doc | {"pid": me, "started": started}, f)
+            assert (read_live_table(ino) is not None) is trusted
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
