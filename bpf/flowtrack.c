@@ -10,11 +10,19 @@
  * tracefs. The headers bcc compiles against may belong to another kernel, so
  * no kernel struct is dereferenced here by field name: every read goes
  * through bpf_probe_read_kernel() at an offset that Python resolved from
- * /sys/kernel/btf/vmlinux and passed as -DOFF_*.
+ * /sys/kernel/btf/vmlinux and passed as -DOFF_*. Members that lie close
+ * together are read as one window (-D*_LO, *_LEN): each probe read costs
+ * ~15 ns whatever its size, and this runs for every TCP state change.
  *
- * Filter order, cheapest first and before any per-flow map is touched:
- * protocol TCP, local port in `ports`, local address in `vips`, then (only
- * when Python switched it on) the socket's netns inode in `netns_ok`.
+ * Filter order, cheapest first: new state (from the arguments), local port
+ * in `ports` (an array indexed by port: no hashing), then a flow already
+ * followed is updated at once; only a socket seen for the first time is
+ * checked against protocol, `vips` and (when Python switched it on) its
+ * netns inode in `netns_ok`.
+ *
+ * What reaches the ring (see tracker.py for the reader): open and close of
+ * every flow, and a flow's state changes once it is CFG_STATE_AGE old. A
+ * connection that opens and closes within microseconds costs two records.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/types.h>
@@ -24,14 +32,21 @@
     !defined(OFF_TCB_SEQ) || !defined(OFF_TCB_END_SEQ) || !defined(OFF_SK_PROTOCOL) || \
     !defined(OFF_SK_FAMILY) || !defined(OFF_INET_SPORT) || !defined(OFF_SK_DPORT) || \
     !defined(OFF_SK_RCV_SADDR) || !defined(OFF_SK_DADDR) || !defined(OFF_SK_V6_RCV_SADDR) || \
-    !defined(OFF_SK_V6_DADDR)
+    !defined(OFF_SK_V6_DADDR) || !defined(COMMON_LO) || !defined(COMMON_LEN) || \
+    !defined(SEQS_LO) || !defined(SEQS_LEN) || !defined(TCB_LO) || !defined(TCB_LEN)
 #error "struct offsets must come from BTF: see nfsreset.tracker.bpf_offsets()"
 #endif
 #ifndef MAX_FLOWS
 #define MAX_FLOWS 65536
 #endif
 #ifndef RING_PAGES
-#define RING_PAGES 64
+#define RING_PAGES 256
+#endif
+#ifndef WAKE_GAP_NS
+#define WAKE_GAP_NS 10000000ULL
+#endif
+#ifndef WAKE_BYTES
+#define WAKE_BYTES (RING_PAGES * 4096 / 4)
 #endif
 
 #define FT_AF_INET 2
@@ -63,9 +78,9 @@ struct flow {
     u32 snd_nxt;
     u32 rcv_nxt;
     u32 family;         // AF_INET / AF_INET6 as the socket has it
-    u64 first_seen;     // bpf_ktime_get_ns(): CLOCK_MONOTONIC; 0 = not seen opening
+    u64 first_seen;     // bpf_ktime_get_ns(): CLOCK_MONOTONIC; 0 = a close is all we saw
     u64 last_change;
-    u64 cookie;         // 0 until someone asked the kernel for it
+    u64 cookie;         // as at first sight: 0 until someone asked the kernel for it
     u64 sk;
 };
 
@@ -75,12 +90,25 @@ struct event {
     struct flow flow;
 };
 
-BPF_HASH(ports, u16, u8, 1024);
+struct wake {
+    u64 last_ns;        // when the reader was last woken
+    u64 bytes;          // submitted since then
+};
+
+// Indexed by port: an array lookup is inlined by the verifier, a hash lookup
+// hashes; this test runs for every TCP state change of the host.
+// 1: watched; 2: no longer watched, but flows followed are followed to their close.
+BPF_ARRAY(ports, u8, 65536);
 BPF_HASH(vips, struct addr16, u8, 1024);
 BPF_HASH(netns_ok, u32, u8, 1024);
-// [0]: 1 when netns_ok filters (an empty netns set means every namespace).
-BPF_ARRAY(config, u32, 1);
+// [CFG_NETNS]: 1 when netns_ok filters (an empty netns set means every namespace).
+// [CFG_STATE_AGE]: state changes of a flow younger than this (ns) are kept in
+// `flows` only, not sent (see the tracepoint below).
+#define CFG_NETNS 0
+#define CFG_STATE_AGE 1
+BPF_ARRAY(config, u64, 2);
 BPF_ARRAY(lost, u64, 1);
+BPF_ARRAY(wake, struct wake, 1);
 /*
  * Keyed by the socket pointer, not by 4-tuple+netns: the pointer is what both
  * tracepoints hand us (tcp_probe has no cheap 4-tuple in raw form), a u64 key
@@ -94,41 +122,81 @@ BPF_ARRAY(lost, u64, 1);
 BPF_HASH(flows, u64, struct flow, MAX_FLOWS);
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 
-static __always_inline u32 sk_netns(const void *sk)
-{
-    const void *net = 0;
-    u32 inum = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (const char *)sk + OFF_SK_NET);
-    if (net)
-        bpf_probe_read_kernel(&inum, sizeof(inum), (const char *)net + OFF_NET_INUM);
-    return inum;
-}
+struct common_window { u8 b[COMMON_LEN]; };     // of struct sock, from COMMON_LO
+#define COMMON(dst, w, off) __builtin_memcpy(&(dst), &(w).b[(off) - COMMON_LO], sizeof(dst))
 
+// snd_nxt and rcv_nxt (adjacent in tcp_sock on 6.18), in one read.
 static __always_inline void read_seqs(const void *sk, struct flow *f)
 {
-    bpf_probe_read_kernel(&f->snd_nxt, sizeof(f->snd_nxt), (const char *)sk + OFF_TCP_SND_NXT);
-    bpf_probe_read_kernel(&f->rcv_nxt, sizeof(f->rcv_nxt), (const char *)sk + OFF_TCP_RCV_NXT);
-    if (!f->cookie)
-        bpf_probe_read_kernel(&f->cookie, sizeof(f->cookie), (const char *)sk + OFF_SK_COOKIE);
+    struct { u8 b[SEQS_LEN]; } w;
+    bpf_probe_read_kernel(&w, sizeof(w), (const char *)sk + SEQS_LO);
+    __builtin_memcpy(&f->snd_nxt, &w.b[OFF_TCP_SND_NXT - SEQS_LO], sizeof(f->snd_nxt));
+    __builtin_memcpy(&f->rcv_nxt, &w.b[OFF_TCP_RCV_NXT - SEQS_LO], sizeof(f->rcv_nxt));
 }
 
-static __always_inline void emit(u32 kind, u32 old_state, const struct flow *f)
+static __always_inline void count_lost(void)
+{
+    u32 zero = 0;
+    u64 *n = lost.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+/*
+ * When to wake the reader. The kernel's default wakes it for every record
+ * submitted while it had caught up, and a reader that keeps up under churn is
+ * always caught up: a wakeup (an IPI and a context switch, dearer still in a
+ * VM) per event. Here the reader is woken by the first record after
+ * WAKE_GAP_NS without a wakeup (a lone event is delivered at once) and
+ * whenever WAKE_BYTES were submitted since the last one (the ring never
+ * fills for want of a wakeup); every other record waits for the reader's
+ * next look, which it takes within WAKE_GAP_NS of any wakeup (tracker.py).
+ * The two counters are racy across CPUs on purpose: a lost update costs at
+ * most one wakeup too many or too few, never a record.
+ */
+static __always_inline u64 wake_flags(u64 now)
+{
+#if WAKE_BYTES == 0
+    return 0;           // kernel default (for comparison in benchmarks)
+#else
+    u32 zero = 0;
+    struct wake *w = wake.lookup(&zero);
+    if (!w)
+        return 0;
+    w->bytes += sizeof(struct event) + 8;
+    if (now - w->last_ns >= WAKE_GAP_NS || w->bytes >= WAKE_BYTES) {
+        w->last_ns = now;
+        w->bytes = 0;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return BPF_RB_NO_WAKEUP;
+#endif
+}
+
+static __always_inline struct event *reserve(void)
 {
     struct event *ev = events.ringbuf_reserve(sizeof(struct event));
     if (!ev) {
-        // Ring full: Python reads this count and reconciles with a socket dump.
-        u32 zero = 0;
-        u64 *n = lost.lookup(&zero);
-        if (n)
-            __sync_fetch_and_add(n, 1);
-        return;
+        // Seen on 6.18 a few times per 10^5 records, with the ring empty,
+        // when two CPUs submit at once; a second try often succeeds.
+        ev = events.ringbuf_reserve(sizeof(struct event));
     }
+    if (!ev) {
+        // Ring full: Python reads this count and reconciles with a socket dump.
+        count_lost();
+    }
+    return ev;
+}
+
+static __always_inline void emit(u32 kind, u32 old_state, const struct flow *f, u64 now)
+{
+    struct event *ev = reserve();
+    if (!ev)
+        return;
     ev->kind = kind;
     ev->old_state = old_state;
     ev->flow = *f;
-    // Default wakeup: the kernel only wakes the reader when it had caught up,
-    // so a burst costs one wakeup, not one per event.
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, wake_flags(now));
 }
 
 #define READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
@@ -139,10 +207,6 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 {
     const void *sk = (const void *)ctx->args[0];
     int oldstate = (int)ctx->args[1], newstate = (int)ctx->args[2];
-    u16 protocol = 0, lport = 0, rport = 0, family = 0;
-    READ(protocol, sk, OFF_SK_PROTOCOL);
-    if (protocol != FT_IPPROTO_TCP)
-        return 0;
     // Listeners are not flows; SYN_RECV children are not worth a map entry
     // until the handshake completes (a SYN flood must not fill `flows`).
     if (newstate == FT_TCP_LISTEN || oldstate == FT_TCP_LISTEN ||
@@ -150,84 +214,110 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
         return 0;
     // inet_sport, not skc_num: tcp_set_state(TCP_CLOSE) releases the port
     // (inet_put_port zeroes skc_num) before the tracepoint fires.
+    u16 lport = 0;
     READ(lport, sk, OFF_INET_SPORT);
-    lport = __builtin_bswap16(lport);           // network order
-    if (!ports.lookup(&lport))
-        return 0;
-
-    struct addr16 laddr = {}, raddr = {};
-    READ(family, sk, OFF_SK_FAMILY);
-    if (family == FT_AF_INET) {
-        laddr.a[10] = 0xff; laddr.a[11] = 0xff;
-        raddr.a[10] = 0xff; raddr.a[11] = 0xff;
-        bpf_probe_read_kernel(&laddr.a[12], 4, (const char *)sk + OFF_SK_RCV_SADDR);
-        bpf_probe_read_kernel(&raddr.a[12], 4, (const char *)sk + OFF_SK_DADDR);
-    } else if (family == FT_AF_INET6) {
-        READ(laddr, sk, OFF_SK_V6_RCV_SADDR);   // dual-stack v4: already v4-mapped
-        READ(raddr, sk, OFF_SK_V6_DADDR);
-    } else {
-        return 0;
-    }
-    if (!vips.lookup(&laddr))
-        return 0;
-    READ(rport, sk, OFF_SK_DPORT);
-    rport = __builtin_bswap16(rport);           // skc_dport: network order
-
-    u32 netns = sk_netns(sk);
-    u32 zero = 0;
-    u32 *filter_netns = config.lookup(&zero);
-    if (filter_netns && *filter_netns && !netns_ok.lookup(&netns))
+    u32 port = __builtin_bswap16(lport);        // network order
+    u8 *watched = ports.lookup(&port);
+    if (!watched || !*watched)
         return 0;
 
     u64 key = (u64)sk;
     u64 now = bpf_ktime_get_ns();
     struct flow *known = flows.lookup(&key);
-
-    if (newstate == FT_TCP_CLOSE) {
-        struct flow f = {};
-        if (known) {
-            f = *known;
-        } else {
-            // Never seen opening (the tracker started later): still worth a
-            // close event. A child that died in SYN_RECV is not.
-            if (oldstate == FT_TCP_SYN_RECV)
-                return 0;
-            f.laddr = laddr; f.raddr = raddr; f.lport = lport; f.rport = rport;
-            f.netns = netns; f.family = family; f.sk = key;
-        }
-        f.state = newstate;
-        f.last_change = now;
-        read_seqs(sk, &f);
-        emit(EV_CLOSE, oldstate, &f);
-        if (known)
-            flows.delete(&key);
-        return 0;
-    }
-
+    // A flow we follow was checked against every filter when it was first
+    // seen: its addresses are not read again.
     if (known && oldstate != FT_TCP_CLOSE) {
         known->state = newstate;
         known->last_change = now;
         read_seqs(sk, known);
-        emit(EV_STATE, oldstate, known);
+        if (newstate == FT_TCP_CLOSE) {
+            struct event *ev = reserve();
+            if (ev) {
+                ev->kind = EV_CLOSE;
+                ev->old_state = oldstate;
+                ev->flow = *known;
+                events.ringbuf_submit(ev, wake_flags(now));
+            }
+            flows.delete(&key);
+            return 0;
+        }
+        /*
+         * Under churn a connection walks ESTABLISHED -> CLOSE_WAIT -> LAST_ACK
+         * within microseconds: two records per connection that the reader
+         * would decode only to drop them. A young flow's change stays in the
+         * map; the reader looks each flow it reported open up once it is
+         * CFG_STATE_AGE old (tracker.py), so the change still reaches it.
+         */
+        u32 idx = CFG_STATE_AGE;
+        u64 *age = config.lookup(&idx);
+        if (!age || now - known->first_seen >= *age)
+            emit(EV_STATE, oldstate, known, now);
+        return 0;
+    }
+
+    if (*watched != 1)  // a port no longer watched: its flows only, no new ones
+        return 0;
+    u16 protocol = 0;
+    READ(protocol, sk, OFF_SK_PROTOCOL);
+    if (protocol != FT_IPPROTO_TCP)
+        return 0;
+    struct common_window w;
+    bpf_probe_read_kernel(&w, sizeof(w), (const char *)sk + COMMON_LO);
+    u16 family = 0, rport = 0;
+    COMMON(family, w, OFF_SK_FAMILY);
+    struct addr16 laddr = {}, raddr = {};
+    if (family == FT_AF_INET) {
+        laddr.a[10] = 0xff; laddr.a[11] = 0xff;
+        raddr.a[10] = 0xff; raddr.a[11] = 0xff;
+        __builtin_memcpy(&laddr.a[12], &w.b[OFF_SK_RCV_SADDR - COMMON_LO], 4);
+        __builtin_memcpy(&raddr.a[12], &w.b[OFF_SK_DADDR - COMMON_LO], 4);
+    } else if (family == FT_AF_INET6) {
+        COMMON(laddr, w, OFF_SK_V6_RCV_SADDR);  // dual-stack v4: already v4-mapped
+        COMMON(raddr, w, OFF_SK_V6_DADDR);
+    } else {
+        return 0;
+    }
+    if (!vips.lookup(&laddr))
+        return 0;
+    COMMON(rport, w, OFF_SK_DPORT);
+    rport = __builtin_bswap16(rport);           // skc_dport: network order
+
+    const void *net = 0;
+    u32 netns = 0;
+    COMMON(net, w, OFF_SK_NET);
+    if (net)
+        READ(netns, net, OFF_NET_INUM);
+    u32 idx = CFG_NETNS;
+    u64 *filter_netns = config.lookup(&idx);
+    if (filter_netns && *filter_netns && !netns_ok.lookup(&netns))
+        return 0;
+
+    struct flow f = {};
+    f.laddr = laddr; f.raddr = raddr; f.lport = port; f.rport = rport;
+    f.netns = netns; f.state = newstate; f.family = family; f.sk = key;
+    f.last_change = now;
+    COMMON(f.cookie, w, OFF_SK_COOKIE);
+    read_seqs(sk, &f);
+    if (newstate == FT_TCP_CLOSE) {
+        // Never seen opening (the tracker started later): still worth a
+        // close event. A child that died in SYN_RECV is not.
+        if (oldstate == FT_TCP_SYN_RECV)
+            return 0;
+        if (known)      // CLOSE -> CLOSE: nothing we did not say already
+            flows.delete(&key);
+        emit(EV_CLOSE, oldstate, &f, now);
         return 0;
     }
 
     // First sight: a new connection (SYN_RECV -> ESTABLISHED, CLOSE -> SYN_SENT)
     // or one that existed before the tracker and changes state now.
-    struct flow f = {};
-    f.laddr = laddr; f.raddr = raddr; f.lport = lport; f.rport = rport;
-    f.netns = netns; f.state = newstate; f.family = family; f.sk = key;
     f.first_seen = now;
-    f.last_change = now;
-    read_seqs(sk, &f);
     if (flows.update(&key, &f) != 0) {
         // Table full: the flow is reported but not kept; count it with the
         // lost events, since the remedy (reconcile with a dump) is the same.
-        u64 *n = lost.lookup(&zero);
-        if (n)
-            __sync_fetch_and_add(n, 1);
+        count_lost();
     }
-    emit(EV_OPEN, oldstate, &f);
+    emit(EV_OPEN, oldstate, &f, now);
     return 0;
 }
 
@@ -249,10 +339,12 @@ RAW_TRACEPOINT_PROBE(tcp_probe)
         return 0;
     const void *sk = (const void *)ctx->args[0];
     const char *skb = (const char *)ctx->args[1];
+    struct { u8 b[TCB_LEN]; } w;                // seq and end_seq of tcp_skb_cb
     u32 seq = 0, end_seq = 0;
     read_seqs(sk, f);
-    bpf_probe_read_kernel(&seq, sizeof(seq), skb + OFF_SKB_CB + OFF_TCB_SEQ);
-    bpf_probe_read_kernel(&end_seq, sizeof(end_seq), skb + OFF_SKB_CB + OFF_TCB_END_SEQ);
+    bpf_probe_read_kernel(&w, sizeof(w), skb + OFF_SKB_CB + TCB_LO);
+    __builtin_memcpy(&seq, &w.b[OFF_TCB_SEQ - TCB_LO], sizeof(seq));
+    __builtin_memcpy(&end_seq, &w.b[OFF_TCB_END_SEQ - TCB_LO], sizeof(end_seq));
     if (seq == f->rcv_nxt)
         f->rcv_nxt = end_seq;
     return 0;

@@ -1,10 +1,18 @@
 """Track the TCP sockets of watched VIPs and ports with BPF (bcc), as they change.
 
 The kernel side is bpf/flowtrack.c (package data of nfsreset.bpf). It filters
-in BPF - TCP, local port, local address, optionally netns - before touching
-any per-flow map, keeps one entry per socket, and streams open/state/close
-events through a ring buffer. Sequence numbers (snd_nxt/rcv_nxt) are refreshed
-on every state change and on every segment an ESTABLISHED flow receives.
+in BPF - local port, then TCP, local address, optionally netns - before
+touching any per-flow map, keeps one entry per socket (state, first seen, last
+change, snd_nxt/rcv_nxt refreshed on every state change and every segment an
+ESTABLISHED flow receives), and sends open and close records, and the state
+changes of flows older than STATE_AGE_S, through a ring buffer.
+
+Cheap under connection churn (bench/bench_tracker.py, docs/internals.md): the
+kernel wakes the reader at most about once per WAKE_GAP_S instead of once
+per record, the reader maps the ring and folds a batch per socket (a
+connection that came and went between two reads costs two records and no
+Python object), and a young flow's state changes reach poll() through one
+map look-up instead of two records per connection.
 
 Kernel facts this is built on (6.18, Debian 12's bcc 0.26):
 - kprobes are not built and fentry/kfunc are refused: tracepoints only. Raw
@@ -16,19 +24,27 @@ Kernel facts this is built on (6.18, Debian 12's bcc 0.26):
 - Compile + load + attach takes ~0.2-0.4 s (the program includes no kernel
   headers beyond linux/types.h). BTF offsets and the source are cached per
   process; the compiled object cannot be (bcc 0.26 has no API to load one).
+- bcc 0.26's BPF_RINGBUF_OUTPUT has no query method and bcc does not turn
+  `&events` into a map reference for raw helpers: the wakeup policy counts
+  bytes itself rather than calling bpf_ringbuf_query().
 
 bcc is imported inside functions: hooks import this module and must start fast.
 """
 from __future__ import annotations
 
 import atexit
+import collections
 import ctypes
 import dataclasses
 import functools
 import ipaddress
+import mmap
 import os
+import platform
+import select
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -74,6 +90,27 @@ def bpf_offsets() -> dict[str, int]:
         if member.bitfield or (size is not None and member.size != size):
             raise btf.BTFError(f"{path} is {member.bit_size} bits here; flowtrack.c reads {size} bytes")
         out[define] = member.offset
+    return out
+
+
+# Members read together with one probe read each: (-D prefix, members, most bytes).
+_WINDOWS = (
+    ("COMMON", ("OFF_SK_DADDR", "OFF_SK_RCV_SADDR", "OFF_SK_DPORT", "OFF_SK_FAMILY", "OFF_SK_NET",
+                "OFF_SK_V6_DADDR", "OFF_SK_V6_RCV_SADDR", "OFF_SK_COOKIE"), 128),
+    ("SEQS", ("OFF_TCP_RCV_NXT", "OFF_TCP_SND_NXT"), 64),
+    ("TCB", ("OFF_TCB_SEQ", "OFF_TCB_END_SEQ"), 16),
+)
+
+
+def _window_flags(offsets: dict[str, int]) -> list[str]:
+    """-D<NAME>_LO/_LEN: the span that covers a group of members."""
+    out = []
+    for name, members, most in _WINDOWS:
+        lo = min(offsets[m] for m in members)
+        hi = max(offsets[m] + _OFFSETS[m][1] for m in members)
+        if hi - lo > most:
+            raise TrackerError(f"{name.lower()} members span {hi - lo} bytes here; flowtrack.c reads at most {most}")
+        out += [f"-D{name}_LO={lo}", f"-D{name}_LEN={hi - lo}"]
     return out
 
 
@@ -129,7 +166,18 @@ class _Addr16(ctypes.Structure):
 _FLOW = struct.Struct("<16s16sHHIIIIIQQQQ")
 _EVENT_HEAD = struct.Struct("<II")
 _EVENT_SIZE = _EVENT_HEAD.size + _FLOW.size
+# Every ring record is one struct event behind the kernel's 8-byte header (u32
+# length with the BUSY/DISCARD bits, u32 page offset), padded to 8 bytes: a
+# batch is an array of _STRIDE-byte records, read a column at a time.
+_STRIDE = (8 + _EVENT_SIZE + 7) & ~7
+_SK_AT = _EVENT_HEAD.size + _FLOW.size - 8            # flow.sk (last) in struct event
+# Native format: unpack/pack of one native u64 is one 8-byte load/store
+# (CPython memcpy), so the positions shared with the kernel are never torn.
+_POS = struct.Struct("Q")
+_RB_BUSY, _RB_DISCARD = 1 << 31, 1 << 30
 _V4MAPPED = bytes(10) + b"\xff\xff"
+_OPEN, _STATE, _CLOSE = 1, 2, 3
+_CFG_NETNS, _CFG_STATE_AGE = 0, 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -140,7 +188,7 @@ def _ip(raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw)
 
 
-def _to_flow(raw: bytes, offset: int = 0) -> Flow:
+def _to_flow(raw, offset: int = 0) -> Flow:
     (laddr, raddr, lport, rport, netns_inode, state, snd_nxt, rcv_nxt, _family,
      first_seen, last_change, cookie, _sk) = _FLOW.unpack_from(raw, offset)
     return Flow(
@@ -163,35 +211,214 @@ def _addr_key(ip: str) -> bytes:
     return addr.packed
 
 
+@dataclasses.dataclass
+class _Batch:
+    """Records read at once: columns of kind, old state and socket pointer;
+    struct event i starts at buf[at + i * stride]."""
+    kinds: list[int]
+    olds: list[int]
+    sks: list[int]
+    buf: memoryview
+    at: int
+    stride: int
+
+    @classmethod
+    def of(cls, buf: memoryview, n: int, at: int, stride: int) -> "_Batch":
+        u32, u64 = buf.cast("I"), buf.cast("Q")
+        try:
+            return cls(u32[at // 4::stride // 4].tolist()[:n], u32[at // 4 + 1::stride // 4].tolist()[:n],
+                       u64[(at + _SK_AT) // 8::stride // 8].tolist()[:n], buf, at, stride)
+        finally:
+            u32.release()
+            u64.release()
+
+    def flow(self, i: int) -> Flow:
+        return _to_flow(self.buf, self.at + i * self.stride + _EVENT_HEAD.size)
+
+
+class _MappedRing:
+    """The consumer side of a BPF ring buffer, mapped into this process.
+
+    bcc's reader (libbpf's ring_buffer__consume) calls a Python callback
+    through ctypes for every record: ~1.5 us each before any decoding. Mapped
+    here, a batch is read in place, a column at a time, and the consumer
+    position is written once per batch. Layout (kernel/bpf/ringbuf.c): page
+    0 holds consumer_pos (ours to write); from page 1, producer_pos, then the
+    data pages mapped twice in a row, so a batch that wraps is still
+    contiguous. A record whose length has the BUSY bit is reserved but not
+    yet submitted: the batch ends there (records of several CPUs can be
+    submitted out of order). The positions are loaded and stored as single
+    8-byte accesses and x86 keeps loads in order (and stores after loads), so
+    a record is read only after its header says it is complete and handed
+    back only after it was read. Other CPUs would need barriers that Python
+    cannot issue: there, _CallbackRing.
+    """
+
+    def __init__(self, bpf, name: bytes, size: int):
+        table = bpf[name]
+        page = mmap.PAGESIZE
+        self.mask = size - 1
+        self._cons = mmap.mmap(table.map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self._prod = mmap.mmap(table.map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        except BaseException:
+            self._cons.close()
+            raise
+        self._buf = memoryview(self._prod)
+        self._pos = _POS.unpack_from(self._cons, 0)[0]
+        self._next = self._pos
+
+    def take(self) -> _Batch | None:
+        n = (_POS.unpack_from(self._prod, 0)[0] - self._pos) // _STRIDE
+        if not n:
+            return None
+        at = mmap.PAGESIZE + (self._pos & self.mask)
+        buf = self._buf[at:at + n * _STRIDE]
+        u32 = buf.cast("I")
+        lens = u32[::_STRIDE // 4].tolist()
+        u32.release()
+        odd = lens.count(_EVENT_SIZE) != n
+        if odd:
+            # A record still reserved ends the batch; a discarded one (the
+            # program never discards) is skipped.
+            n = next((i for i, ln in enumerate(lens) if ln & _RB_BUSY), n)
+            if any(ln & ~_RB_DISCARD != _EVENT_SIZE for ln in lens[:n]):
+                buf.release()
+                raise TrackerError(f"ring record lengths {sorted(set(lens[:n]))}, expected {_EVENT_SIZE}")
+            if not n:
+                buf.release()
+                return None
+        batch = _Batch.of(buf, n, 8, _STRIDE)
+        if odd:
+            batch.kinds = [k if ln == _EVENT_SIZE else 0 for k, ln in zip(batch.kinds, lens)]
+        self._next = self._pos + n * _STRIDE
+        return batch
+
+    def release(self, batch: _Batch) -> None:
+        """Hand the records of `batch` back to the kernel."""
+        batch.buf.release()
+        _POS.pack_into(self._cons, 0, self._next)
+        self._pos = self._next
+
+    def close(self) -> None:
+        self._buf.release()
+        self._prod.close()
+        self._cons.close()
+
+
+class _CallbackRing:
+    """The same through bcc's reader (libbpf's, with the barriers a weakly
+    ordered CPU needs): a Python callback copies each record; slower."""
+
+    def __init__(self, bpf, name: bytes, size: int):
+        self._bpf = bpf
+        self._records: list[bytes] = []
+        bpf[name].open_ring_buffer(self._on_record)
+
+    def _on_record(self, _ctx, data, size) -> int:
+        self._records.append(ctypes.string_at(data, _EVENT_SIZE))
+        return 0
+
+    def take(self) -> _Batch | None:
+        self._bpf.ring_buffer_consume()
+        records, self._records = self._records, []
+        if not records:
+            return None
+        return _Batch.of(memoryview(b"".join(records)), len(records), 0, _EVENT_SIZE)
+
+    def release(self, batch: _Batch) -> None:
+        batch.buf.release()
+
+    def close(self) -> None:
+        pass
+
+
 # -- the tracker -------------------------------------------------------------------
 class FlowTracker:
     """Loaded and attached on construction; close() detaches and frees it all.
 
     Empty `vips` watches nothing (add them with set_vips); empty
     `netns_inodes` means every network namespace. Filters change at run time
-    through BPF maps, without recompiling.
+    through BPF maps, without recompiling; they decide which new sockets are
+    followed, and a socket followed is followed until it closes.
+
+    poll() reports what changed since the last poll (coalesce=True, the
+    default): each flow's open, its latest state, its close. A flow that
+    opened and closed in between is not reported at all; several changes to
+    one flow become one event with the newest values, whose old_state is the
+    state before the first of them. A flow's state changes in its first
+    STATE_AGE_S are not sent by the kernel: they stay in the map, and poll()
+    reports the flow's state then (one map look-up per flow reported open)
+    with the state it reported before as old_state. flows() always reads the
+    kernel's current table. coalesce=False reports every change the kernel
+    sees, as it happens (for tests and tools: under churn the reader decodes
+    four records per connection instead of folding two).
     """
 
-    def __init__(self, ports: Iterable[int], vips: Iterable[str] = (), netns_inodes: Iterable[int] = (),
-                 max_flows: int = 65536, ring_pages: int = 64):
-        from bcc import BPF  # heavy (~0.3 s), only here
+    # The reader looks again this long after it found records, for those
+    # submitted without waking it (flowtrack.c WAKE_GAP_NS, plus timer slack).
+    WAKE_GAP_S = 0.010
+    RECHECK_S = WAKE_GAP_S + 0.002
+    STATE_AGE_S = 0.050
+    # A flow is looked up this long after it is STATE_AGE_S old: the kernel's
+    # map update, made before that age, is long visible by then.
+    LOOKUP_SLACK_S = 0.005
 
-        cflags = [f"-D{k}={v}" for k, v in bpf_offsets().items()]
-        cflags += [f"-DMAX_FLOWS={int(max_flows)}", f"-DRING_PAGES={int(ring_pages)}", "-w"]
-        self._pending: list[FlowEvent] = []
+    def __init__(self, ports: Iterable[int], vips: Iterable[str] = (), netns_inodes: Iterable[int] = (),
+                 max_flows: int = 65536, ring_pages: int = 256, coalesce: bool = True,
+                 reader: str = "auto"):
+        from bcc import BPF  # heavy (~0.3 s), only here
+        from bcc.libbcc import lib
+
+        if ring_pages < 1 or ring_pages & (ring_pages - 1):
+            raise ValueError(f"ring_pages must be a power of 2, not {ring_pages}")
+        if reader not in ("auto", "mapped", "callback"):
+            raise ValueError(f"reader is 'auto', 'mapped' or 'callback', not {reader!r}")
+        ring_bytes = int(ring_pages) * mmap.PAGESIZE
+        offsets = bpf_offsets()
+        cflags = [f"-D{k}={v}" for k, v in offsets.items()] + _window_flags(offsets)
+        # Wake the reader by the time a quarter of the ring is waiting: it has
+        # the other three quarters' worth of time to be scheduled.
+        cflags += [f"-DMAX_FLOWS={int(max_flows)}", f"-DRING_PAGES={int(ring_pages)}",
+                   f"-DWAKE_BYTES={ring_bytes // 4}", f"-DWAKE_GAP_NS={int(self.WAKE_GAP_S * 1e9)}ULL", "-w"]
+        self._coalesce = coalesce
+        self._recheck_at = 0.0
         self._lost_seen = 0
+        self._ring = None
+        self._epoll = None
+        # sk -> [look-up due (monotonic s), first_seen, state last reported]
+        # for flows reported open and not yet STATE_AGE_S old; due times ascend.
+        self._young: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._lookup = lib.bpf_lookup_elem
+        self._key = ctypes.c_uint64()
+        self._leaf = ctypes.create_string_buffer(_FLOW.size)
         self._bpf = BPF(text=_source().encode(), cflags=cflags)
         try:
-            leaf = ctypes.sizeof(self._bpf[b"flows"].Leaf)
+            flows = self._bpf[b"flows"]
+            leaf = ctypes.sizeof(flows.Leaf)
             if leaf != _FLOW.size:
                 raise TrackerError(f"struct flow is {leaf} bytes in flowtrack.c, {_FLOW.size} in tracker.py")
-            self._bpf[b"events"].open_ring_buffer(self._on_event)
+            self._flows_fd = flows.map_fd
+            events = self._bpf[b"events"]
+            if events.max_entries != ring_bytes:
+                raise TrackerError(f"ring is {events.max_entries} bytes, expected {ring_bytes}")
+            mapped = reader == "mapped" or (reader == "auto" and platform.machine() in ("x86_64", "i686", "AMD64"))
+            self._ring = (_MappedRing if mapped else _CallbackRing)(self._bpf, b"events", ring_bytes)
+            # Edge-triggered: reports the kernel's wakeups only. A ring with
+            # data in it is always "readable", so level-triggered polling
+            # would read (and pay per read) whenever one record was waiting.
+            self._epoll = select.epoll()
+            self._epoll.register(events.map_fd, select.EPOLLIN | select.EPOLLET)
+            age_ns = int(self.STATE_AGE_S * 1e9) if coalesce else 0
+            self._bpf[b"config"][ctypes.c_int(_CFG_STATE_AGE)] = ctypes.c_uint64(age_ns)
             self._ports: set[int] = set()
             self._vips: set[bytes] = set()
             self._netns: set[int] = set()
+            # The namespace filter first: set last, it would let other
+            # namespaces' flows on these ports and VIPs in meanwhile.
+            self.set_netns(netns_inodes)
             self.set_ports(ports)
             self.set_vips(vips)
-            self.set_netns(netns_inodes)
         except BaseException:
             self.close()
             raise
@@ -202,7 +429,13 @@ class FlowTracker:
         new = {int(p) for p in ports}
         if any(not 0 < p < 65536 for p in new):
             raise ValueError(f"bad port in {sorted(new)}")
-        self._sync("ports", self._ports, new, lambda p: ctypes.c_uint16(p))
+        table = self._bpf[b"ports"]
+        for p in new - self._ports:
+            table[ctypes.c_int(p)] = ctypes.c_uint8(1)
+        # 2: no new flows on this port, but the ones followed are followed to
+        # their close (flowtrack.c tests the port before it looks a flow up).
+        for p in self._ports - new:
+            table[ctypes.c_int(p)] = ctypes.c_uint8(2)
         self._ports = new
 
     def set_vips(self, vips: Iterable[str]) -> None:
@@ -214,10 +447,10 @@ class FlowTracker:
         new = {int(i) for i in inodes}
         config = self._bpf[b"config"]
         if not new:  # switch the filter off first: all namespaces
-            config[ctypes.c_int(0)] = ctypes.c_uint32(0)
+            config[ctypes.c_int(_CFG_NETNS)] = ctypes.c_uint64(0)
         self._sync("netns_ok", self._netns, new, lambda i: ctypes.c_uint32(i))
         if new:
-            config[ctypes.c_int(0)] = ctypes.c_uint32(1)
+            config[ctypes.c_int(_CFG_NETNS)] = ctypes.c_uint64(1)
         self._netns = new
 
     def _sync(self, name: str, old: set, new: set, make_key) -> None:
@@ -231,19 +464,129 @@ class FlowTracker:
                 pass
 
     # events and state
-    def _on_event(self, _ctx, data, size) -> None:
-        raw = ctypes.string_at(data, _EVENT_SIZE)
-        kind, old_state = _EVENT_HEAD.unpack_from(raw)
-        self._pending.append(FlowEvent(EVENT_KINDS.get(kind) or str(kind),
-                                       _to_flow(raw, _EVENT_HEAD.size), TCP_STATES.get(old_state)))
+    def _read(self) -> tuple[int, list[FlowEvent]]:
+        """(records consumed, events) from what the ring holds now."""
+        batch = self._ring.take()
+        if batch is None:
+            return 0, []
+        kinds, olds, sks = batch.kinds, batch.olds, batch.sks
+        # (record index, kind, old_state) of what to report
+        picked = self._coalesced(kinds, olds, sks) if self._coalesce else \
+            [(i, k, olds[i]) for i, k in enumerate(kinds) if k]
+        out = []
+        young = self._young
+        for i, kind, old in picked:
+            flow = batch.flow(i)
+            sk = sks[i]
+            if kind == _CLOSE:
+                young.pop(sk, None)
+            elif kind == _OPEN:
+                if self._coalesce and flow.first_seen is not None:
+                    young[sk] = [flow.first_seen + self.STATE_AGE_S + self.LOOKUP_SLACK_S,
+                                 flow.first_seen, flow.state]
+            elif sk in young:
+                young[sk][2] = flow.state
+            out.append(FlowEvent(EVENT_KINDS.get(kind) or str(kind), flow, TCP_STATES.get(old)))
+        self._ring.release(batch)
+        return len(kinds), out
+
+    @staticmethod
+    def _coalesced(kinds: list, olds: list, sks: list) -> list:
+        """(record index, kind, old_state) of what a batch says once each
+        socket's records are folded together, in record order.
+
+        The records of one socket pointer form a chain. The allocator hands a
+        freed socket's memory to the next one at once, so under churn a chain
+        is often long: [close of the flow reported earlier,] open, close,
+        open, close, ... [, open of a flow still there]. Only its ends matter:
+        the first flow if it was known before the batch, the last if it is
+        still open. (A lost record, counted in `lost`, can break that shape;
+        the caller reconciles then anyway.)
+        """
+        n = len(sks)
+        first = dict(zip(reversed(sks), range(n - 1, -1, -1)))
+        picked = []
+        old = olds.__getitem__
+        for sk, last in dict(zip(sks, range(n))).items():
+            f = i = first[sk]
+            if f == last:                       # one record: report it as it is
+                if kinds[f]:
+                    picked.append((f, kinds[f], old(f)))
+                continue
+            if kinds[f] != _OPEN:
+                # A flow known before this batch: its states, then its close.
+                while kinds[i] not in (_CLOSE, _OPEN) and i != last:
+                    i = sks.index(sk, i + 1, last + 1)
+                if kinds[i] == _CLOSE:
+                    picked.append((i, _CLOSE, old(f) if kinds[f] == _STATE else old(i)))
+                    if i == last:
+                        continue
+                elif kinds[i] != _OPEN:         # i == last: still there, changed
+                    picked.append((i, _STATE, old(f)))
+                    continue
+            tail = kinds[last]
+            if tail == _OPEN:
+                picked.append((last, _OPEN, old(last)))
+            elif tail == _STATE:
+                # The last flow opened and changed within the batch (a reader
+                # slower than STATE_AGE_S): its open, with its newest values.
+                j = next((j for j in range(last, i - 1, -1) if sks[j] == sk and kinds[j] == _OPEN), last)
+                picked.append((last, _OPEN if kinds[j] == _OPEN else _STATE, old(j)))
+            # tail == _CLOSE: the last flow came and went (churn): nothing to say
+        picked.sort()
+        return picked
+
+    def _look_up_young(self, now: float) -> list[FlowEvent]:
+        """State changes of flows that came of age (not sent by the kernel)."""
+        out = []
+        young = self._young
+        while young:
+            sk, (due, first_seen, reported) = next(iter(young.items()))
+            if due > now:
+                break
+            young.popitem(last=False)
+            self._key.value = sk
+            if self._lookup(self._flows_fd, ctypes.byref(self._key), self._leaf) != 0:
+                continue                        # closed: its close record tells
+            flow = _to_flow(self._leaf.raw)
+            # The same socket (not another one at the same address) and changed.
+            if flow.first_seen == first_seen and flow.state != reported:
+                out.append(FlowEvent("state", flow, reported))
+        return out
 
     def poll(self, timeout_ms: int = 100) -> list[FlowEvent]:
-        """Events that arrived, waiting up to timeout_ms for the first one."""
-        if not self._pending:
-            self._bpf.ring_buffer_poll(int(timeout_ms))
-        self._bpf.ring_buffer_consume()
-        out, self._pending = self._pending, []
-        return out
+        """Events that arrived, waiting up to timeout_ms for the first one.
+
+        The ring is read when the kernel wakes us (the first record after a
+        quiet WAKE_GAP_S, or a quarter of the ring waiting) and RECHECK_S
+        after any read that found records, however often this is called, so
+        a read costs per batch, not per call; poll(0) reads at once. An event
+        reaches the caller within ~RECHECK_S (a young flow's state change
+        within STATE_AGE_S) while poll() is called.
+        """
+        deadline = time.monotonic() + max(timeout_ms, 0) / 1000
+        woken = timeout_ms <= 0 or bool(self._epoll.poll(0))
+        while True:
+            now = time.monotonic()
+            out = []
+            if self._young and next(iter(self._young.values()))[0] <= now:
+                # Look-ups before the read: a record read after one is newer.
+                out = self._look_up_young(now)
+            if woken or (self._recheck_at and now >= self._recheck_at):
+                records, got = self._read()
+                out += got
+                if records:
+                    self._recheck_at = now + self.RECHECK_S
+                elif self._recheck_at and now >= self._recheck_at:
+                    self._recheck_at = 0.0   # quiet since: the next record wakes us
+            if out or now >= deadline:
+                return out
+            wait = deadline - now
+            if self._recheck_at:
+                wait = min(wait, self._recheck_at - now)
+            if self._young:
+                wait = min(wait, next(iter(self._young.values()))[0] - now)
+            woken = bool(self._epoll.poll(max(wait, 0.0005)))
 
     def flows(self) -> list[Flow]:
         """The current table, read from the BPF hash map."""
@@ -265,6 +608,12 @@ class FlowTracker:
         return int(self._bpf[b"lost"][ctypes.c_int(0)].value)
 
     def close(self) -> None:
+        epoll, self._epoll = getattr(self, "_epoll", None), None
+        if epoll is not None:
+            epoll.close()
+        ring, self._ring = getattr(self, "_ring", None), None
+        if ring is not None:
+            ring.close()
         bpf, self._bpf = getattr(self, "_bpf", None), None
         if bpf is not None:
             bpf.cleanup()
