@@ -29,6 +29,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nfsreset import netns, sockdiag  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manyconns import accept_all  # noqa: E402
 
 VIP = "198.51.100.10"
 SRV_IP, CLI_IP = "198.51.100.1", "198.51.100.100"
@@ -89,7 +91,7 @@ class Lab:
             clients = Clients(self.cli, n)
             deadline = time.monotonic() + 120
             while len(held) - 1 < n:
-                _accept_all(listener, held)
+                accept_all(listener, held)
                 if clients.ready(0.01):
                     clients.wait_ready()
                 if time.monotonic() > deadline:
@@ -103,15 +105,6 @@ class Lab:
     def vip_sockets(self) -> int:
         with netns.entered(self.srv):
             return len(sockdiag.dump([VIP], [PORT]))
-
-
-def _accept_all(listener: socket.socket, held: list) -> None:
-    while True:
-        try:
-            s, _ = listener.accept()
-        except BlockingIOError:
-            return
-        held.append(s)
 
 
 class Clients:

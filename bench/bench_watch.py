@@ -60,14 +60,12 @@ sys.path.insert(0, ROOT)
 
 from nfsreset import netns, sockdiag  # noqa: E402
 from nfsreset.lab.topology import HOST_ADDRS, Topology  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manyconns import (CLIENT, CLIENT_ADDRS, PORT, SERVER, SETUP_TIMEOUT_S, VIPS,  # noqa: E402
+                       ClientChild, accept_all)
 
 VENV = os.path.join(os.path.abspath(ROOT), ".venv", "bin")
-PORT = 2049
-SERVER, CLIENT = "node1", "client"
-VIPS = {4: "198.51.100.10", 6: "2001:db8::10"}
-CLIENT_ADDRS = {4: [f"198.51.100.{100 + i}" for i in range(4)],
-                6: [f"2001:db8::{100 + i:x}" for i in range(4)]}
-SETUP_TIMEOUT_S = 120
+N_CLIENT_ADDRS = 4
 READY_TIMEOUT_S = 60
 END_TIMEOUT_S = 30
 POLL_GAP_S = 0.001
@@ -97,7 +95,7 @@ class Lab:
 
     def _build(self) -> None:
         self.topo = t = Topology.create(tag="bwatch")
-        for ip in CLIENT_ADDRS[self.family]:
+        for ip in CLIENT_ADDRS[self.family][:N_CLIENT_ADDRS]:
             if ip not in HOST_ADDRS[CLIENT]:
                 t.add_addr(CLIENT, ip, nodad=True)
         t.add_addr(SERVER, self.vip, nodad=True)
@@ -117,15 +115,11 @@ class Lab:
         """n established connections to VIP:2049 (held by a child in the client netns)."""
         if n == 0:
             return
-        self.child = ClientChild(self.topo.ns(CLIENT), self.vip, CLIENT_ADDRS[self.family], n)
+        self.child = ClientChild(self.topo.ns(CLIENT), self.vip,
+                                 CLIENT_ADDRS[self.family][:N_CLIENT_ADDRS], n)
         deadline = time.monotonic() + SETUP_TIMEOUT_S
         while len(self.held) < n:
-            while True:
-                try:
-                    s, _ = self.listener.accept()
-                except BlockingIOError:
-                    break
-                self.held.append(s)
+            accept_all(self.listener, self.held)
             if time.monotonic() > deadline or self.child.failed():
                 raise RuntimeError(f"accepted {len(self.held)} of {n}")
             select.select([self.listener], [], [], 0.05)
@@ -146,76 +140,6 @@ class Lab:
             self.topo.destroy()
             self.topo = None
         shutil.rmtree(self.state, ignore_errors=True)
-
-
-class ClientChild:
-    """A forked child in the client netns holding n connections; writes "C" when
-    all are up and holds them until the pipe closes (one process may not hold
-    2 x 10,000 descriptors under this machine's RLIMIT_NOFILE of 20,000)."""
-
-    def __init__(self, ns: str, vip: str, addrs: list[str], n: int) -> None:
-        r_cmd, self.w_cmd = os.pipe()
-        self.r_out, w_out = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
-                os.close(self.w_cmd)
-                os.close(self.r_out)
-                code = _client_main(ns, vip, addrs, n, r_cmd, w_out)
-            finally:
-                os._exit(code)
-        os.close(r_cmd)
-        os.close(w_out)
-        self._ready = False
-
-    def failed(self) -> bool:
-        r, _, _ = select.select([self.r_out], [], [], 0)
-        if r and not self._ready:
-            self._ready = os.read(self.r_out, 1) == b"C"
-            return not self._ready
-        return False
-
-    def wait_ready(self) -> None:
-        if not self._ready:
-            r, _, _ = select.select([self.r_out], [], [], SETUP_TIMEOUT_S)
-            if not r or os.read(self.r_out, 1) != b"C":
-                raise RuntimeError("client child failed to connect")
-            self._ready = True
-
-    def finish(self) -> None:
-        for fd in (self.w_cmd, self.r_out):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if os.waitpid(self.pid, os.WNOHANG)[0]:
-                return
-            time.sleep(0.01)
-        os.kill(self.pid, signal.SIGKILL)
-        os.waitpid(self.pid, 0)
-
-
-def _client_main(ns: str, vip: str, addrs: list[str], n: int, cmd_r: int, out_w: int) -> int:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 500), hard))
-    netns.enter_for_good(ns)
-    fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
-    socks = []
-    for i in range(n):
-        c = socket.socket(fam, socket.SOCK_STREAM)
-        c.setsockopt(socket.IPPROTO_IP, 24, 1)     # IP_BIND_ADDRESS_NO_PORT: the port is picked per 4-tuple
-        c.bind((addrs[i % len(addrs)], 0))
-        c.settimeout(5)
-        c.connect((vip, PORT))
-        socks.append(c)
-    os.write(out_w, b"C")
-    os.read(cmd_r, 1)
-    for c in socks:
-        c.close()
-    return 0
 
 
 # -- the daemon -----------------------------------------------------------------------------
