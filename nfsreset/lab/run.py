@@ -168,6 +168,19 @@ class _Run:
         self._timed("post_start", node, lambda: self.remedy.post_start(self.lab, node, vip))
 
     # -- steps ----------------------------------------------------------------------
+    def begin(self) -> None:
+        """Everything before the first move: lab, servers, the remedy's setup, the
+        VIP started on node1, the client talking to it."""
+        self.build()
+        self.start_servers()
+        self.phase = "setup"
+        self._timed("setup", None, lambda: self.remedy.setup(self.lab))
+        self.phase = "start"
+        times = MoveTimes(old=None, new="node1", t_start=time.monotonic())
+        self.mover.start("node1", times, self._pre_start, self._post_start)
+        self.result.first_start_s = times.start_s
+        self.start_client()
+
     def build(self) -> None:
         self.progress("building namespaces", None, None)
         self.topo = Topology.create(tag=f"lab{self.family}")
@@ -274,15 +287,7 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
                log or (lambda _m: None), steady, settle, mover)
     try:
-        run.build()
-        run.start_servers()
-        run.phase = "setup"
-        run._timed("setup", None, lambda: remedy.setup(run.lab))
-        run.phase = "start"
-        times = MoveTimes(old=None, new="node1", t_start=time.monotonic())
-        run.mover.start("node1", times, run._pre_start, run._post_start)
-        run.result.first_start_s = times.start_s
-        run.start_client()
+        run.begin()
         run.result.failover = run.move("failover", "node1", "node2")
         run.result.failback = run.move("failback", "node2", "node1")
         return run.result

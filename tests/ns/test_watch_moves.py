@@ -21,7 +21,6 @@ import time
 
 import pytest
 
-from nfsreset.lab.mover import MoveTimes
 from nfsreset.lab.remedies import LabContext
 from nfsreset.lab.remedy_watch import READY_TIMEOUT_S, Watch
 from nfsreset.lab.run import ClientLog, _Run
@@ -148,18 +147,11 @@ def read_clients_doc(path: str) -> dict:
 def test_restart_on_node1_while_the_vip_is_on_node2_keeps_the_failback_fast(family):
     logs: list[str] = []
     remedy = RestartableWatch()
-    # The lab's runner, step by step as run_lab() does, with the restart between the moves.
+    # The lab's runner as run_lab() drives it, with the restart between the moves.
     run = _Run(family=family, cap=8.0, remedy=remedy, user_timeout=180.0, gap=1.0,
                progress=lambda *_: None, strategy=None, log=logs.append, steady=1.0, settle=0.5)
     try:
-        run.build()
-        run.start_servers()
-        run.phase = "setup"
-        run._timed("setup", None, lambda: remedy.setup(run.lab))
-        run.phase = "start"
-        run.mover.start("node1", MoveTimes(old=None, new="node1", t_start=time.monotonic()),
-                        run._pre_start, run._post_start)
-        run.start_client()
+        run.begin()
         topo, vip = run.topo, run.vip
         fo = run.move("failover", "node1", "node2")
 
