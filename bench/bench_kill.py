@@ -31,7 +31,6 @@ import argparse
 import collections
 import json
 import os
-import resource
 import select
 import signal
 import shutil
@@ -49,7 +48,7 @@ from nfsreset import netns  # noqa: E402
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, Topology  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manyconns import (CLIENT, CLIENT_ADDRS, PORT, SERVER, SETUP_TIMEOUT_S, VIPS,  # noqa: E402
-                       ClientChild, accept_all)
+                       ClientChild, accept_all, raise_nofile)
 
 VENV = os.path.join(os.path.abspath(ROOT), ".venv", "bin")
 TOOL_TIMEOUT_S = 120
@@ -209,11 +208,10 @@ def main() -> int:
         print(f"{VENV}/nfsreset not found: run setup.sh", file=sys.stderr)
         return 2
     need = max(args.sizes) + 500
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < need:
-        print(f"RLIMIT_NOFILE hard limit {hard} < {need} needed", file=sys.stderr)
+    why = raise_nofile(need)
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     if args.repeat < 1 or args.repeat > 20 or any(not 1 <= n <= 15000 for n in args.sizes):
         print("--repeat 1-20, --sizes 1-15000", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nfsreset import netns, sockdiag  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from manyconns import accept_all  # noqa: E402
+from manyconns import accept_all, raise_nofile  # noqa: E402
 
 VIP = "198.51.100.10"
 SRV_IP, CLI_IP = "198.51.100.1", "198.51.100.100"
@@ -259,11 +259,10 @@ def main() -> int:
         print("needs root (namespaces)", file=sys.stderr)
         return 2
     need = max(args.n) + 500
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < need:
-        print(f"RLIMIT_NOFILE hard limit {hard} < {need} needed", file=sys.stderr)
+    why = raise_nofile(need)
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
     with Lab() as lab:
         spawn = spawn_cost(lab)

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import select
 import shutil
 import signal
@@ -62,7 +61,7 @@ from nfsreset import netns, sockdiag  # noqa: E402
 from nfsreset.lab.topology import HOST_ADDRS, Topology  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manyconns import (CLIENT, CLIENT_ADDRS, PORT, SERVER, SETUP_TIMEOUT_S, VIPS,  # noqa: E402
-                       ClientChild, accept_all)
+                       ClientChild, accept_all, raise_nofile)
 
 VENV = os.path.join(os.path.abspath(ROOT), ".venv", "bin")
 N_CLIENT_ADDRS = 4
@@ -367,11 +366,10 @@ def main() -> int:
         print("--repeat 1-20, --sizes 1-15000, --idle-sessions 0-15000, --idle-seconds 1-600", file=sys.stderr)
         return 2
     need = max(args.sizes + args.idle_sessions) + 500
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < need:
-        print(f"RLIMIT_NOFILE hard limit {hard} < {need} needed", file=sys.stderr)
+    why = raise_nofile(need)
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     say = (lambda *_a, **_k: None) if args.json else print
     report: dict = {"kernel": os.uname().release, "cpus": os.cpu_count(), "family": args.family,
                     "loadavg_start": os.getloadavg()[0]}

@@ -22,6 +22,16 @@ CLIENT_ADDRS = {4: [f"198.51.100.{100 + i}" for i in range(8)],
 SETUP_TIMEOUT_S = 120
 
 
+def raise_nofile(need: int) -> str | None:
+    """Raise this process's soft RLIMIT_NOFILE to `need` (held sockets + slack);
+    the reason it cannot, or None."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < need:
+        return f"RLIMIT_NOFILE hard limit {hard} < {need} needed"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return None
+
+
 def accept_all(listener: socket.socket, held: list) -> None:
     while True:
         try:
