@@ -36,8 +36,12 @@
     !defined(SEQS_LO) || !defined(SEQS_LEN) || !defined(TCB_LO) || !defined(TCB_LEN)
 #error "struct offsets must come from BTF: see nfsreset.tracker.bpf_offsets()"
 #endif
-#ifndef MAX_FLOWS
-#define MAX_FLOWS 65536
+#ifndef SLOT_BITS
+#define SLOT_BITS 16
+#endif
+#define NSLOTS (1 << SLOT_BITS)
+#ifndef SPILL_FLOWS
+#define SPILL_FLOWS (NSLOTS / 2)
 #endif
 #ifndef RING_PAGES
 #define RING_PAGES 256
@@ -102,25 +106,121 @@ BPF_ARRAY(ports, u8, 65536);
 BPF_HASH(vips, struct addr16, u8, 1024);
 BPF_HASH(netns_ok, u32, u8, 1024);
 // [CFG_NETNS]: 1 when netns_ok filters (an empty netns set means every namespace).
-// [CFG_STATE_AGE]: state changes of a flow younger than this (ns) are kept in
-// `flows` only, not sent (see the tracepoint below).
+// [CFG_SPILLED]: entries in `flows` (kept by the program): while it is 0, a
+// socket not in its slot is not looked up there. tcp_probe looks up every
+// segment an ESTABLISHED socket of the host receives.
 #define CFG_NETNS 0
-#define CFG_STATE_AGE 1
+#define CFG_SPILLED 1
 BPF_ARRAY(config, u64, 2);
+/*
+ * State changes of a flow younger than age_j jiffies are kept in the table
+ * only, not sent (see the tracepoint below). Young or not is decided in
+ * jiffies because bpf_ktime_get_ns() costs ~37 ns here (two of them were
+ * ~75 ns of a churned connection's ~0.5 us) and reading jiffies ~2 ns, while
+ * bpf_ktime_get_coarse_ns() is refused to tracing programs. A flow's birth
+ * (first_seen, ns) is put on the jiffies scale with a pair of readings of
+ * both clocks that Python takes through clock_pair() below: t0 (ns) was j0
+ * (jiffies), one tick is tick_ns. Python also sets age_j so that the real
+ * age at the switch stays under FlowTracker.STATE_AGE_S despite the tick
+ * granularity. age_j = 0 (not calibrated): every change is sent.
+ */
+struct clock {
+    u64 age_j;
+    u64 t0;
+    u64 j0;
+    u64 tick_ns;
+};
+BPF_ARRAY(clock, struct clock, 1);
+BPF_ARRAY(clock_sample, u64, 2);
 BPF_ARRAY(lost, u64, 1);
 BPF_ARRAY(wake, struct wake, 1);
 /*
- * Keyed by the socket pointer, not by 4-tuple+netns: the pointer is what both
- * tracepoints hand us (tcp_probe has no cheap 4-tuple in raw form), a u64 key
- * hashes faster than a 40-byte one, and two sockets can never share it while
- * both live. The same 4-tuple can come back (NFS reconnects from the same
- * port), but never while the old socket exists in the same netns. Pointer
- * reuse is harmless because the entry goes on TCP_CLOSE, which every full TCP
- * socket passes before it is freed, and a socket born again (CLOSE -> x)
- * overwrites whatever was there.
+ * The flow table, keyed by the socket pointer, not by 4-tuple+netns: the
+ * pointer is what both tracepoints hand us (tcp_probe has no cheap 4-tuple in
+ * raw form), and two sockets can never share it while both live. The same
+ * 4-tuple can come back (NFS reconnects from the same port), but never while
+ * the old socket exists in the same netns. Pointer reuse is harmless because
+ * the entry goes on TCP_CLOSE, which every full TCP socket passes before it
+ * is freed, and a socket born again overwrites whatever was there.
+ *
+ * Two parts. `slots` is an array indexed by a hash of the pointer: a socket
+ * claims its slot with one compare-and-swap of `sk` and frees it by storing
+ * 0, so the insert, look-ups and delete of a connection cost a few loads and
+ * stores. A BPF hash map did the same with bucket locks and a per-CPU free
+ * list: ~100 ns per insert+delete and ~15 ns per look-up, measured, ~0.11 us
+ * of the ~0.5 us a watched connection cost under churn. A socket whose slot
+ * is held by another one goes to `flows`, that hash map, kept for collisions
+ * (rare while the table is sparse). `slots` is mmapable: Python reads it in
+ * place (tracker.py). A slot is only ever written by the program run that
+ * holds the socket's lock (state changes and tcp_probe of one socket are
+ * serialised by it), so the only race is the claim, which the CAS settles.
  */
-BPF_HASH(flows, u64, struct flow, MAX_FLOWS);
+BPF_F_TABLE("array", u32, struct flow, slots, NSLOTS, BPF_F_MMAPABLE);
+BPF_HASH(flows, u64, struct flow, SPILL_FLOWS);
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
+
+// Fibonacci hashing of the pointer (sockets are cache-line aligned: the low
+// bits say nothing). tracker.py computes the same index.
+static __always_inline u32 slot_index(u64 sk)
+{
+    return (u32)(((sk >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - SLOT_BITS));
+}
+
+static __always_inline struct flow *find(u64 sk)
+{
+    u32 i = slot_index(sk);
+    struct flow *f = slots.lookup(&i);
+    if (f && f->sk == sk)
+        return f;
+    i = CFG_SPILLED;
+    u64 *spilled = config.lookup(&i);
+    if (spilled && !*spilled)
+        return 0;
+    return flows.lookup(&sk);
+}
+
+static __always_inline void count_spilled(s64 n)
+{
+    u32 i = CFG_SPILLED;
+    u64 *spilled = config.lookup(&i);
+    if (spilled)
+        __sync_fetch_and_add(spilled, n);
+}
+
+static __always_inline void forget(u64 sk, struct flow *f)
+{
+    if (f->sk == sk) {
+        u32 i = slot_index(sk);
+        if (slots.lookup(&i) == f) {
+            f->sk = 0;      // frees the slot: the entry's last store
+            return;
+        }
+    }
+    if (flows.delete(&sk) == 0)
+        count_spilled(-1);
+}
+
+// 0 when kept; a socket born again at its old address (a close we missed)
+// takes its own slot back.
+#define SLOT_BUSY 1ULL    // no socket lives at address 1
+static __always_inline int keep(u64 sk, const struct flow *f)
+{
+    u32 i = slot_index(sk);
+    struct flow *slot = slots.lookup(&i);
+    if (slot && (slot->sk == sk || __sync_val_compare_and_swap(&slot->sk, 0, SLOT_BUSY) == 0)) {
+        // Claimed as busy, filled, then named: a reader that sees the
+        // pointer sees the rest (x86 keeps stores in order). A stale entry
+        // of this very socket in `flows` (a close we missed) stays shadowed.
+        __builtin_memcpy(slot, f, sizeof(*f) - sizeof(f->sk));
+        slot->sk = sk;
+        return 0;
+    }
+    if (flows.insert(&sk, f) == 0) {
+        count_spilled(1);
+        return 0;
+    }
+    return flows.update(&sk, f);    // this very socket, still there from before
+}
 
 struct common_window { u8 b[COMMON_LEN]; };     // of struct sock, from COMMON_LO
 #define COMMON(dst, w, off) __builtin_memcpy(&(dst), &(w).b[(off) - COMMON_LO], sizeof(dst))
@@ -199,6 +299,40 @@ static __always_inline void emit(u32 kind, u32 old_state, const struct flow *f, 
     events.ringbuf_submit(ev, wake_flags(now));
 }
 
+/*
+ * Not attached: tracker.py runs it with BPF_PROG_TEST_RUN to read the
+ * kernel's jiffies and monotonic clock together (user space sees no jiffies).
+ */
+int clock_pair(void *ctx)
+{
+    u32 i = 0;
+    u64 *j = clock_sample.lookup(&i);
+    i = 1;
+    u64 *ns = clock_sample.lookup(&i);
+    if (j && ns) {
+        *j = bpf_jiffies64();
+        *ns = bpf_ktime_get_ns();
+    }
+    return 0;
+}
+
+// Is `f` younger than age_j? Sets *now to the jiffies time in ns (for
+// last_change of a change that is not sent: to the tick, never before birth).
+static __always_inline int young(const struct flow *f, u64 *now)
+{
+    u32 zero = 0;
+    struct clock *c = clock.lookup(&zero);
+    if (!c || !c->age_j || !c->tick_ns)
+        return 0;
+    u64 now_j = bpf_jiffies64();
+    u64 born_j = c->j0 + (f->first_seen - c->t0) / c->tick_ns;
+    if (now_j - born_j >= c->age_j)     // also a flow born before t0: wraps to huge
+        return 0;
+    u64 t = c->t0 + (now_j - c->j0) * c->tick_ns;
+    *now = t > f->first_seen ? t : f->first_seen;
+    return 1;
+}
+
 #define READ(dst, base, off) bpf_probe_read_kernel(&(dst), sizeof(dst), (const char *)(base) + (off))
 
 // trace_inet_sock_set_state(sk, oldstate, newstate): fires for every inet
@@ -222,15 +356,24 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
         return 0;
 
     u64 key = (u64)sk;
-    u64 now = bpf_ktime_get_ns();
-    struct flow *known = flows.lookup(&key);
+    u64 now;
+    struct flow *known = find(key);
+    // CLOSE -> x and SYN_RECV -> x are births: an entry found then belongs to
+    // a socket that lived at this address before (a close we missed).
+    if (known && (oldstate == FT_TCP_CLOSE || oldstate == FT_TCP_SYN_RECV)) {
+        forget(key, known);
+        known = 0;
+    }
     // A flow we follow was checked against every filter when it was first
     // seen: its addresses are not read again.
-    if (known && oldstate != FT_TCP_CLOSE) {
+    if (known) {
         known->state = newstate;
-        known->last_change = now;
-        read_seqs(sk, known);
         if (newstate == FT_TCP_CLOSE) {
+            // The close of a young flow (churn) is stamped to the tick.
+            if (!young(known, &now))
+                now = bpf_ktime_get_ns();
+            known->last_change = now;
+            // No sequence numbers: a closed flow's are of no use to anyone.
             struct event *ev = reserve();
             if (ev) {
                 ev->kind = EV_CLOSE;
@@ -238,25 +381,32 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
                 ev->flow = *known;
                 events.ringbuf_submit(ev, wake_flags(now));
             }
-            flows.delete(&key);
+            forget(key, known);
             return 0;
         }
         /*
          * Under churn a connection walks ESTABLISHED -> CLOSE_WAIT -> LAST_ACK
          * within microseconds: two records per connection that the reader
          * would decode only to drop them. A young flow's change stays in the
-         * map; the reader looks each flow it reported open up once it is
-         * CFG_STATE_AGE old (tracker.py), so the change still reaches it.
+         * table; the reader looks each flow it reported open up once it is
+         * STATE_AGE_S old (tracker.py), so the change still reaches it.
+         * Sequence numbers only for a change that is sent: a young flow's are
+         * read again when it receives (tcp_probe) or changes later.
          */
-        u32 idx = CFG_STATE_AGE;
-        u64 *age = config.lookup(&idx);
-        if (!age || now - known->first_seen >= *age)
-            emit(EV_STATE, oldstate, known, now);
+        if (young(known, &now)) {
+            known->last_change = now;
+            return 0;
+        }
+        now = bpf_ktime_get_ns();
+        known->last_change = now;
+        read_seqs(sk, known);
+        emit(EV_STATE, oldstate, known, now);
         return 0;
     }
 
     if (*watched != 1)  // a port no longer watched: its flows only, no new ones
         return 0;
+    now = bpf_ktime_get_ns();
     u16 protocol = 0;
     READ(protocol, sk, OFF_SK_PROTOCOL);
     if (protocol != FT_IPPROTO_TCP)
@@ -303,8 +453,6 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
         // close event. A child that died in SYN_RECV is not.
         if (oldstate == FT_TCP_SYN_RECV)
             return 0;
-        if (known)      // CLOSE -> CLOSE: nothing we did not say already
-            flows.delete(&key);
         emit(EV_CLOSE, oldstate, &f, now);
         return 0;
     }
@@ -312,7 +460,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     // First sight: a new connection (SYN_RECV -> ESTABLISHED, CLOSE -> SYN_SENT)
     // or one that existed before the tracker and changes state now.
     f.first_seen = now;
-    if (flows.update(&key, &f) != 0) {
+    if (keep(key, &f) != 0) {
         // Table full: the flow is reported but not kept; count it with the
         // lost events, since the remedy (reconcile with a dump) is the same.
         count_lost();
@@ -334,7 +482,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 RAW_TRACEPOINT_PROBE(tcp_probe)
 {
     u64 key = ctx->args[0];
-    struct flow *f = flows.lookup(&key);
+    struct flow *f = find(key);
     if (!f)
         return 0;
     const void *sk = (const void *)ctx->args[0];

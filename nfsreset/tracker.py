@@ -177,7 +177,30 @@ _POS = struct.Struct("Q")
 _RB_BUSY, _RB_DISCARD = 1 << 31, 1 << 30
 _V4MAPPED = bytes(10) + b"\xff\xff"
 _OPEN, _STATE, _CLOSE = 1, 2, 3
-_CFG_NETNS, _CFG_STATE_AGE = 0, 1
+_CFG_NETNS = 0
+_SK_IN_FLOW = _FLOW.size - 8                          # flow.sk (last) in struct flow
+_SLOT_BUSY = 1                                        # flowtrack.c SLOT_BUSY: claimed, being filled
+_U64 = (1 << 64) - 1
+
+
+def slot_index(sk: int, bits: int) -> int:
+    """The `slots` index of a socket pointer, as flowtrack.c slot_index() has it."""
+    return (((sk >> 6) * 0x9E3779B97F4A7C15) & _U64) >> (64 - bits)
+
+
+def slot_bits(max_flows: int) -> int:
+    """log2 of the slot count for a table of max_flows (at least 1024 slots)."""
+    return max(10, (int(max_flows) - 1).bit_length())
+
+
+def occupied_slots(table) -> list[int]:
+    """Indexes of the slots that hold a flow, in a mapped `slots` array."""
+    col = memoryview(table).cast("Q")
+    try:
+        sks = col[_SK_IN_FLOW // 8::_FLOW.size // 8].tolist()
+    finally:
+        col.release()
+    return [i for i, sk in enumerate(sks) if sk > _SLOT_BUSY]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -333,6 +356,63 @@ class _CallbackRing:
         pass
 
 
+# -- jiffies ---------------------------------------------------------------------
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
+_BPF_PROG_TEST_RUN = 10
+_TEST_RUN_ATTR = 80                     # union bpf_attr's test member, padded
+
+
+def _test_run(prog_fd: int) -> bool:
+    """Run a raw tracepoint program once, now (BPF_PROG_TEST_RUN, no ctx)."""
+    attr = ctypes.create_string_buffer(_TEST_RUN_ATTR)
+    struct.pack_into("I", attr, 0, prog_fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, attr, _TEST_RUN_ATTR) == 0
+
+
+def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 0.2) -> tuple[int, int, int] | None:
+    """(t0 ns, j0, tick ns): jiffies became j0 at CLOCK_MONOTONIC t0 (to the
+    ~10 us a sample takes), and a tick is tick ns (the kernel's HZ, known
+    from the edges seen over span_s). None when the program cannot be run or
+    the ticks match no HZ a kernel is built with: a tick that is not exact
+    would put old flows' births ever further off."""
+    if _SYS_BPF is None:
+        return None
+    zero, one = ctypes.c_int(0), ctypes.c_int(1)
+
+    def read() -> tuple[int, int] | None:
+        if not _test_run(prog_fd):
+            return None
+        return int(sample[zero].value), int(sample[one].value)
+
+    first = read()
+    if first is None:
+        return None
+    edges = []
+    last_j = first[0]
+    deadline = time.monotonic() + timeout_s
+    for _ in range(200_000):
+        if time.monotonic() > deadline or (len(edges) > 1 and edges[-1][1] - edges[0][1] >= span_s * 1e9):
+            break
+        got = read()
+        if got is None:
+            return None
+        if got[0] != last_j:
+            edges.append(got)
+            last_j = got[0]
+    if len(edges) < 2:
+        return None
+    (j1, t1), (j2, t2) = edges[0], edges[-1]
+    # One tick seen alone is off by up to ~3% here (tick interrupts jitter in
+    # a VM); over 20 ms the estimate is within a fraction of a percent, and
+    # the HZ values a kernel is built with are >= 17% apart.
+    hz = 1e9 * (j2 - j1) / (t2 - t1)
+    near = [h for h in (100, 250, 300, 1000) if abs(h - hz) <= h * 0.05]
+    if not near:
+        return None
+    return t2, j2, (1_000_000_000 + near[0] // 2) // near[0]
+
+
 # -- the tracker -------------------------------------------------------------------
 class FlowTracker:
     """Loaded and attached on construction; close() detaches and frees it all.
@@ -379,13 +459,17 @@ class FlowTracker:
         cflags = [f"-D{k}={v}" for k, v in offsets.items()] + _window_flags(offsets)
         # Wake the reader by the time a quarter of the ring is waiting: it has
         # the other three quarters' worth of time to be scheduled.
-        cflags += [f"-DMAX_FLOWS={int(max_flows)}", f"-DRING_PAGES={int(ring_pages)}",
+        # A slot per flow allowed; the hash map for collisions holds half as many.
+        self._slot_bits = slot_bits(max_flows)
+        cflags += [f"-DSLOT_BITS={self._slot_bits}", f"-DSPILL_FLOWS={max(1024, int(max_flows) // 2)}",
+                   f"-DRING_PAGES={int(ring_pages)}",
                    f"-DWAKE_BYTES={ring_bytes // 4}", f"-DWAKE_GAP_NS={int(self.WAKE_GAP_S * 1e9)}ULL", "-w"]
         self._coalesce = coalesce
         self._recheck_at = 0.0
         self._lost_seen = 0
         self._ring = None
         self._epoll = None
+        self._slots = None
         # sk -> [look-up due (monotonic s), first_seen, state last reported]
         # for flows reported open and not yet STATE_AGE_S old; due times ascend.
         self._young: collections.OrderedDict[int, list] = collections.OrderedDict()
@@ -399,6 +483,10 @@ class FlowTracker:
             if leaf != _FLOW.size:
                 raise TrackerError(f"struct flow is {leaf} bytes in flowtrack.c, {_FLOW.size} in tracker.py")
             self._flows_fd = flows.map_fd
+            slots = self._bpf[b"slots"]
+            size = (1 << self._slot_bits) * _FLOW.size
+            self._slots = mmap.mmap(slots.map_fd, (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1),
+                                    mmap.MAP_SHARED, mmap.PROT_READ)
             events = self._bpf[b"events"]
             if events.max_entries != ring_bytes:
                 raise TrackerError(f"ring is {events.max_entries} bytes, expected {ring_bytes}")
@@ -409,8 +497,8 @@ class FlowTracker:
             # would read (and pay per read) whenever one record was waiting.
             self._epoll = select.epoll()
             self._epoll.register(events.map_fd, select.EPOLLIN | select.EPOLLET)
-            age_ns = int(self.STATE_AGE_S * 1e9) if coalesce else 0
-            self._bpf[b"config"][ctypes.c_int(_CFG_STATE_AGE)] = ctypes.c_uint64(age_ns)
+            if coalesce:
+                self._set_young_age()
             self._ports: set[int] = set()
             self._vips: set[bytes] = set()
             self._netns: set[int] = set()
@@ -422,6 +510,31 @@ class FlowTracker:
         except BaseException:
             self.close()
             raise
+
+    def _set_young_age(self) -> None:
+        """Let the kernel keep the state changes of flows younger than ~STATE_AGE_S.
+
+        The program tells young from old in jiffies (cheap) against a flow's
+        birth in ns: this pairs the two clocks at a tick edge and measures the
+        tick (flowtrack.c, struct clock). Without the pair (BPF_PROG_TEST_RUN
+        refused, a tick not seen in time) every change is sent: correct,
+        only dearer under churn.
+        """
+        from bcc import BPF
+
+        pair = _clock_pairs(self._bpf.load_func(b"clock_pair", BPF.RAW_TRACEPOINT).fd,
+                            self._bpf[b"clock_sample"])
+        if pair is None:
+            return
+        t0, j0, tick_ns = pair
+        # A jiffies difference of n is a real age in (n-1, n+1) ticks, and the
+        # birth is put on the jiffies scale to the tick: one tick less keeps the
+        # real age at the switch under STATE_AGE_S (the reader looks up then).
+        age_j = max(1, int(self.STATE_AGE_S * 1e9) // tick_ns - 1)
+        table = self._bpf[b"clock"]
+        leaf = table.Leaf()
+        leaf.age_j, leaf.t0, leaf.j0, leaf.tick_ns = age_j, t0, j0, tick_ns
+        table[ctypes.c_int(0)] = leaf
 
     # filters: add the new keys before removing old ones, so a flow watched
     # before and after a change is never missed in between.
@@ -545,14 +658,25 @@ class FlowTracker:
             if due > now:
                 break
             young.popitem(last=False)
-            self._key.value = sk
-            if self._lookup(self._flows_fd, ctypes.byref(self._key), self._leaf) != 0:
+            raw = self._entry(sk)
+            if raw is None:
                 continue                        # closed: its close record tells
-            flow = _to_flow(self._leaf.raw)
+            flow = _to_flow(raw)
             # The same socket (not another one at the same address) and changed.
             if flow.first_seen == first_seen and flow.state != reported:
                 out.append(FlowEvent("state", flow, reported))
         return out
+
+    def _entry(self, sk: int) -> bytes | None:
+        """The table's entry of socket `sk`: its slot, or the collision map."""
+        at = slot_index(sk, self._slot_bits) * _FLOW.size
+        raw = self._slots[at:at + _FLOW.size]   # one copy, then checked: the kernel may be writing
+        if _POS.unpack_from(raw, _SK_IN_FLOW)[0] == sk:
+            return raw
+        self._key.value = sk
+        if self._lookup(self._flows_fd, ctypes.byref(self._key), self._leaf) != 0:
+            return None
+        return self._leaf.raw
 
     def poll(self, timeout_ms: int = 100) -> list[FlowEvent]:
         """Events that arrived, waiting up to timeout_ms for the first one.
@@ -589,8 +713,32 @@ class FlowTracker:
             woken = bool(self._epoll.poll(max(wait, 0.0005)))
 
     def flows(self) -> list[Flow]:
-        """The current table, read from the BPF hash map."""
-        return [_to_flow(bytes(v)) for _k, v in self._bpf[b"flows"].items()]
+        """The current table: the occupied slots, then the collision map."""
+        out = []
+        for i in occupied_slots(self._slots):
+            raw = self._slots[i * _FLOW.size:(i + 1) * _FLOW.size]
+            if _POS.unpack_from(raw, _SK_IN_FLOW)[0] > _SLOT_BUSY:     # not freed since
+                out.append(_to_flow(raw))
+        return out + [_to_flow(bytes(v)) for _k, v in self._bpf[b"flows"].items()]
+
+    def set_attached(self, on: bool) -> None:
+        """Attach or detach the programs, keeping maps, filters and reader.
+
+        For benchmarks: the same load with and without the kernel side, phase
+        after phase, without a reload (bench/bench_churn.py). Flows that change
+        while detached are missed; a socket born again at the same address
+        replaces its stale entry (flowtrack.c), and a daemon would reconcile.
+        """
+        for tp in (b"inet_sock_set_state", b"tcp_probe"):
+            attached = tp in self._bpf.raw_tracepoint_fds
+            if on and not attached:
+                self._bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+            elif not on and attached:
+                self._bpf.detach_raw_tracepoint(tp)
+
+    def table_sizes(self) -> tuple[int, int]:
+        """(flows in slots, flows in the collision map): how full the table is."""
+        return len(occupied_slots(self._slots)), len(self._bpf[b"flows"].items())
 
     @property
     def lost(self) -> int:
@@ -614,6 +762,9 @@ class FlowTracker:
         ring, self._ring = getattr(self, "_ring", None), None
         if ring is not None:
             ring.close()
+        slots, self._slots = getattr(self, "_slots", None), None
+        if slots is not None:
+            slots.close()
         bpf, self._bpf = getattr(self, "_bpf", None), None
         if bpf is not None:
             bpf.cleanup()

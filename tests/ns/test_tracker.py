@@ -327,6 +327,39 @@ def test_full_ring_in_the_default_mode(lab):
         assert tr.flows() == []
 
 
+def test_sockets_whose_slots_collide_are_kept_in_the_hash_map(lab):
+    """150 flows in 1024 slots: some socket pointers share a slot (~11 pairs
+    expected; none at all has odds of ~e^-11). Those flows live in the hash
+    map, are found there on every change and leave it on close."""
+    from nfsreset.tracker import FlowTracker
+
+    topo, listeners = lab
+    pairs = []
+    with FlowTracker([PORT], [T.VIP4], [netns.inode_of(topo.ns("node1"))], max_flows=1024,
+                     coalesce=False) as tr:
+        try:
+            for _ in range(150):
+                pairs.append(connect(topo, listeners, T.VIP4, PORT))
+            cports = sorted(c.getsockname()[1] for c, _ in pairs)
+            opened = events_until(tr, lambda e: sum(x.kind == "open" for x in e) >= 150)
+            assert sorted(e.flow.key.cport for e in opened if e.kind == "open") == cports
+            in_slots, spilled = tr.table_sizes()
+            assert in_slots + spilled == 150 and spilled > 0, (in_slots, spilled)
+            assert sorted(f.key.cport for f in tr.flows()) == cports
+            for c, _ in pairs:
+                c.close()
+            changed = events_until(tr, lambda e: sum(x.kind == "state" for x in e) >= 150)
+            assert sorted(e.flow.key.cport for e in changed if e.flow.state == "CLOSE_WAIT") == cports
+            assert {f.state for f in tr.flows()} == {"CLOSE_WAIT"}
+        finally:
+            for c, s in pairs:
+                c.close()
+                s.close()
+        closed = events_until(tr, lambda e: sum(x.kind == "close" for x in e) >= 150)
+        assert sorted(e.flow.key.cport for e in closed if e.kind == "close") == cports
+        assert tr.table_sizes() == (0, 0) and tr.flows() == [] and tr.lost == 0
+
+
 @pytest.mark.parametrize("tracker", [{}, {"reader": "callback"}], indirect=True, ids=["mapped", "callback-reader"])
 def test_churn_between_two_polls_is_not_reported(lab, tracker):
     """Connections that open and close between two polls cancel out, while a
@@ -438,3 +471,24 @@ def test_folding_a_batch_by_socket():
     assert fold([(C, LA, 7), (O, SR, 7), (S, EST, 7)]) == [(0, C, LA), (2, O, SR)]
     # skipped records (kind 0) are never reported
     assert fold([(0, 0, 7), (O, SR, 8)]) == [(1, O, SR)]
+
+
+def test_jiffies_and_monotonic_clock_are_paired_exactly(tracker):
+    """The program tells young flows from old ones in jiffies against births
+    in ns; the pair taken at start must predict jiffies to the tick later on
+    (a tick slightly off would put births ever further off)."""
+    import ctypes
+
+    from nfsreset.tracker import FlowTracker, _clock_pairs
+
+    c = tracker._bpf[b"clock"][ctypes.c_int(0)]
+    assert c.tick_ns in (10_000_000, 4_000_000, 3_333_333, 1_000_000), c.tick_ns
+    assert 1 <= c.age_j and (c.age_j + 1) * c.tick_ns <= FlowTracker.STATE_AGE_S * 1e9
+    time.sleep(0.3)
+    from bcc import BPF
+    later = _clock_pairs(tracker._bpf.load_func(b"clock_pair", BPF.RAW_TRACEPOINT).fd,
+                         tracker._bpf[b"clock_sample"])
+    assert later is not None
+    t, j, tick = later
+    assert tick == c.tick_ns and t - c.t0 > 0.25e9
+    assert abs(c.j0 + (t - c.t0) // c.tick_ns - j) <= 1, (c.j0, c.t0, t, j)

@@ -78,15 +78,38 @@ def bpf_ids_held_by(pid: int, field: str) -> set[int]:
 
 
 def flows_map_entries(pid: int) -> int:
-    """Entries of the `flows` hash map the daemon's tracker holds (bpftool dump)."""
+    """Flows in the table the daemon's tracker holds: occupied entries of its
+    `slots` array (mapped by map id) plus the `flows` hash map (bpftool dump)."""
+    import mmap
+
+    from bcc.libbcc import lib
+
+    from nfsreset.tracker import occupied_slots
+
+    found, count = set(), 0
     for mid in bpf_ids_held_by(pid, "map_id"):
         info = json.loads(subprocess.run(["bpftool", "map", "show", "id", str(mid), "-j"], capture_output=True,
                                          text=True, timeout=30, check=True).stdout)
-        if info.get("name") == "flows":
+        name = info.get("name")
+        if name == "flows":
             out = subprocess.run(["bpftool", "map", "dump", "id", str(mid), "-j"], capture_output=True,
                                  text=True, timeout=30, check=True).stdout
-            return len(json.loads(out or "[]"))
-    raise AssertionError(f"pid {pid} holds no BPF map named flows")
+            count += len(json.loads(out or "[]"))
+        elif name == "slots":
+            fd = lib.bpf_map_get_fd_by_id(mid)
+            assert fd >= 0, f"no fd for map {mid}"
+            try:
+                size = info["max_entries"] * info["bytes_value"]
+                with mmap.mmap(fd, (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1), mmap.MAP_SHARED,
+                               mmap.PROT_READ) as table:
+                    count += len(occupied_slots(table))
+            finally:
+                os.close(fd)
+        else:
+            continue
+        found.add(name)
+    assert found == {"flows", "slots"}, f"pid {pid} holds BPF maps {sorted(found)}, not flows and slots"
+    return count
 
 
 def loaded_map_ids() -> set[int]:
