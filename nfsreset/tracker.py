@@ -3,9 +3,11 @@
 The kernel side is bpf/flowtrack.c (package data of nfsreset.bpf). It filters
 in BPF - local port, then TCP, local address, optionally netns - before
 touching any per-flow map, keeps one entry per socket (state, first seen, last
-change, snd_nxt/rcv_nxt refreshed on every state change and every segment an
-ESTABLISHED flow receives), and sends open and close records, and the state
-changes of flows older than STATE_AGE_S, through a ring buffer.
+change, snd_nxt/rcv_nxt refreshed on every sent state change and every segment
+an ESTABLISHED flow receives) in an mmapable array of slots indexed by a hash
+of the socket pointer (a hash map takes the collisions), and sends open and
+close records, and the state changes of flows older than STATE_AGE_S (told in
+jiffies, paired with the monotonic clock at start), through a ring buffer.
 
 Cheap under connection churn (bench/bench_tracker.py, docs/internals.md): the
 kernel wakes the reader at most about once per WAKE_GAP_S instead of once
