@@ -13,7 +13,8 @@ import os
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# The process's C library, with errno; tracker.py calls through it too.
+libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetnsError(Exception):
@@ -31,7 +32,7 @@ def exists(name: str) -> bool:
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    if libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"setns failed: {os.strerror(err)}")
 

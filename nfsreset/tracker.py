@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Iterable
 
 from nfsreset import btf
+from nfsreset.netns import libc
 from nfsreset.model import TCP_STATES, Flow, FlowKey, norm_ip
 
 TRACEFS = "/sys/kernel/tracing"
@@ -140,7 +141,6 @@ def ensure_tracefs() -> None:
     """
     if os.path.exists(os.path.join(TRACEFS, "events")):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(_CLONE_NEWNS) != 0:
         raise TrackerError(f"unshare(CLONE_NEWNS) failed: {os.strerror(ctypes.get_errno())}")
     # Slave, not private: mounts made later on the host still propagate to us.
@@ -364,11 +364,9 @@ _BPF_PROG_TEST_RUN = 10
 _TEST_RUN_ATTR = 80                     # union bpf_attr's test member, padded
 
 
-def _test_run(prog_fd: int) -> bool:
-    """Run a raw tracepoint program once, now (BPF_PROG_TEST_RUN, no ctx)."""
-    attr = ctypes.create_string_buffer(_TEST_RUN_ATTR)
-    struct.pack_into("I", attr, 0, prog_fd)
-    libc = ctypes.CDLL(None, use_errno=True)
+def _test_run(attr) -> bool:
+    """Run a raw tracepoint program once, now (BPF_PROG_TEST_RUN, no ctx);
+    `attr` is union bpf_attr with test.prog_fd set."""
     return libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, attr, _TEST_RUN_ATTR) == 0
 
 
@@ -381,9 +379,11 @@ def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 
     if _SYS_BPF is None:
         return None
     zero, one = ctypes.c_int(0), ctypes.c_int(1)
+    attr = ctypes.create_string_buffer(_TEST_RUN_ATTR)
+    struct.pack_into("I", attr, 0, prog_fd)
 
     def read() -> tuple[int, int] | None:
-        if not _test_run(prog_fd):
+        if not _test_run(attr):
             return None
         return int(sample[zero].value), int(sample[one].value)
 
@@ -758,15 +758,12 @@ class FlowTracker:
         return int(self._bpf[b"lost"][ctypes.c_int(0)].value)
 
     def close(self) -> None:
-        epoll, self._epoll = getattr(self, "_epoll", None), None
-        if epoll is not None:
-            epoll.close()
-        ring, self._ring = getattr(self, "_ring", None), None
-        if ring is not None:
-            ring.close()
-        slots, self._slots = getattr(self, "_slots", None), None
-        if slots is not None:
-            slots.close()
+        # Readers of the maps first, then the maps (the bcc object) they map.
+        for name in ("_epoll", "_ring", "_slots"):
+            held = getattr(self, name, None)
+            setattr(self, name, None)
+            if held is not None:
+                held.close()
         bpf, self._bpf = getattr(self, "_bpf", None), None
         if bpf is not None:
             bpf.cleanup()
