@@ -7,7 +7,8 @@ and IPv6. Both agents run inside the node namespaces around the real IPaddr2;
 the lab learns when the address came and went from the kernel (ip monitor).
 
 What must hold:
-- with plain IPaddr2 the failback stalls until the client's own timeout
+- with plain IPaddr2 the IPv4 failover recovers within the cap (the lab
+  works), and the failback stalls until the client's own timeout
   (past the small cap here): the old owner's stale socket swallows it;
 - with the agent, failback's first reply comes within 0.3 s of the VIP being
   usable (after DAD for IPv6), and nothing stale is left on the old owner;
@@ -75,7 +76,18 @@ def test_plain_ipaddr2_failback_stalls_past_the_cap():
     for fam in (4, 6):
         run = runs()[("ipaddr2", fam)]
         print(f"ipaddr2 v{fam}: {figures(run)}")
-        assert run["failover"]["recovered"] is True, run["failover"]
+        fo = run["failover"]
+        assert fo["del_to_usable"] is not None, fo      # the address did come up on node2
+        if fam == 4:
+            # The lab itself works: without a remedy the failover waits for the
+            # client's retransmission timer (0.2, 0.6, 1.4, 3.0, 6.2 s after the
+            # loss); IPv4 is usable ~1.1 s after the delete (1 s gap + 0.07 s
+            # start), so the 1.4 or 3.0 s retransmission reaches node2 in the cap.
+            # Not asserted for IPv6: the VIP is usable 2.4 s or more after the delete
+            # (1 s gap + DAD with its random start delay; IPaddr2's start then
+            # takes 3-4 s), just before or after the 3.0 s retransmission; once
+            # past it the next one (6.2 s) is beyond the cap. CI saw both.
+            assert fo["recovered"] is True, fo
         fb = run["failback"]
         assert fb["recovered"] is False and fb["stall"] is None and fb["cap"] == CAP, fb
         assert fb["stale_sockets"], "the old owner must still hold the client's session"
