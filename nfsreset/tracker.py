@@ -435,6 +435,12 @@ class FlowTracker:
     kernel's current table. coalesce=False reports every change the kernel
     sees, as it happens (for tests and tools: under churn the reader decodes
     four records per connection instead of folding two).
+
+    `slots` (a power of 2) overrides the size of the slot array, which is
+    otherwise max_flows rounded up, at least 1024. Socket pointers come from
+    a slab in steps of its object size, and the Fibonacci hash spreads such
+    steps evenly, so 150 sockets in 1024 slots often share none: a test that
+    needs collisions asks for a few slots instead of hoping for them.
     """
 
     # The reader looks again this long after it found records, for those
@@ -448,7 +454,7 @@ class FlowTracker:
 
     def __init__(self, ports: Iterable[int], vips: Iterable[str] = (), netns_inodes: Iterable[int] = (),
                  max_flows: int = 65536, ring_pages: int = 256, coalesce: bool = True,
-                 reader: str = "auto"):
+                 reader: str = "auto", slots: int | None = None):
         from bcc import BPF  # heavy (~0.3 s), only here
         from bcc.libbcc import lib
 
@@ -456,13 +462,15 @@ class FlowTracker:
             raise ValueError(f"ring_pages must be a power of 2, not {ring_pages}")
         if reader not in ("auto", "mapped", "callback"):
             raise ValueError(f"reader is 'auto', 'mapped' or 'callback', not {reader!r}")
+        if slots is not None and (slots < 2 or slots & (slots - 1)):   # 1 slot: a shift by 64 in C
+            raise ValueError(f"slots must be a power of 2 from 2 up, not {slots}")
         ring_bytes = int(ring_pages) * mmap.PAGESIZE
         offsets = bpf_offsets()
         cflags = [f"-D{k}={v}" for k, v in offsets.items()] + _window_flags(offsets)
         # Wake the reader by the time a quarter of the ring is waiting: it has
         # the other three quarters' worth of time to be scheduled.
         # A slot per flow allowed; the hash map for collisions holds half as many.
-        self._slot_bits = slot_bits(max_flows)
+        self._slot_bits = slot_bits(max_flows) if slots is None else int(slots).bit_length() - 1
         cflags += [f"-DSLOT_BITS={self._slot_bits}", f"-DSPILL_FLOWS={max(1024, int(max_flows) // 2)}",
                    f"-DRING_PAGES={int(ring_pages)}",
                    f"-DWAKE_BYTES={ring_bytes // 4}", f"-DWAKE_GAP_NS={int(self.WAKE_GAP_S * 1e9)}ULL", "-w"]

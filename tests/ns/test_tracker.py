@@ -328,14 +328,16 @@ def test_full_ring_in_the_default_mode(lab):
 
 
 def test_sockets_whose_slots_collide_are_kept_in_the_hash_map(lab):
-    """150 flows in 1024 slots: some socket pointers share a slot (~11 pairs
-    expected; none at all has odds of ~e^-11). Those flows live in the hash
-    map, are found there on every change and leave it on close."""
+    """150 flows in 4 slots: at most 4 get a slot, the others share one with
+    a flow that has it. Those flows live in the hash map, are found there on
+    every change and leave it on close. (Not 1024 slots hoping for collisions:
+    slab neighbours' pointers are spread evenly by the Fibonacci hash, and CI
+    once saw 150 sockets in 150 distinct slots.)"""
     from nfsreset.tracker import FlowTracker
 
     topo, listeners = lab
     pairs = []
-    with FlowTracker([PORT], [T.VIP4], [netns.inode_of(topo.ns("node1"))], max_flows=1024,
+    with FlowTracker([PORT], [T.VIP4], [netns.inode_of(topo.ns("node1"))], slots=4,
                      coalesce=False) as tr:
         try:
             for _ in range(150):
@@ -344,7 +346,7 @@ def test_sockets_whose_slots_collide_are_kept_in_the_hash_map(lab):
             opened = events_until(tr, lambda e: sum(x.kind == "open" for x in e) >= 150)
             assert sorted(e.flow.key.cport for e in opened if e.kind == "open") == cports
             in_slots, spilled = tr.table_sizes()
-            assert in_slots + spilled == 150 and spilled > 0, (in_slots, spilled)
+            assert in_slots + spilled == 150 and 1 <= in_slots <= 4, (in_slots, spilled)
             assert sorted(f.key.cport for f in tr.flows()) == cports
             for c, _ in pairs:
                 c.close()
