@@ -370,38 +370,28 @@ def _test_run(attr) -> bool:
     return libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, attr, _TEST_RUN_ATTR) == 0
 
 
-def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 0.2) -> tuple[int, int, int] | None:
-    """(t0 ns, j0, tick ns): jiffies became j0 at CLOCK_MONOTONIC t0 (to the
-    ~10 us a sample takes), and a tick is tick ns (the kernel's HZ, known
-    from the edges seen over span_s). None when the program cannot be run or
-    the ticks match no HZ a kernel is built with: a tick that is not exact
-    would put old flows' births ever further off."""
-    if _SYS_BPF is None:
-        return None
-    zero, one = ctypes.c_int(0), ctypes.c_int(1)
-    attr = ctypes.create_string_buffer(_TEST_RUN_ATTR)
-    struct.pack_into("I", attr, 0, prog_fd)
+# A jiffies edge lies between the last sample before it and the first after;
+# only a narrow bracket dates it. Back-to-back samples are ~10 us apart, and a
+# sampler preempted or interrupted across an edge would date it late by up to
+# a tick (seen as a 5% HZ error, which left the daemon without the pair).
+_EDGE_BRACKET_NS = 50_000
 
-    def read() -> tuple[int, int] | None:
-        if not _test_run(attr):
-            return None
-        return int(sample[zero].value), int(sample[one].value)
 
-    first = read()
-    if first is None:
-        return None
+def clock_pair_from(samples: Iterable[tuple[int, int]], span_ns: int = 20_000_000) -> tuple[int, int, int] | None:
+    """(t0 ns, j0, tick ns) from (jiffies, CLOCK_MONOTONIC ns) samples taken
+    back to back: jiffies became j0 at t0 (to the bracket), and a tick is tick
+    ns. Reads until a clean edge span_ns after the first clean one (or the
+    samples end). None with fewer than two clean edges, or ticks that match
+    no HZ a kernel is built with: a tick that is not exact would put old
+    flows' births ever further off."""
     edges = []
-    last_j = first[0]
-    deadline = time.monotonic() + timeout_s
-    for _ in range(200_000):
-        if time.monotonic() > deadline or (len(edges) > 1 and edges[-1][1] - edges[0][1] >= span_s * 1e9):
-            break
-        got = read()
-        if got is None:
-            return None
-        if got[0] != last_j:
+    prev = None
+    for got in samples:
+        if prev is not None and got[0] != prev[0] and got[1] - prev[1] <= _EDGE_BRACKET_NS:
             edges.append(got)
-            last_j = got[0]
+            if got[1] - edges[0][1] >= span_ns:
+                break
+        prev = got
     if len(edges) < 2:
         return None
     (j1, t1), (j2, t2) = edges[0], edges[-1]
@@ -413,6 +403,26 @@ def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 
     if not near:
         return None
     return t2, j2, (1_000_000_000 + near[0] // 2) // near[0]
+
+
+def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 0.2) -> tuple[int, int, int] | None:
+    """clock_pair_from() over samples the unattached program `clock_pair`
+    takes when run (BPF_PROG_TEST_RUN), for at most timeout_s; None when the
+    program cannot be run."""
+    if _SYS_BPF is None:
+        return None
+    zero, one = ctypes.c_int(0), ctypes.c_int(1)
+    attr = ctypes.create_string_buffer(_TEST_RUN_ATTR)
+    struct.pack_into("I", attr, 0, prog_fd)
+
+    def samples():
+        deadline = time.monotonic() + timeout_s
+        for _ in range(200_000):
+            if time.monotonic() > deadline or not _test_run(attr):
+                return
+            yield int(sample[zero].value), int(sample[one].value)
+
+    return clock_pair_from(samples(), int(span_s * 1e9))
 
 
 # -- the tracker -------------------------------------------------------------------

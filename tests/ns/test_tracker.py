@@ -391,32 +391,45 @@ def test_young_flows_state_change_is_in_the_map_then_reported(lab, tracker):
     from nfsreset.tracker import FlowTracker
 
     topo, listeners = lab
-    with capture(topo) as cap:
-        c, s = connect(topo, listeners, T.VIP4, PORT)
-        cport = c.getsockname()[1]
-        client_isn, _ = handshake_isns(cap, cport)
-    try:
-        (opened,) = events_until(tracker, lambda e: e)
-        assert opened.kind == "open" and opened.flow.state == "ESTABLISHED"
-        c.close()                                       # our socket: CLOSE_WAIT
-        deadline = time.monotonic() + 1
-        while time.monotonic() < deadline:
-            (now,) = tracker.flows()
-            if now.state == "CLOSE_WAIT":
-                break
-            time.sleep(0.002)
-        assert now.state == "CLOSE_WAIT" and now.rcv_nxt == (client_isn + 2) % 2**32
-        assert time.monotonic() < opened.flow.first_seen + FlowTracker.STATE_AGE_S, "test too slow to tell"
-        evs = events_until(tracker, lambda e: e, timeout=1)
-        arrived = time.monotonic()
-        assert [(e.kind, e.old_state, e.flow.state) for e in evs] == [("state", "ESTABLISHED", "CLOSE_WAIT")]
-        assert evs[0].flow.rcv_nxt == (client_isn + 2) % 2**32
-        # not a record (that would have come within RECHECK_S), the look-up
-        age = FlowTracker.STATE_AGE_S
-        assert opened.flow.first_seen + age <= arrived < opened.flow.first_seen + age + 0.3
-    finally:
-        c.close()
-        s.close()
+    age = FlowTracker.STATE_AGE_S
+    # The close must come while the flow is young (~40 ms from the server's
+    # ESTABLISHED, typically 10-25 ms here); a scheduler stall on a busy VM can
+    # eat that. Then the kernel rightly sends a record, which tells nothing:
+    # try afresh, at most three times.
+    for attempt in range(3):
+        # the capture stays open to the end: closing an AF_PACKET socket waits
+        # for an RCU grace period (8-20 ms), which would sit in the window
+        with capture(topo) as cap:
+            c, s = connect(topo, listeners, T.VIP4, PORT)
+            evs = []
+            try:
+                cport = c.getsockname()[1]
+                client_isn, _ = handshake_isns(cap, cport)
+                (opened,) = events_until(tracker, lambda e: e)
+                assert opened.kind == "open" and opened.flow.state == "ESTABLISHED"
+                c.close()                                       # our socket: CLOSE_WAIT
+                deadline = time.monotonic() + 1
+                while time.monotonic() < deadline:
+                    (now,) = tracker.flows()
+                    if now.state == "CLOSE_WAIT":
+                        break
+                    time.sleep(0.002)
+                assert now.state == "CLOSE_WAIT" and now.rcv_nxt == (client_isn + 2) % 2**32
+                if time.monotonic() >= opened.flow.first_seen + age - 0.005:
+                    continue                                    # too slow to tell
+                evs = events_until(tracker, lambda e: e, timeout=1)
+                arrived = time.monotonic()
+                assert [(e.kind, e.old_state, e.flow.state) for e in evs] == [("state", "ESTABLISHED", "CLOSE_WAIT")]
+                assert evs[0].flow.rcv_nxt == (client_isn + 2) % 2**32
+                # not a record (that would have come within RECHECK_S), the look-up
+                assert opened.flow.first_seen + age <= arrived < opened.flow.first_seen + age + 0.3
+                return
+            finally:
+                c.close()
+                s.close()
+                if attempt < 2 and not evs:   # a retry: this flow's close must not be taken for the next one's events
+                    events_until(tracker, lambda e: any(x.kind == "close" for x in e), timeout=1)
+    pytest.fail(f"three tries, each closed later than {age} s after the open: too slow to tell")
 
 
 def test_batched_wakeups_deliver_within_the_recheck_time(lab, tracker):
@@ -429,14 +442,16 @@ def test_batched_wakeups_deliver_within_the_recheck_time(lab, tracker):
     socks = []
     try:
         for i in range(2):
-            t0 = time.monotonic()
             socks += connect(topo, listeners, T.VIP4, PORT)
             evs = tracker.poll(timeout_ms=2000)
-            took = time.monotonic() - t0
             assert [e.kind for e in evs] == ["open"], evs
-            # the first: woken at once; the second (within WAKE_GAP_S of the
-            # first wakeup): found by the re-check
-            assert took < (0.05 if i == 0 else FlowTracker.RECHECK_S + 0.05), (i, took)
+            # From the kernel's stamp of the open: the first is woken at once
+            # (~1 ms), the second (within WAKE_GAP_S of the first wakeup) is
+            # found by the re-check (~RECHECK_S). A missed wakeup or re-check
+            # would sleep the whole 2 s poll: the bound leaves room for a
+            # scheduler stall, not for that.
+            took = time.monotonic() - evs[0].flow.first_seen
+            assert took < (0.25 if i == 0 else FlowTracker.RECHECK_S + 0.25), (i, took)
         # No record at all: poll() sleeps its whole timeout and returns empty.
         t0 = time.monotonic()
         assert tracker.poll(timeout_ms=150) == []
