@@ -27,6 +27,22 @@ NFS_PORT = 2049
 VIPS = {4: (VIP4, VIP4_B), 6: (VIP6, VIP6_B)}
 
 
+def wait_until(cond, timeout: float, step: float = 0.02) -> float | None:
+    """Seconds until cond() held, or None (bounded)."""
+    start = time.monotonic()
+    while True:
+        if cond():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            return None
+        time.sleep(step)
+
+
+def wait_for(cond, timeout: float = 5.0, step: float = 0.02) -> bool:
+    """Whether cond() held within timeout s."""
+    return wait_until(cond, timeout, step) is not None
+
+
 # -- the scene ------------------------------------------------------------------------------
 def client_ip(vip: str) -> str:
     return HOST_ADDRS["client"][1 if ":" in vip else 0]

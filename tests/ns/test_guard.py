@@ -15,6 +15,7 @@ from nfsreset import netns
 from nfsreset.guard import Guard, available
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, VIP4, VIP4_B, VIP6, VIP6_B
 from nfsreset.model import FlowKey
+from tests.ns.scene import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -34,15 +35,6 @@ def _client_ip(vip):
 
 def tcp_state(sock):
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]  # tcpi_state
-
-
-def wait_for(pred, timeout=3.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def nft_tables(topo, node):

@@ -35,6 +35,7 @@ from nfsreset.lab import report
 from nfsreset.lab.mover_ocf import AddrMonitor
 from nfsreset.lab.run import ClientLog
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6
+from tests.ns.scene import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -232,6 +233,9 @@ def run_scene(cluster: Cluster) -> tuple[dict, dict]:
 def test_failback_is_fast_with_the_notify_script(cluster_factory):
     cluster = cluster_factory(notify=True)
     failover, failback = run_scene(cluster)
+    # The MASTER tickle's line is written when the tickle exits, which may be
+    # after the client's first reply (it repeats for a while): wait for it.
+    wait_for(lambda: all(f"MASTER: nfsreset tickle {vip}: " in cluster.notify_log("node1") for vip in VIPS))
     node1, node2 = cluster.notify_log("node1"), cluster.notify_log("node2")
     for vip in VIPS:
         print(f"keepalived+notify {vip}: failover {failover[vip][:3]} failback {failback[vip][:3]}")

@@ -159,7 +159,11 @@ def test_a_registered_remedy_runs_at_post_stop_and_fixes_failback():
     assert cls.calls == [("post_stop", "node1", VIP4, False, 1), ("post_stop", "node2", VIP4, False, 1)]
     assert run["failover"]["stale_sockets"] == [] and run["failback"]["stale_sockets"] == []
     assert run["failover"]["recovered"] and run["failback"]["recovered"], run
-    assert run["failback"]["stall"] < 3.0
+    # IPv4 is usable ~1.05 s after the delete; the client's 1.6 s retransmission
+    # (0.2 tail loss probe, 0.4, 0.8, 1.6, 3.3 s) meets a node1 without the
+    # stale socket. A lab stall of ~0.5 s would leave it to the 3.3 s one; the
+    # baseline never recovers at all, so the bound still proves the hook.
+    assert run["failback"]["stall"] < 3.5
     hooks = {(h["phase"], h["hook"], h["node"]) for h in run["hook_timings"]}
     assert {("failover", "post_stop", "node1"), ("failover", "pre_start", "node2"),
             ("failover", "post_start", "node2"), ("failback", "post_stop", "node2"),
@@ -194,13 +198,16 @@ class _Lines:
 def test_client_walks_ports_down_keeps_its_port_and_backs_off(topo):
     server_ip = HOST_ADDRS["node1"][0]
     server = topo.popen("node1", sys.executable, "-m", "nfsreset.lab.server", "--port", "2049",
-                        stdout=subprocess.DEVNULL)
+                        stdout=subprocess.PIPE)
     # something else holds 1023 in the client namespace: xs_bind walks down to 1022
     squatter = topo.popen("client", sys.executable, "-c",
-                          "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',1023)); s.listen(); time.sleep(30)")
+                          "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',1023)); s.listen(); "
+                          "print('{\"ev\": \"bound\"}', flush=True); time.sleep(30)", stdout=subprocess.PIPE)
     client = None
     try:
-        time.sleep(0.5)
+        # both must be in place before the client starts (a fixed sleep raced two interpreter starts)
+        assert _Lines(server).until(lambda e: any(x["ev"] == "listening" for x in e), 10)
+        assert _Lines(squatter).until(lambda e: e, 10) == [{"ev": "bound"}]
         client = topo.popen("client", sys.executable, "-m", "nfsreset.lab.client", "--server", server_ip,
                             "--duration", "30", stdout=subprocess.PIPE)
         lines = _Lines(client)
@@ -208,7 +215,8 @@ def test_client_walks_ports_down_keeps_its_port_and_backs_off(topo):
         connected = [e for e in evs if e["ev"] == "connected"]
         assert connected and connected[0]["port"] == 1022, evs[:5]
         replies = [e["t"] for e in evs if e["ev"] == "reply"]
-        assert len(replies) >= 5 and 0.01 < (replies[-1] - replies[0]) / (len(replies) - 1) < 0.1
+        gaps = sorted(b - a for a, b in zip(replies, replies[1:]))
+        assert len(replies) >= 5 and 0.01 < gaps[len(gaps) // 2] < 0.1, gaps    # median: one stall is no pace
         # the server goes away: EOF, an immediate reconnect from the same port, refused, then 3 s, 6 s
         server.terminate()
         server.wait(timeout=5)
@@ -216,7 +224,8 @@ def test_client_walks_ports_down_keeps_its_port_and_backs_off(topo):
         delays = [e["delay"] for e in evs if e["ev"] == "reconnect"]
         assert delays[:3] == [0.0, 3.0, 6.0], evs
         errors = [e["err"] for e in evs if e["ev"] == "error"]
-        assert errors[:2] == ["EOF", "ECONNREFUSED"], errors
+        # EOF, or a reset when the server died with a request unread (tcp_close sends RST then)
+        assert errors[0] in ("EOF", "ECONNRESET") and errors[1] == "ECONNREFUSED", errors
         assert {e["port"] for e in evs if e["ev"] == "connecting"} == {1022}
     finally:
         for p in (client, squatter, server):

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from nfsreset.lab.topology import VIP4, VIP6
+from tests.ns.scene import wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -97,15 +98,6 @@ def run_agent(topo, tmp_path, action, ip=VIP4, agent=AGENT, **params):
 def calls(tmp_path) -> list[str]:
     log = tmp_path / "calls.log"
     return log.read_text().splitlines() if log.exists() else []
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_ocf_tester_passes_with_the_real_nfsreset(topo, tmp_path):

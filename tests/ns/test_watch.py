@@ -15,7 +15,7 @@ import time
 import pytest
 
 from nfsreset.lab.topology import VIP4, VIP6
-from tests.ns.scene import NFS_PORT, Scene, nft_tables
+from tests.ns.scene import NFS_PORT, Scene, nft_tables, wait_until
 
 pytestmark = [pytest.mark.netns]
 
@@ -91,17 +91,6 @@ def remove_live_table(topo, node: str) -> None:
         os.unlink(live_table_path(os.stat(f"/run/netns/{topo.ns(node)}").st_ino))
     except FileNotFoundError:
         pass
-
-
-def wait_until(cond, timeout: float, step: float = 0.02) -> float | None:
-    """Seconds until cond() held, or None (bounded)."""
-    start = time.monotonic()
-    while True:
-        if cond():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            return None
-        time.sleep(step)
 
 
 def _watch_end_to_end(scene, vip: str, bpf: bool) -> None:

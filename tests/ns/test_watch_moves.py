@@ -26,8 +26,8 @@ from nfsreset.lab.remedy_watch import READY_TIMEOUT_S, Watch
 from nfsreset.lab.run import ClientLog, _Run
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6
 from nfsreset.watch import live_table_path
-from tests.ns.scene import NFS_PORT, nft_tables, vip_sockets
-from tests.ns.test_watch import StderrLines, loaded_prog_ids, prog_ids_held_by, remove_live_table, wait_until
+from tests.ns.scene import NFS_PORT, nft_tables, vip_sockets, wait_for, wait_until
+from tests.ns.test_watch import StderrLines, loaded_prog_ids, prog_ids_held_by, remove_live_table
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -347,5 +347,7 @@ def test_fifty_moves_leave_nothing_behind_and_memory_stays_flat(scene, family):
     for n in pids:
         assert nft_tables(topo, n) == ""
         assert not os.path.exists(live_table_path(netns_inode(topo, n)))
-    assert not (progs["node1"] | progs["node2"]) & loaded_prog_ids()
-    assert not (maps["node1"] | maps["node2"]) & loaded_map_ids()
+    # The kernel frees a map after the RCU grace period that follows its
+    # program's release, not at the daemon's exit: give it a moment.
+    assert wait_for(lambda: not (progs["node1"] | progs["node2"]) & loaded_prog_ids(), timeout=2)
+    assert wait_for(lambda: not (maps["node1"] | maps["node2"]) & loaded_map_ids(), timeout=2)
