@@ -131,7 +131,13 @@ struct clock {
     u64 tick_ns;
 };
 BPF_ARRAY(clock, struct clock, 1);
-BPF_ARRAY(clock_sample, u64, 2);
+/* One reading of jiffies, between two of the monotonic clock (clock_pair). */
+struct clock_sample {
+    u64 before;
+    u64 jiffies;
+    u64 after;
+};
+BPF_ARRAY(clock_sample, struct clock_sample, 1);
 BPF_ARRAY(lost, u64, 1);
 BPF_ARRAY(wake, struct wake, 1);
 /*
@@ -302,16 +308,17 @@ static __always_inline void emit(u32 kind, u32 old_state, const struct flow *f, 
 /*
  * Not attached: tracker.py runs it with BPF_PROG_TEST_RUN to read the
  * kernel's jiffies and monotonic clock together (user space sees no jiffies).
+ * The clock is read on both sides: a test run can be preempted or interrupted
+ * between two helper calls, and a reading that took long dates nothing.
  */
 int clock_pair(void *ctx)
 {
     u32 i = 0;
-    u64 *j = clock_sample.lookup(&i);
-    i = 1;
-    u64 *ns = clock_sample.lookup(&i);
-    if (j && ns) {
-        *j = bpf_jiffies64();
-        *ns = bpf_ktime_get_ns();
+    struct clock_sample *s = clock_sample.lookup(&i);
+    if (s) {
+        s->before = bpf_ktime_get_ns();
+        s->jiffies = bpf_jiffies64();
+        s->after = bpf_ktime_get_ns();
     }
     return 0;
 }

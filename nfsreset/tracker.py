@@ -370,39 +370,62 @@ def _test_run(attr) -> bool:
     return libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, attr, _TEST_RUN_ATTR) == 0
 
 
-# A jiffies edge lies between the last sample before it and the first after;
-# only a narrow bracket dates it. Back-to-back samples are ~10 us apart, and a
-# sampler preempted or interrupted across an edge would date it late by up to
-# a tick (seen as a 5% HZ error, which left the daemon without the pair).
-_EDGE_BRACKET_NS = 50_000
+# Pairing ends once two jiffies edges at least span_ns apart are dated to
+# within this fraction of the time between them: the HZ values a kernel is
+# built with are >= 17% apart, and the pair's tick is snapped to one of them.
+_PAIR_REL_WIDTH = 0.01
 
 
-def clock_pair_from(samples: Iterable[tuple[int, int]], span_ns: int = 20_000_000) -> tuple[int, int, int] | None:
-    """(t0 ns, j0, tick ns) from (jiffies, CLOCK_MONOTONIC ns) samples taken
-    back to back: jiffies became j0 at t0 (to the bracket), and a tick is tick
-    ns. Reads until a clean edge span_ns after the first clean one (or the
-    samples end). None with fewer than two clean edges, or ticks that match
-    no HZ a kernel is built with: a tick that is not exact would put old
-    flows' births ever further off."""
-    edges = []
+def clock_pair_from(samples: Iterable[tuple[int, int, int]], span_ns: int = 20_000_000) -> tuple[int, int, int] | None:
+    """(t0 ns, j0, tick ns) from (jiffies, lo, hi) samples taken back to back
+    (jiffies read between CLOCK_MONOTONIC lo and hi ns): jiffies became j0 at
+    t0, and a tick is tick ns. None with fewer than two edges, or ticks that
+    match no HZ a kernel is built with (within 5%): a tick that is not exact
+    would put old flows' births ever further off.
+
+    An edge lies between the lo of the last sample before it and the hi of
+    the first after. Back to back that bracket is ~10 us, but a sampler
+    preempted or interrupted around an edge widens it to milliseconds (2 CPUs
+    busy: a third of the edges). So the tick comes from the pair of edges
+    dated best relative to the time between them (midpoints), and t0 from
+    the well-dated ones (below). Reading ends when a pair span_ns apart
+    is within _PAIR_REL_WIDTH (after 20 ms when the sampler runs freely), or
+    when the samples end (the caller's deadline): then the best pair seen
+    counts, if its tick snaps."""
+    edges: list[tuple[int, int, int]] = []         # (jiffies, lo, hi): became jiffies in [lo, hi] ns
+    best = None                                    # (relative width, span, edge a, edge b)
     prev = None
-    for got in samples:
-        if prev is not None and got[0] != prev[0] and got[1] - prev[1] <= _EDGE_BRACKET_NS:
-            edges.append(got)
-            if got[1] - edges[0][1] >= span_ns:
+    for j, lo, hi in samples:
+        if prev is not None and j != prev[0]:
+            b = (j, prev[1], hi)
+            mid_b, w_b = (b[1] + b[2]) / 2, b[2] - b[1]
+            for a in edges:
+                span = mid_b - (a[1] + a[2]) / 2
+                rel = (w_b + a[2] - a[1]) / span
+                if best is None or rel < best[0]:
+                    best = (rel, span, a, b)
+            edges.append(b)
+            if best is not None and best[1] >= span_ns and best[0] <= _PAIR_REL_WIDTH:
                 break
-        prev = got
-    if len(edges) < 2:
+        prev = (j, lo, hi)
+    if best is None:
         return None
-    (j1, t1), (j2, t2) = edges[0], edges[-1]
+    _, span, a, b = best
     # One tick seen alone is off by up to ~3% here (tick interrupts jitter in
-    # a VM); over 20 ms the estimate is within a fraction of a percent, and
-    # the HZ values a kernel is built with are >= 17% apart.
-    hz = 1e9 * (j2 - j1) / (t2 - t1)
+    # a VM); over 20 ms the estimate is within a fraction of a percent.
+    hz = 1e9 * (b[0] - a[0]) / span
     near = [h for h in (100, 250, 300, 1000) if abs(h - hz) <= h * 0.05]
     if not near:
         return None
-    return t2, j2, (1_000_000_000 + near[0] // 2) // near[0]
+    tick = (1_000_000_000 + near[0] // 2) // near[0]
+    # A narrow bracket dates when jiffies moved, but a tick can move it late
+    # (its CPU stolen by the host: 2 ms seen with both CPUs busy, in ~1% of
+    # pairings), never early. The phase that most well-dated edges agree on is
+    # the schedule's.
+    narrow = min(e[2] - e[1] for e in edges) + 10_000
+    j0 = edges[-1][0]
+    phases = sorted((lo + hi) // 2 + (j0 - j) * tick for j, lo, hi in edges if hi - lo <= narrow)
+    return phases[(len(phases) - 1) // 2], j0, tick
 
 
 def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 0.2) -> tuple[int, int, int] | None:
@@ -411,7 +434,7 @@ def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 
     program cannot be run."""
     if _SYS_BPF is None:
         return None
-    zero, one = ctypes.c_int(0), ctypes.c_int(1)
+    zero = ctypes.c_int(0)
     attr = ctypes.create_string_buffer(_TEST_RUN_ATTR)
     struct.pack_into("I", attr, 0, prog_fd)
 
@@ -420,7 +443,8 @@ def _clock_pairs(prog_fd: int, sample, span_s: float = 0.02, timeout_s: float = 
         for _ in range(200_000):
             if time.monotonic() > deadline or not _test_run(attr):
                 return
-            yield int(sample[zero].value), int(sample[one].value)
+            s = sample[zero]
+            yield int(s.jiffies), int(s.before), int(s.after)
 
     return clock_pair_from(samples(), int(span_s * 1e9))
 
