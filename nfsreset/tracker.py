@@ -473,7 +473,7 @@ class FlowTracker:
     `slots` (a power of 2) overrides the size of the slot array, which is
     otherwise max_flows rounded up, at least 1024. Socket pointers come from
     a slab in steps of its object size, and the Fibonacci hash spreads such
-    steps evenly, so 150 sockets in 1024 slots often share none: a test that
+    steps evenly, so 150 sockets in 1024 slots can share none (seen): a test that
     needs collisions asks for a few slots instead of hoping for them.
     """
 
