@@ -42,9 +42,9 @@ against the mean of the baseline runs just before and after it, so drift and
 other load on the machine (2 cores, shared) weigh on both sides. The order of
 the modes changes from round to round. Reported: median ratio and its spread
 (min-max) over the rounds, and the reader's CPU per operation (all, and user
-time alone). --bpf-stats sets kernel.bpf_stats_enabled=1 for the run (and
-puts the previous value back) and adds a figure much less noisy than the
-rate: the tracker programs' own run time per operation, from the kernel's
+time alone). --bpf-stats turns the kernel's BPF stats on for the run (held
+by a descriptor: the sysctl is left alone) and adds a figure much less noisy
+than the rate: the tracker programs' own run time per operation, from the kernel's
 run_time_ns/run_cnt. The stats add ~30 ns of clock reads to every program
 run, which is in that figure (and slightly in the ratios).
 """
@@ -81,7 +81,7 @@ UNIT = {"churn": "connections/s", "rr": "round trips/s", "net": "connections/s"}
 OP = {"churn": "connection", "rr": "round trip", "net": "connection"}
 # The tracker's programs (bpf/flowtrack.c), as their names contain them.
 PROGS = ("inet_sock_set_state", "tcp_probe")
-BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+BPF_ENABLE_STATS = 32          # bpf(2) command, Linux >= 5.8
 # The net clients start together this long after they are launched (a Python
 # start under `ip netns exec` takes ~50 ms, more on a loaded machine).
 START_MARGIN_S = 0.3
@@ -388,18 +388,27 @@ def _prog_stats(progs: dict[str, int]) -> dict[str, tuple[int, int]]:
 
 
 class _BpfStatsOn:
-    """kernel.bpf_stats_enabled=1 within the block, the previous value after."""
+    """The kernel's BPF run-time stats on within the block, through
+    BPF_ENABLE_STATS: they stay on while its descriptor is open, so a run
+    that is killed, or two that overlap, leave the host-wide sysctl
+    kernel.bpf_stats_enabled as it was (writing the sysctl and putting the
+    old value back did neither)."""
 
     def __enter__(self):
-        with open(BPF_STATS) as f:
-            self.previous = f.read().strip()
-        with open(BPF_STATS, "w") as f:
-            f.write("1")
+        import ctypes
+
+        from nfsreset.netns import libc
+        from nfsreset.tracker import _SYS_BPF
+
+        attr = ctypes.create_string_buffer(8)       # enable_stats.type = BPF_STATS_RUN_TIME (0)
+        self.fd = libc.syscall(_SYS_BPF, BPF_ENABLE_STATS, attr, len(attr)) if _SYS_BPF else -1
+        if self.fd < 0:
+            raise SystemExit(f"bench_tracker: --bpf-stats: BPF_ENABLE_STATS failed: "
+                             f"{os.strerror(ctypes.get_errno()) if _SYS_BPF else 'unknown machine'}")
         return self
 
     def __exit__(self, *exc) -> None:
-        with open(BPF_STATS, "w") as f:
-            f.write(self.previous)
+        os.close(self.fd)
 
 
 # -- the measurement ------------------------------------------------------------------
@@ -497,8 +506,8 @@ def main() -> None:
                     help="tracker modes (an older tracker.py takes no keywords: tracker, 'not drained', 'other port')")
     ap.add_argument("--clients", type=int, default=2, help="client processes of the net load (default 2)")
     ap.add_argument("--bpf-stats", action="store_true",
-                    help="set kernel.bpf_stats_enabled=1 meanwhile (then the previous value) and report the "
-                         "tracker programs' run time per operation")
+                    help="turn the kernel's BPF stats on meanwhile (BPF_ENABLE_STATS, not the sysctl) and "
+                         "report the tracker programs' run time per operation")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     ap.add_argument("--worker", choices=("churn", "rr", "net-server", "net-client"), help=argparse.SUPPRESS)
     ap.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
