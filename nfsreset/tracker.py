@@ -418,10 +418,10 @@ def clock_pair_from(samples: Iterable[tuple[int, int, int]], span_ns: int = 20_0
     if not near:
         return None
     tick = (1_000_000_000 + near[0] // 2) // near[0]
-    # A narrow bracket dates when jiffies moved, but a tick can move it late
-    # (its CPU stolen by the host: 2 ms seen with both CPUs busy, in ~1% of
-    # pairings), never early. The phase that most well-dated edges agree on is
-    # the schedule's.
+    # A narrow bracket dates when jiffies moved; a tick that comes late moves
+    # it late, never early. The median phase of the well-dated edges is not
+    # fooled by one such edge. (Shifts of the whole schedule by up to half a
+    # tick were seen with both CPUs busy: docs/internals.md, "Young or old".)
     narrow = min(e[2] - e[1] for e in edges) + 10_000
     j0 = edges[-1][0]
     phases = sorted((lo + hi) // 2 + (j0 - j) * tick for j, lo, hi in edges if hi - lo <= narrow)
