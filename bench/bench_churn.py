@@ -96,15 +96,17 @@ class Phases:
 def start_load(load, seconds: float) -> tuple[list[subprocess.Popen], int]:
     """The load's processes, started to run `seconds`, and the pid to count in."""
     if isinstance(load, BT.NetLoad):
-        server = load._start_server()
-        start_at = time.monotonic() + BT.START_MARGIN_S
-        clients = [subprocess.Popen(BT._child_argv(load.cli, load.CLI_CPU, "--worker", "net-client", "--seconds",
-                                                   str(seconds), "--start-at", repr(start_at)),
-                                    stdout=subprocess.DEVNULL) for _ in range(load.clients)]
+        server = load.start_server()
+        try:
+            clients = load.start_clients(seconds, stdout=subprocess.DEVNULL)
+        except BaseException:
+            stop_load([server])
+            raise
         time.sleep(BT.START_MARGIN_S + 0.2)
-        return [server, *clients], server.pid
-    proc = subprocess.Popen(BT._child_argv(load.ns, None, "--worker", load.kind, "--seconds", str(seconds)),
-                            stdout=subprocess.DEVNULL)
+        # clients first: stop_load kills in this order, and a client whose
+        # server died first prints a connection error
+        return [*clients, server], server.pid
+    proc = load.start(seconds, stdout=subprocess.DEVNULL)
     time.sleep(0.3)                     # listening and connecting by then
     return [proc], proc.pid
 

@@ -218,11 +218,14 @@ class LoLoad:
         sh("ip", "netns", "exec", self.ns, "sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=0")
         return netns.inode_of(self.ns)
 
+    def start(self, seconds: float, stdout=subprocess.PIPE) -> subprocess.Popen:
+        """The worker, running `seconds`; it prints its count on stdout."""
+        return subprocess.Popen(_child_argv(self.ns, None, "--worker", self.kind, "--seconds", str(seconds)),
+                                stdout=stdout, text=True)
+
     def run(self, seconds: float, tracker) -> tuple[int, int]:
         """(operations, tracker events) of one run."""
-        proc = subprocess.Popen(_child_argv(self.ns, None, "--worker", self.kind, "--seconds", str(seconds)),
-                                stdout=subprocess.PIPE, text=True)
-        counts, events = _drive([proc], seconds, tracker, f"{self.kind} worker")
+        counts, events = _drive([self.start(seconds)], seconds, tracker, f"{self.kind} worker")
         return counts[0], events
 
     def teardown(self) -> None:
@@ -267,7 +270,7 @@ class NetLoad:
             sh("ip", "-n", ns, "link", "set", dev, "up")
         return netns.inode_of(self.srv)
 
-    def _start_server(self) -> subprocess.Popen:
+    def start_server(self) -> subprocess.Popen:
         server = subprocess.Popen(_child_argv(self.srv, self.SRV_CPU, "--worker", "net-server"),
                                   stdout=subprocess.PIPE, text=True)
         try:
@@ -282,21 +285,28 @@ class NetLoad:
             raise
         return server
 
-    def run(self, seconds: float, tracker) -> tuple[int, int]:
-        server = self._start_server()
+    def start_clients(self, seconds: float, stdout=subprocess.PIPE) -> list[subprocess.Popen]:
+        """The client processes, counting together from START_MARGIN_S on for
+        `seconds` (each prints its count on stdout); none is left running if
+        one cannot be started."""
+        start_at = time.monotonic() + START_MARGIN_S
+        clients = []
         try:
-            start_at = time.monotonic() + START_MARGIN_S
-            clients = []
-            try:
-                for _ in range(self.clients):
-                    clients.append(subprocess.Popen(
-                        _child_argv(self.cli, self.CLI_CPU, "--worker", "net-client", "--seconds", str(seconds),
-                                    "--start-at", repr(start_at)), stdout=subprocess.PIPE, text=True))
-            except BaseException:
-                for c in clients:
-                    c.kill()
-                    c.wait()
-                raise
+            for _ in range(self.clients):
+                clients.append(subprocess.Popen(
+                    _child_argv(self.cli, self.CLI_CPU, "--worker", "net-client", "--seconds", str(seconds),
+                                "--start-at", repr(start_at)), stdout=stdout, text=True))
+        except BaseException:
+            for c in clients:
+                c.kill()
+                c.wait()
+            raise
+        return clients
+
+    def run(self, seconds: float, tracker) -> tuple[int, int]:
+        server = self.start_server()
+        try:
+            clients = self.start_clients(seconds)
             counts, events = _drive(clients, START_MARGIN_S + seconds, tracker, "net clients")
             if server.poll() is not None:
                 raise SystemExit(f"net server ended during the run (exit code {server.returncode})")
@@ -522,7 +532,8 @@ def main() -> None:
         raise SystemExit("needs root (namespaces, BPF)")
     if args.clients < 1:
         raise SystemExit("--clients must be at least 1")
-    # A plain kill must also remove the namespaces and restore the sysctl.
+    # A plain kill must also remove the namespaces (the BPF stats descriptor
+    # closes with the process).
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
     from nfsreset.tracker import FlowTracker
