@@ -195,6 +195,12 @@ def slot_bits(max_flows: int) -> int:
     return max(10, (int(max_flows) - 1).bit_length())
 
 
+def map_slots(map_fd: int, entries: int) -> mmap.mmap:
+    """A read-only mapping of a `slots` array of `entries` flows (its fd)."""
+    size = entries * _FLOW.size
+    return mmap.mmap(map_fd, (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1), mmap.MAP_SHARED, mmap.PROT_READ)
+
+
 def occupied_slots(table) -> list[int]:
     """Indexes of the slots that hold a flow, in a mapped `slots` array."""
     col = memoryview(table).cast("Q")
@@ -527,10 +533,7 @@ class FlowTracker:
             if leaf != _FLOW.size:
                 raise TrackerError(f"struct flow is {leaf} bytes in flowtrack.c, {_FLOW.size} in tracker.py")
             self._flows_fd = flows.map_fd
-            slots = self._bpf[b"slots"]
-            size = (1 << self._slot_bits) * _FLOW.size
-            self._slots = mmap.mmap(slots.map_fd, (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1),
-                                    mmap.MAP_SHARED, mmap.PROT_READ)
+            self._slots = map_slots(self._bpf[b"slots"].map_fd, 1 << self._slot_bits)
             events = self._bpf[b"events"]
             if events.max_entries != ring_bytes:
                 raise TrackerError(f"ring is {events.max_entries} bytes, expected {ring_bytes}")

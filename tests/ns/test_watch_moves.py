@@ -80,11 +80,9 @@ def bpf_ids_held_by(pid: int, field: str) -> set[int]:
 def flows_map_entries(pid: int) -> int:
     """Flows in the table the daemon's tracker holds: occupied entries of its
     `slots` array (mapped by map id) plus the `flows` hash map (bpftool dump)."""
-    import mmap
-
     from bcc.libbcc import lib
 
-    from nfsreset.tracker import occupied_slots
+    from nfsreset.tracker import map_slots, occupied_slots
 
     found, count = set(), 0
     for mid in bpf_ids_held_by(pid, "map_id"):
@@ -99,9 +97,7 @@ def flows_map_entries(pid: int) -> int:
             fd = lib.bpf_map_get_fd_by_id(mid)
             assert fd >= 0, f"no fd for map {mid}"
             try:
-                size = info["max_entries"] * info["bytes_value"]
-                with mmap.mmap(fd, (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1), mmap.MAP_SHARED,
-                               mmap.PROT_READ) as table:
+                with map_slots(fd, info["max_entries"]) as table:
                     count += len(occupied_slots(table))
             finally:
                 os.close(fd)
