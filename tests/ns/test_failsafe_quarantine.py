@@ -243,3 +243,85 @@ def test_a_quarantined_v4_source_sends_only_while_it_is_local(scene):
         cap.close()
         g.remove_all()
     assert nft_tables(topo, "node1") == ""
+
+
+# -- what a watch owns ---------------------------------------------------------------------------
+def _elements(topo, node: str) -> dict[str, set]:
+    """{'quarantine': {vip}, 'stale': {vip}}: which VIPs have elements in node's table."""
+    from nfsreset.guard import Guard
+    with netns.entered(topo.ns(node)):
+        g = Guard()
+    return {"quarantine": g.quarantined(), "stale": {k.vip for k, _ in g.stale()}}
+
+
+def _start_watch(scene, vip: str, *extra: str):
+    proc = scene.popen("node1", "watch", "--vip", vip, "--state-dir", scene.state, "--no-bpf", *extra,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = StderrLines(proc)
+    if not err.wait_for(r"\bready\b", READY_TIMEOUT_S):
+        proc.kill()
+        proc.wait()
+        raise AssertionError(err.text())
+    return proc, err
+
+
+def _stop(proc, sig=signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout=10)
+
+
+def test_sigterm_of_a_watch_leaves_the_hooks_elements_and_a_restart_reconciles(scene):
+    topo = scene.topo
+    mine, theirs = VIP4, VIP4_B
+    for v in (mine, theirs):
+        topo.add_addr("node1", v)
+    a = scene.connect(mine, 45001)
+    b = scene.connect(theirs, 45002)
+    assert a.echo() and b.echo()
+    # The hooks own `theirs`: it left, `kill` (forced onto the nft rung) guarded
+    # its session and quarantined it.
+    topo.del_addr("node1", theirs)
+    res = scene.nfsreset("node1", "kill", "--vip", theirs, "--state-dir", scene.state, "--strategy", "nft")
+    assert res.returncode == 0, res.stderr
+    assert _elements(topo, "node1") == {"quarantine": {theirs}, "stale": {theirs}}
+
+    procs = []
+    try:
+        # A watch owns `mine`: it leaves, the watch guards and quarantines it.
+        proc, err = _start_watch(scene, mine, "--strategy", "nft")
+        procs.append(proc)
+        topo.del_addr("node1", mine)
+        assert wait_until(lambda: _elements(topo, "node1") == {"quarantine": {mine, theirs},
+                                                               "stale": {mine, theirs}}, 5.0) is not None, \
+            (_elements(topo, "node1"), err.text())
+        assert _stop(proc) == 0, err.text()
+        err.thread.join(timeout=5)
+        assert "Traceback" not in err.text(), err.text()
+        print("\n" + err.text().splitlines()[-1])
+        # SIGTERM removed the watch's own elements, and only those.
+        assert _elements(topo, "node1") == {"quarantine": {theirs}, "stale": {theirs}}, err.text()
+
+        # Restart while `mine` is away: quarantined again (the AWAY run).
+        proc, err = _start_watch(scene, mine)
+        procs.append(proc)
+        assert wait_until(lambda: mine in _elements(topo, "node1")["quarantine"], 5.0) is not None, err.text()
+        _stop(proc, signal.SIGKILL)                    # leaves its element behind
+        remove_live_table(topo, "node1")
+        topo.add_addr("node1", mine, nodad=True)       # back by hand, nobody lifts
+        assert mine in _elements(topo, "node1")["quarantine"]
+
+        # Restart while `mine` is here: the left element is lifted at start.
+        proc, err = _start_watch(scene, mine)
+        procs.append(proc)
+        assert err.wait_for(rf"lifted the quarantine of {mine}", 5.0), err.text()
+        assert _elements(topo, "node1") == {"quarantine": {theirs}, "stale": {theirs}}
+        assert _stop(proc) == 0, err.text()
+        assert _elements(topo, "node1") == {"quarantine": {theirs}, "stale": {theirs}}
+        assert "inet nfsreset" in nft_tables(topo, "node1")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        remove_live_table(topo, "node1")

@@ -281,6 +281,20 @@ def test_remove_all_leaves_nothing_and_is_idempotent(topo, guard1):
     assert guard1.stale() == [] and guard1.quarantined() == set()
 
 
+def test_release_removes_only_the_named_vips_elements(topo, guard1):
+    mine = [FlowKey(VIP4, PORT, "198.51.100.100", 905), FlowKey(VIP6, PORT, "2001:db8::100", 905)]
+    theirs = FlowKey(VIP4_B, PORT, "198.51.100.100", 905)
+    guard1.add_stale(mine + [theirs])
+    for v in (VIP4, VIP6, VIP4_B):
+        guard1.quarantine(v)
+    assert guard1.release([VIP4, VIP6, "2001:db8::99"]) == (2, 2)
+    assert guard1.quarantined() == {VIP4_B}
+    assert [k for k, _ in guard1.stale()] == [theirs]
+    assert guard1.release([VIP4, VIP6]) == (0, 0)           # nothing of theirs left: idempotent
+    assert guard1.release([VIP4_B]) == (1, 1)
+    assert nft_tables(topo, "node1") == ""                  # emptied: the table goes
+
+
 def test_guard_is_pinned_to_the_namespace_it_was_made_in(topo, guard1):
     # guard1 was created in node1 and is used here from the test's own
     # namespace: the table must still land in node1, and only there.
