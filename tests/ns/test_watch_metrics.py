@@ -82,14 +82,14 @@ def test_a_thousand_idle_connections_do_not_take_the_daemon_down(scene):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, soft + IDLE_CONNS + 100), hard))
         # One after the other, each handshake done before the next (the way a
         # local user fills a listener's queue faster than a short backlog drops them).
-        connected, misses, deadline = 0, 0, time.monotonic() + 30
+        connected, misses, deadline = 0, 0, time.monotonic() + 40
         for _ in range(IDLE_CONNS):
             if misses >= 3 or time.monotonic() > deadline:
                 break
             with netns.entered(topo.ns("client")):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             idle.append(s)
-            s.settimeout(1.5)        # one SYN retransmission (1 s) included
+            s.settimeout(3.5)        # two SYN retransmissions (1 s, 3 s): a full backlog drops SYNs
             try:
                 s.connect((host, port))
                 connected += 1
