@@ -203,7 +203,7 @@ def watch(
     keeps the state dir current while it owns a VIP. Prints a line containing
     `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
     """
-    from nfsreset.watch import Config, ConfigError, load_config, parse_metrics, run_daemon
+    from nfsreset.watch import Config, ConfigError, bind_metrics, load_config, parse_metrics, run_daemon
     try:
         doc = load_config(config) if config else {}
         vips_text = list(vip) or list(doc.get("vips") or [])
@@ -225,8 +225,13 @@ def watch(
         if not netns.exists(cfg.netns):
             raise Fail(f"--netns: network namespace {cfg.netns!r} does not exist (see `ip netns list`)")
     _need_root("it loads BPF, destroys sockets and changes nftables")
+    # The metrics port first: if it is taken, nothing else may have been created yet.
+    try:
+        metrics_sock = bind_metrics(*cfg.metrics, cfg.netns) if cfg.metrics else None
+    except ConfigError as e:
+        raise Fail(str(e)) from None
     _state(cfg.state_dir)
-    return run_daemon(cfg)
+    return run_daemon(cfg, metrics_sock)
 
 
 # `lab` lives with the lab; its module imports only typer at load time.

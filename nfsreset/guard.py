@@ -15,8 +15,8 @@ deleted when nothing is left in it. Documents go through libnftables' JSON API
             (same two for ip6)
         }
         chain quarantine { type filter hook output priority filter;
-            ip saddr @quarantine4 drop
-            ip6 saddr @quarantine6 drop
+            ip saddr @quarantine4 fib saddr type != local drop
+            ip6 saddr @quarantine6 fib saddr type != local drop
         }
     }
 
@@ -34,6 +34,10 @@ challenge ACK, and the client's RST answering it kills that socket.
 Quarantine: while a VIP is away, drop output whose source is the VIP. IPv6
 sockets keep sending from a deleted address (FIN, retransmissions, even the RST
 of SOCK_DESTROY), and those were measured to push clients into SYN back-off.
+The rule drops only while the source is not a local address (`fib saddr type
+!= local`), so an element can never mute a VIP that is back, whoever added it
+back and whether or not anyone lifts the element: the elements are the record
+of intent, the kernel's address table decides (docs/internals.md).
 
 Every mutation sends the skeleton with it, in the same transaction: `add` of
 an existing table/chain is a no-op, flush-then-add makes the rules idempotent,
@@ -146,10 +150,18 @@ def guard_rules(family: int, syn_delete: bool = True) -> list[dict]:
     return rules
 
 
+# `fib saddr type != local`: the source is not (or no longer, or not yet: IPv6
+# DAD) a usable local address. As `nft -j list` prints a rule made by the CLI.
+def not_local_source() -> dict:
+    return {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["saddr"]}}, "right": "local"}}
+
+
 def quarantine_rule(family: int) -> dict:
     name = QUARANTINE_SETS[family]
     return {"rule": _obj(chain=QUARANTINE_CHAIN, comment=f"{name}: VIP away, send nothing from it", expr=[
         {"match": {"op": "==", "left": _payload(_L3[family], "saddr"), "right": f"@{name}"}},
+        # After the lookup: the fib lookup runs only for a quarantined source.
+        not_local_source(),
         {"drop": None},
     ])}
 
@@ -231,6 +243,17 @@ def delete_stale_commands(by_family: dict[int, list[tuple]]) -> list[dict]:
 def quarantine_commands(vip: str, add: bool) -> list[dict]:
     vip = norm_ip(vip)
     return [{"add" if add else "delete": {"element": _obj(name=QUARANTINE_SETS[family_of(vip)], elem=[vip])}}]
+
+
+def release_commands(stale_by_family: dict[int, list[tuple]], quarantined: Iterable[str]) -> list[dict]:
+    """Delete these stale tuples and quarantine elements (all present), one transaction."""
+    cmds = delete_stale_commands(stale_by_family)
+    by_family: dict[int, list[str]] = {}
+    for vip in sorted(norm_ip(v) for v in quarantined):
+        by_family.setdefault(family_of(vip), []).append(vip)
+    cmds += [{"delete": {"element": _obj(name=QUARANTINE_SETS[fam], elem=vips)}}
+             for fam, vips in sorted(by_family.items())]
+    return cmds
 
 
 def delete_table_commands() -> list[dict]:
@@ -476,6 +499,32 @@ class Guard:
         return parse_quarantined(self._list())
 
     # -- lifecycle ---------------------------------------------------------
+    def release(self, vips: Iterable[str]) -> tuple[int, int]:
+        """Remove what belongs to these VIPs (their quarantine elements and the
+        stale tuples on them), nothing else; drop the table if that emptied it.
+        What a `watch` owns: the hooks' elements for other VIPs stay.
+        Returns (stale tuples removed, quarantine elements removed)."""
+        vips = {norm_ip(v) for v in vips}
+        if self.dry_run:
+            self._send(release_commands({}, sorted(vips)), f"release {', '.join(sorted(vips))}")
+            return 0, len(vips)
+        for attempt in (1, 2):
+            listing = self._list()
+            stale = [k for k, _ in parse_stale(listing) if k.vip in vips]
+            quarantined = parse_quarantined(listing) & vips
+            if not stale and not quarantined:
+                break
+            try:
+                self._send(release_commands(group_stale(stale), quarantined),
+                           f"release {len(stale)} stale tuple(s) and {len(quarantined)} quarantine(s)")
+                break
+            except GuardError:
+                # An element timed out or a SYN deleted it since the listing: once more.
+                if attempt == 2:
+                    raise
+        self.prune()
+        return len(stale), len(quarantined)
+
     def remove_all(self) -> None:
         self._send(delete_table_commands(), f"delete table {FAMILY} {TABLE}")
 
@@ -494,8 +543,8 @@ class Guard:
 def available() -> tuple[bool, str]:
     """Can we build our kind of table here (this thread's netns)? For `doctor`.
 
-    Adds a scratch table with the same set types, reject and set-delete rules,
-    and deletes it in the same transaction: the kernel initialises every
+    Adds a scratch table with the same set types, reject, set-delete and fib
+    rules (the skeleton, quarantine included), and deletes it in the same transaction: the kernel initialises every
     expression (loading modules) yet nothing is left behind."""
     probe = f"{TABLE}-probe-{os.getpid()}"
     try:
@@ -516,4 +565,5 @@ def available() -> tuple[bool, str]:
     rc, _, err = nft.json_cmd(document(cmds))
     if rc != 0:
         return False, f"nftables refused our table: {_one_line(err)}"
-    return True, "nftables: inet table with concatenated timeout sets, reject and set-delete rules"
+    return True, ("nftables: inet table with concatenated timeout sets, reject and set-delete rules, "
+                  "fib saddr type (self-lifting quarantine)")

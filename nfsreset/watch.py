@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import json
 import os
 import queue
 import select
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -143,23 +146,181 @@ class Metrics:
                     self.tickles += st.get("sent", 0)
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> None:
-    import http.server
+# The metrics endpoint must never cost the daemon its descriptors or threads: one
+# thread, one selector, a bounded number of connections, each with a deadline.
+METRICS_MAX_CONNS = 16        # held at once; more are accepted and closed at once
+METRICS_TIMEOUT_S = 2.0       # to send the request line and headers, then to take the reply
+METRICS_MAX_REQUEST = 8192    # bytes of request head read at most
+METRICS_ACCEPT_BACKOFF_S = 0.1   # after EMFILE & co.: the listener stays readable, do not spin
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = metrics.render().encode()
-            self.send_response(200 if self.path in ("/metrics", "/") else 404)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *a):
+class MetricsError(ConfigError):
+    pass
+
+
+def bind_metrics(host: str, port: int, netns_name: str | None = None):
+    """The listening socket for --metrics, in netns_name: made before anything else
+    exists (state dir, nft table, BPF), so a port in use changes nothing.
+    MetricsError (one line) if it cannot be had."""
+    from nfsreset import netns
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except (socket.gaierror, UnicodeError) as e:
+        raise MetricsError(f"--metrics {shown}: cannot resolve {host!r}: {e}") from None
+    fam, _, _, _, addr = infos[0]
+    with netns.entered(netns_name):
+        sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        why = "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
+        raise MetricsError(f"--metrics {shown}: {why}") from None
+    return sock
+
+
+class MetricsServer:
+    """HTTP/1.0-style GET /metrics on one selector thread. A connection gets
+    METRICS_TIMEOUT_S to send its request and again to take the reply, then is
+    closed; beyond METRICS_MAX_CONNS a connection is accepted and closed at once;
+    accept errors (EMFILE, ENFILE, ENOBUFS...) are logged and survived."""
+
+    def __init__(self, metrics: Metrics, sock, log: Callable[[str], None] = lambda line: None):
+        self.metrics, self.sock, self.log = metrics, sock, log
+        self.sel = selectors.DefaultSelector()     # epoll: no FD_SETSIZE limit
+        self.conns: dict[int, dict] = {}           # fd -> {sock, deadline, inbuf, outbuf}
+        self.stop = threading.Event()
+        self.refused = 0
+        self.accept_errors = 0
+        self._paused_until = 0.0
+        self.sel.register(sock, selectors.EVENT_READ, None)
+        self.thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=2)
+        for fd in list(self.conns):
+            self._drop(fd)
+        try:
+            self.sel.close()
+        finally:
+            self.sock.close()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._once()
+            except Exception as e:   # never let the endpoint die silently, nor spin
+                self.log(f"metrics endpoint: {type(e).__name__}: {e}")
+                time.sleep(METRICS_ACCEPT_BACKOFF_S)
+
+    def _once(self) -> None:
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self.sel.register(self.sock, selectors.EVENT_READ, None)
+        timeout = 0.5
+        if self.conns:
+            timeout = min(timeout, max(0.0, min(c["deadline"] for c in self.conns.values()) - now))
+        if self._paused_until:
+            timeout = min(timeout, max(0.0, self._paused_until - now))
+        for key, events in self.sel.select(timeout):
+            if key.data is None:
+                self._accept()
+            elif key.fd in self.conns:
+                self._serve(key.fd, events)
+        now = time.monotonic()
+        for fd in [fd for fd, c in self.conns.items() if c["deadline"] <= now]:
+            self._drop(fd)
+
+    def _accept(self) -> None:
+        for _ in range(256):   # bounded per wakeup; the selector brings us back
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                # EMFILE/ENFILE/ENOBUFS/ENOMEM: the pending connection stays queued
+                # and the listener readable; look again a little later.
+                self.accept_errors += 1
+                if self.accept_errors == 1 or self.accept_errors % 1000 == 0:
+                    self.log(f"metrics endpoint: accept failed ({e.strerror}); "
+                             f"{self.accept_errors} time(s) so far, backing off")
+                self.sel.unregister(self.sock)
+                self._paused_until = time.monotonic() + METRICS_ACCEPT_BACKOFF_S
+                return
+            if len(self.conns) >= METRICS_MAX_CONNS:
+                self.refused += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.conns[conn.fileno()] = {"sock": conn, "deadline": time.monotonic() + METRICS_TIMEOUT_S,
+                                         "inbuf": b"", "outbuf": None}
+            self.sel.register(conn, selectors.EVENT_READ, "conn")
+
+    def _drop(self, fd: int) -> None:
+        c = self.conns.pop(fd, None)
+        if c is None:
+            return
+        try:
+            self.sel.unregister(c["sock"])
+        except (KeyError, ValueError):
             pass
+        c["sock"].close()
 
-    srv = http.server.ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=srv.serve_forever, name="metrics", daemon=True).start()
+    def _serve(self, fd: int, events: int) -> None:
+        c = self.conns[fd]
+        s = c["sock"]
+        try:
+            if c["outbuf"] is None:
+                data = s.recv(4096)
+                if not data:
+                    self._drop(fd)
+                    return
+                c["inbuf"] += data
+                head_end = c["inbuf"].find(b"\r\n\r\n")
+                if head_end < 0:
+                    head_end = c["inbuf"].find(b"\n\n")
+                if head_end < 0:
+                    if len(c["inbuf"]) > METRICS_MAX_REQUEST:
+                        self._drop(fd)
+                    return
+                c["outbuf"] = self._reply(c["inbuf"])
+                c["deadline"] = time.monotonic() + METRICS_TIMEOUT_S
+                self.sel.modify(s, selectors.EVENT_WRITE, "conn")
+            n = s.send(c["outbuf"])
+            c["outbuf"] = c["outbuf"][n:]
+            if not c["outbuf"]:
+                self._drop(fd)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(fd)
+
+    def _reply(self, head: bytes) -> bytes:
+        parts = head.split(b"\n", 1)[0].split()
+        method = parts[0] if parts else b""
+        path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+        if method not in (b"GET", b"HEAD"):
+            status, body = "405 Method Not Allowed", b"GET only\n"
+        elif path in (b"/metrics", b"/"):
+            status, body = "200 OK", self.metrics.render().encode()
+        else:
+            status, body = "404 Not Found", b"see /metrics\n"
+        hdr = (f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        return hdr + (b"" if method == b"HEAD" else body)
 
 
 class DaemonState(StateDir):
@@ -195,10 +356,12 @@ class DaemonState(StateDir):
 
 
 class Daemon:
-    def __init__(self, cfg: Config, log: Callable[[str], None]):
+    def __init__(self, cfg: Config, log: Callable[[str], None], metrics_sock=None):
         self.cfg = cfg
         self.log = log
         self.metrics = Metrics()
+        self.metrics_sock = metrics_sock   # bound by the caller before anything was created
+        self.metrics_server: MetricsServer | None = None
         self.stop = threading.Event()
         self.tracker = None
         self.table: dict[tuple[int | None, FlowKey], Flow] = {}   # (netns, key) -> flow
@@ -467,13 +630,20 @@ class Daemon:
         for t in threads:
             t.start()
         if self.cfg.metrics:
-            serve_metrics(self.metrics, *self.cfg.metrics)
+            if self.metrics_sock is None:
+                self.metrics_sock = bind_metrics(*self.cfg.metrics)
+            self.metrics_server = MetricsServer(self.metrics, self.metrics_sock, self.log)
+            self.metrics_server.start()
         # A restart while a VIP is away: end what its last stay left (no record:
-        # the list the owner keeps must not be overwritten from here).
+        # the list the owner keeps must not be overwritten from here); the AWAY run
+        # quarantines it again. A VIP that is here loses any quarantine element a
+        # killed daemon or a hook left (fib already lets it send; this is the record).
         for vip, here in sorted(self.present.items()):
             self.log(f"{vip} is {'configured here' if here else 'away'}")
             if not here:
                 self.queues[vip].put((P.Moment.AWAY, time.monotonic(), True))
+            else:
+                self.lift_left_quarantine(vip)
         with self.table_lock:
             self.dirty |= {v for v, p in self.present.items() if p}
         self.flush_state()
@@ -507,26 +677,43 @@ class Daemon:
             self.shutdown(ipr, threads)
         return 0
 
+    def lift_left_quarantine(self, vip: str) -> None:
+        if self.cfg.dry_run or self.guard is None:
+            return
+        try:
+            if vip in self.guard.quarantined():
+                self.guard.lift_quarantine(vip)
+                self.log(f"lifted the quarantine of {vip} left from before (it is configured here)")
+        except Exception as e:   # fib keeps it harmless; say so and go on
+            self.log(f"could not lift the quarantine of {vip}: {e}")
+
     def shutdown(self, ipr, threads) -> None:
         self.stop.set()
         for q in self.queues.values():
             q.put(None)
         for t in threads:
             t.join(timeout=3)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.tracker is not None:
             self.tracker.close()
+        done = ["BPF detached"] if self.tracker is not None else []
         if not self.cfg.dry_run:
+            # Only what this daemon owns: its VIPs' quarantine and stale-tuple
+            # elements. A hook's quarantine of another VIP stays; the table goes
+            # only once nothing is left in it.
             try:
                 from nfsreset.guard import Guard
-                (self.guard or Guard()).remove_all()
+                stale, quarantined = (self.guard or Guard()).release(self.cfg.vips)
+                done.append(f"released {stale} stale tuple(s) and {quarantined} quarantine(s) of its VIPs")
             except Exception as e:
-                self.log(f"could not remove nft table: {e}")
+                self.log(f"could not release its nft elements: {e}")
         try:
             os.unlink(live_table_path(self.netns_ino))
         except OSError:
             pass
         ipr.close()
-        self.log("stopped; BPF detached, nft table removed")
+        self.log("stopped" + "".join(f"; {d}" for d in done))
 
 
 def live_table_path(netns_ino: int | None) -> str:
@@ -565,11 +752,11 @@ def _trim_heap() -> None:
         pass
 
 
-def run_daemon(cfg: Config) -> int:
+def run_daemon(cfg: Config, metrics_sock=None) -> int:
     def log(line: str) -> None:
         print(f"nfsreset watch: {line}", file=sys.stderr, flush=True)
 
-    d = Daemon(cfg, log)
+    d = Daemon(cfg, log, metrics_sock)
 
     def on_signal(signum, _frame):
         log(f"signal {signal.Signals(signum).name}: shutting down")

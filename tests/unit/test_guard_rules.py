@@ -102,10 +102,32 @@ def test_without_syn_delete_only_reject_rules():
 
 
 @pytest.mark.parametrize("family,l3", [(4, "ip"), (6, "ip6")])
-def test_quarantine_rule_drops_by_source(family, l3):
+def test_quarantine_rule_drops_by_source_only_while_it_is_not_local(family, l3):
     expr = G.quarantine_rule(family)["rule"]["expr"]
+    # `ip saddr @quarantine4 fib saddr type != local drop`, exactly as nft 1.0.6's
+    # `nft -j list` prints the rule made with the CLI: an element left behind
+    # cannot mute a VIP that is configured again.
     assert expr == [{"match": {"op": "==", "left": {"payload": {"protocol": l3, "field": "saddr"}},
-                               "right": f"@quarantine{family}"}}, {"drop": None}]
+                               "right": f"@quarantine{family}"}},
+                    {"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["saddr"]}},
+                               "right": "local"}},
+                    {"drop": None}]
+
+
+def test_quarantine_rules_do_not_share_mutable_parts():
+    a, b = G.quarantine_rule(4), G.quarantine_rule(4)
+    a["rule"]["expr"][1]["match"]["right"] = "unicast"
+    assert b["rule"]["expr"][1]["match"]["right"] == "local"
+
+
+def test_release_deletes_exactly_the_named_elements():
+    cmds = G.release_commands(G.group_stale([K4, K6]), {"2001:DB8::10", "198.51.100.11", "198.51.100.10"})
+    assert cmds == G.delete_stale_commands(G.group_stale([K4, K6])) + [
+        {"delete": {"element": {"family": "inet", "table": "nfsreset", "name": "quarantine4",
+                                "elem": ["198.51.100.10", "198.51.100.11"]}}},
+        {"delete": {"element": {"family": "inet", "table": "nfsreset", "name": "quarantine6",
+                                "elem": ["2001:db8::10"]}}}]
+    assert G.release_commands({}, ()) == []
 
 
 def test_stale_elements_client_first_with_timeout_and_dedup():
