@@ -2,7 +2,10 @@
 
 Exit codes, for every command: 0 done, 1 some sessions could not be ended (or,
 for `flows`, stale sessions exist), 2 bad input, 3 refused for safety.
-Errors are one line on stderr: `nfsreset CMD: what and why`.
+Errors are one line on stderr: `nfsreset CMD: what and why`. Bad input is
+refused before anything is created (no state dir, nft table, BPF program). An
+unexpected exception is one line `nfsreset CMD: internal error: TYPE: MSG` and
+exit 1 on both front ends; NFSRESET_DEBUG=1 adds its traceback.
 
 Two front ends, one set of command bodies (here):
 - `kill` and `tickle` are exec'd by cluster agents at the worst moment of a

@@ -37,10 +37,42 @@ def lab():
         t.destroy()
 
 
-def _progs() -> dict[int, list]:
+# The flow tracker's programs (nfsreset/bpf/flowtrack.c, tracker.py) by name.
+OUR_PROGS = ("raw_tracepoint__", "tcp_probe", "clock_pair")
+
+
+def _our_progs() -> set[int]:
     out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, timeout=30,
                          check=True).stdout
-    return {p["id"]: p.get("pids") or [] for p in json.loads(out or "[]")}
+    return {p["id"] for p in json.loads(out or "[]") if str(p.get("name", "")).startswith(OUR_PROGS)}
+
+
+def _held_prog_ids() -> set[int]:
+    """Programs some live process holds a descriptor of (this bpftool does not list holders)."""
+    ids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    ids.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+            except (OSError, ValueError, IndexError):
+                pass
+    return ids
+
+
+def _left_progs(before: set[int]) -> set[int]:
+    """Tracker programs loaded since `before` that no process holds: left behind
+    (pinned). Other sessions' daemons may load theirs meanwhile; they hold them.
+    A program whose process just exited can stay listed for a moment: asked
+    again for up to 1 s."""
+    def unheld() -> set[int]:
+        new = _our_progs() - before
+        return new - _held_prog_ids() if new else set()
+    return set() if wait_until(lambda: not unheld(), 1.0) is not None else unheld()
 
 
 def _run(lab, argv, user: str | None = None) -> subprocess.CompletedProcess:
@@ -54,7 +86,7 @@ def _refused(lab, tmp_path, argv, named: str | tuple[str, ...], why: str, user: 
     state = str(tmp_path / "state")
     argv = [a.replace("{state}", state) for a in argv]
     tables = nft_tables(lab, NODE)
-    progs = _progs()
+    progs = _our_progs()
     res = _run(lab, argv, user)
     assert res.returncode == 2, (argv, res.returncode, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
@@ -66,9 +98,7 @@ def _refused(lab, tmp_path, argv, named: str | tuple[str, ...], why: str, user: 
     assert res.stdout == ""
     assert not os.path.lexists(state), f"{argv} created its state dir"
     assert nft_tables(lab, NODE) == tables, f"{argv} changed the nft ruleset"
-    # A program the command loaded and left would outlive it only pinned or
-    # held elsewhere: a new program that no process holds.
-    left = {i for i, pids in _progs().items() if i not in progs and not pids}
+    left = _left_progs(progs)
     assert not left, f"{argv} left BPF program(s) {left}"
     assert not os.path.exists(f"/run/netns/{MISSING_NS}")
 
