@@ -28,13 +28,18 @@ app = typer.Typer(
 
 
 def main() -> None:
-    # typer vendors click as typer._click (0.29); its exceptions are not re-exported.
-    from typer._click import exceptions as click_exc
+    # typer vendors click as typer._click (0.29); Debian 12's typer 0.7 uses click
+    # 8.1, which has no NoArgsIsHelpError (it prints the help and exits 0 itself).
+    try:
+        from typer._click import exceptions as click_exc
+    except ImportError:
+        from click import exceptions as click_exc
+    no_args_help = getattr(click_exc, "NoArgsIsHelpError", ())
     try:
         code = app(standalone_mode=False)
     except Fail as e:
         cli.fail_exit(e)
-    except click_exc.NoArgsIsHelpError as e:
+    except no_args_help as e:
         print(e.format_message())
         sys.exit(0)
     except click_exc.UsageError as e:
