@@ -9,7 +9,9 @@
 # caches), into build/deb/ where dpkg-buildpackage runs; the checkout itself
 # is not written to except dist/ and build/. Missing build dependencies are
 # installed with apt-get (Debian 12 packages only; NFSRESET_SKIP_APT=1 skips
-# that). Then lintian, with packaging/debian/nfsreset.lintian-overrides.
+# that). Then lintian: none of its tags fires today (also with --pedantic);
+# a warning that must stay goes into packaging/debian/nfsreset.lintian-overrides
+# with its reason.
 # Needs: root for apt-get only; the build runs under fakeroot.
 set -euo pipefail
 

@@ -152,13 +152,10 @@ class Container:
         self.proc = subprocess.Popen(["sh", "-c", script, "launcher", *self.cgroups], stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
-        procs = os.path.join(self.cgroups[1], "payload", "init.scope", "cgroup.procs")
         deadline = t0 + BOOT_S
-        while self.leader is None:
+        while self._find_leader() is None:
             assert time.monotonic() < deadline, f"no container init after {BOOT_S} s: {self.console()}"
             assert self.proc.poll() is None, f"systemd-nspawn exited {self.proc.returncode}: {self.console()}"
-            with contextlib.suppress(OSError, ValueError):
-                self.leader = int(open(procs).read().split()[0])
             time.sleep(0.05)
         while True:
             res = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=BOOT_S)
@@ -167,6 +164,13 @@ class Container:
             assert time.monotonic() < deadline, f"boot did not finish: {res.stdout} {self.console()}"
             time.sleep(0.2)
         return time.monotonic() - t0
+
+    def _find_leader(self) -> int | None:
+        """The container's PID 1, as a host pid (the file exists, empty, before it)."""
+        procs = os.path.join(self.cgroups[1], "payload", "init.scope", "cgroup.procs")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self.leader = int(open(procs).read().split()[0])
+        return self.leader
 
     def console(self) -> str:
         self.log.flush()
@@ -192,7 +196,7 @@ class Container:
         """Power off (kill if it will not), remove the cgroups. Returns what was left."""
         left = []
         if self.proc is not None:
-            if self.leader is not None and self.proc.poll() is None:
+            if self.proc.poll() is None and self._find_leader() is not None:
                 self.run("systemctl", "poweroff", check=False, timeout=10)
             try:
                 self.proc.wait(timeout=20)
@@ -318,6 +322,17 @@ def test_package_under_systemd(topo, container, deb, apt_cache_deps):
     print()
     assert {"destroy", "rst", "nft", "tickle", "watch-bpf"} <= set(doc["strategies"])
     assert all(r["ok"] for part in ("checks", "strategies") for r in doc[part].values()), doc
+    # linux-headers is only a Recommends: without headers doctor says what to install
+    build = f"/lib/modules/{os.uname().release}/build"
+    c.run("mv", build, build + ".away")
+    try:
+        res = c.run("nfsreset", "doctor", "--json", check=False)
+        assert res.stdout.startswith("{"), f"doctor without headers: {res.returncode} {res.stderr[-2000:]}"
+        doc = json.loads(res.stdout)
+    finally:
+        c.run("mv", build + ".away", build)
+    assert not doc["checks"]["headers"]["ok"]
+    assert f"apt install linux-headers-{os.uname().release}" in doc["checks"]["headers"]["why"], doc["checks"]
 
     # -- the watcher: enable --now, ready -------------------------------------------------
     c.run("sh", "-c", f"printf 'vips = [\"{VIP4}\", \"{VIP6_AWAY}\"]\\nports = [{PORT}]\\n' > /etc/nfsreset/nfs.toml")
