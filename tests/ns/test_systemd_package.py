@@ -16,8 +16,9 @@ packaged unit, agent and command are checked for real:
 - `systemctl stop` leaves no nft table, no BPF program of the watcher and no
   file outside the state dir;
 - the packaged OCF agent passes ocf-tester; `nfsreset doctor` reports every
-  rung; `apt-get remove` stops a running watcher and removes the nft table,
-  purge removes the state dir.
+  rung (and, with the kernel headers away, which package to install); a
+  reinstall (the upgrade path) restarts a running watcher; `apt-get remove`
+  stops it and removes the nft table, purge removes the state dir.
 
 What it took to run systemd here (PID 1 of the host is not systemd, cgroup v1
 hybrid): see docs/internals.md, "Testing under real systemd".
@@ -448,9 +449,19 @@ def test_package_under_systemd(topo, container, deb, apt_cache_deps):
                env={**os.environ, "OCF_ROOT": "/usr/lib/ocf"}).stdout
     assert 'name="nfsreset_bin"' in md and 'default="/usr/bin/nfsreset"' in md
 
-    # -- remove with the watcher running: stopped, table gone; purge: state dir gone --------
+    # -- an upgrade (here: reinstall) restarts a running watcher (postinst try-restart) -------
     c.run("systemctl", "start", UNIT)
     wait_for("ready again", lambda: journal(c).count("ready: watching") >= 2)
+    first = c.host_pids(UNIT)
+    t0 = time.monotonic()
+    c.run("apt-get", "install", "-y", "-q", "--reinstall", str(deb), timeout=180,
+          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    t["reinstall"] = time.monotonic() - t0
+    wait_for("ready after the upgrade", lambda: journal(c).count("ready: watching") >= 3)
+    assert c.host_pids(UNIT) and not set(first) & set(c.host_pids(UNIT)), "the watcher was not restarted"
+    assert "/etc/nfsreset/nfs.toml.example" in c.run("dpkg-query", "-W", "-f=${Conffiles}", "nfsreset").stdout
+
+    # -- remove with the watcher running: stopped, table gone; purge: state dir gone --------
     progs = bpf_prog_ids(c.host_pids(UNIT))
     assert progs
     t0 = time.monotonic()
