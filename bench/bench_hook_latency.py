@@ -72,7 +72,9 @@ PACKET_OUTGOING = 4
 
 
 def kill_vip(family: int, i: int) -> str:
-    return f"198.51.100.{20 + i}" if family == 4 else f"2001:db8::{0x20 + i:x}"
+    # past the client's own address (.100 / ::100), not on it
+    j = 20 + i + (20 + i >= 100) if family == 4 else 0x20 + i + (0x20 + i >= 0x100)
+    return f"198.51.100.{j}" if family == 4 else f"2001:db8::{j:x}"
 
 
 def launch_argv(topo: Topology, how: str, *args: str, binary: str = NFSRESET) -> list[str]:
@@ -339,7 +341,7 @@ def main() -> int:
         if not os.access(path, os.X_OK):
             print(f"--nfsreset: {path} is not executable", file=sys.stderr)
             return 2
-    if (2 + 2 * len(others)) * args.runs > 230:     # one fresh kill VIP per run: 198.51.100.20-250
+    if (2 + 2 * len(others)) * args.runs >= 230:    # one fresh kill VIP per run: 198.51.100.20-251
         print("--runs times launches (2 per command) must stay within 230", file=sys.stderr)
         return 2
 
