@@ -27,6 +27,10 @@ pkgs=(
     # front doors (cli/) and their checks in the test suite; keepalived only
     # for tests/ns/test_keepalived.py (its service stays off: no keepalived.conf)
     resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt keepalived
+    # tests/ns/test_systemd_package.py boots systemd in a container (it may
+    # upgrade systemd to the same version); packaging/build-deb.sh installs
+    # its own build dependencies
+    systemd-container
 )
 missing=()
 for p in "${pkgs[@]}"; do

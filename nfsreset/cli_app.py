@@ -47,10 +47,15 @@ def _interruptible(callback):
 
 
 def main() -> None:
-    # typer 0.29 vendors click as typer._click; Abort and Exit live in typer.exceptions
-    # (typer._click.exceptions has no Abort), the usage errors in typer._click.exceptions.
-    from typer._click import exceptions as click_exc
-    from typer.exceptions import Abort
+    # typer 0.29 vendors click as typer._click (its Abort lives in typer.exceptions);
+    # Debian 12's typer 0.7 uses click 8.1, which has no NoArgsIsHelpError (it
+    # prints the help and exits 0 itself). typer.Abort is the right class in both.
+    try:
+        from typer._click import exceptions as click_exc
+    except ImportError:
+        from click import exceptions as click_exc
+    no_args_help = getattr(click_exc, "NoArgsIsHelpError", ())
+    Abort = typer.Abort
     try:
         group = typer.main.get_command(app)
         for command in group.commands.values():
@@ -58,7 +63,7 @@ def main() -> None:
         code = group.main(standalone_mode=False)
     except Fail as e:
         cli.fail_exit(e)
-    except click_exc.NoArgsIsHelpError as e:
+    except no_args_help as e:
         print(e.format_message())
         sys.exit(0)
     except click_exc.UsageError as e:

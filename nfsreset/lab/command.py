@@ -9,6 +9,7 @@ import os
 import sys
 
 import typer
+from typing import Optional  # not `str | None`: Debian 12's typer 0.7 cannot read PEP 604 unions
 
 
 
@@ -51,7 +52,7 @@ def lab(
     mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside). Repeat or comma-separate to compare side by side."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
     gap: float = typer.Option(1.0, "--gap", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
-    strategy: str | None = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step of the lab on stderr."),
 ) -> None:
