@@ -1,0 +1,206 @@
+"""Presence is the kernel's answer (address table + FIB local), not one event's.
+
+Issue 10, items 2 and 3: an address on two devices, an `ip addr replace`, and
+addresses local through a `local` route range (AnyIP, LVS-DR) must never make
+a configured VIP look away: no session ended, no quarantine, no "left".
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from nfsreset import netns
+from nfsreset.lab.topology import HOST_ADDRS, IFACE, VIP4, VIP4_B, VIP6, VIP6_B
+from tests.ns.scene import one_line, wait_for
+from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines, remove_live_table
+
+pytestmark = [pytest.mark.netns]
+
+MARK = {4: VIP4_B, 6: VIP6_B}   # a second watched VIP: its arrival proves earlier events were handled
+# A `local` route range and a VIP inside it (no address configured for it anywhere).
+RANGE = {4: ("198.51.100.64/27", "198.51.100.70"), 6: ("2001:db8::40/124", "2001:db8::4a")}
+SETTLE_S = 0.6   # after the marker: a POST_STOP/POST_START queued before it has run by then
+
+
+def plen(vip: str, host: bool = False) -> str:
+    return ("128" if host else "64") if ":" in vip else ("32" if host else "24")
+
+
+def ip(topo, node: str, *argv: str) -> None:
+    topo.run(node, "ip", *argv)
+
+
+def quarantined(topo, node: str = "node1") -> set[str]:
+    """Elements of the quarantine sets, as `nft` lists them (empty: no table)."""
+    res = topo.run(node, "nft", "-j", "list", "ruleset", check=False)
+    out = set()
+    for item in json.loads(res.stdout or "{}").get("nftables", []):
+        s = item.get("set")
+        if s and s.get("family") == "inet" and "quarantine" in s.get("name", ""):
+            out |= {e for e in s.get("elem", []) if isinstance(e, str)}
+    return out
+
+
+def alive(scene, *clients) -> bool:
+    return all(c.echo() for c in clients) and all(scene.holds("node1", c) for c in clients)
+
+
+@contextlib.contextmanager
+def watching(scene, *vips: str):
+    """`nfsreset watch` in node1 (sock_diag dumps: presence does not depend on BPF);
+    yields its stderr reader once ready; SIGTERM at the end, exit 0, no traceback."""
+    args = ["watch", "--no-bpf", "--state-dir", scene.state]
+    for v in vips:
+        args += ["--vip", v]
+    proc = scene.popen("node1", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = StderrLines(proc)
+    try:
+        assert err.wait_for(r"\bready\b", READY_TIMEOUT_S), err.text()
+        yield err
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, err.text()
+        err.thread.join(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            remove_live_table(scene.topo, "node1")
+    assert "Traceback" not in err.text(), err.text()
+
+
+def add_range(topo, fam: int) -> str:
+    """The `local` route range in node1's table local, and a route to it from the
+    client through node1 (nothing answers ARP/ND for the range's addresses on
+    every kernel: IPv6 never does). Returns the VIP inside it."""
+    rng, vip = RANGE[fam]
+    ip(topo, "node1", f"-{fam}", "route", "add", "local", rng, "dev", "lo", "table", "local")
+    ip(topo, "client", f"-{fam}", "route", "add", rng, "via", HOST_ADDRS["node1"][fam == 6], "dev", IFACE)
+    return vip
+
+
+# -- the adapter against the kernel ---------------------------------------------------------------
+def test_kernel_presence_counts_every_device_local_routes_and_tentative_v6(topo):
+    from nfsreset import addrs
+    from nfsreset.presence import Presence
+
+    ip(topo, "node1", "addr", "add", f"{VIP4}/24", "dev", IFACE)
+    ip(topo, "node1", "addr", "add", f"{VIP4}/32", "dev", "lo")          # the same VIP on two devices
+    ip(topo, "node1", "-6", "addr", "add", f"{VIP6}/64", "dev", IFACE)   # DAD runs (~1 s): tentative
+    ip(topo, "node1", "-6", "addr", "add", f"{VIP6_B}/64", "dev", IFACE, "nodad")
+    v4_range, v6_range = add_range(topo, 4), add_range(topo, 6)
+    away = ("198.51.100.99", "2001:db8::99", "203.0.113.1")
+    with netns.entered(topo.ns("node1")):
+        seen = addrs.presence([VIP4, VIP6, VIP6_B, v4_range, v6_range, *away])
+    assert seen[VIP4] == Presence(True, True)
+    assert seen[VIP6] == Presence(True, False), "a tentative address is configured, not yet usable"
+    assert seen[VIP6_B] == Presence(True, True)
+    assert seen[v4_range] == Presence(True, True) and seen[v6_range] == Presence(True, True)
+    assert all(seen[v] == Presence(False, False) for v in away)
+    # What `ip route get` (and nft `fib saddr type`) say, for the ranges.
+    for v in (v4_range, v6_range):
+        assert topo.run("node1", "ip", "route", "get", v).stdout.startswith("local "), v
+    ip(topo, "node1", "addr", "del", f"{VIP4}/32", "dev", "lo")
+    topo.wait_usable("node1", VIP6)
+    with netns.entered(topo.ns("node1")):
+        seen = addrs.presence([VIP4, VIP6])
+        local = addrs.local_ips(vips=[v4_range])
+    assert seen == {VIP4: Presence(True, True), VIP6: Presence(True, True)}
+    assert {VIP4, VIP6, VIP6_B, v4_range} <= local and v6_range not in local
+
+
+# -- item 2: an address on two devices, then a replace ------------------------------------------------
+@pytest.mark.parametrize("fam", [4, 6])
+def test_watch_ignores_the_vip_added_and_removed_on_lo_and_replaced(scene, fam):
+    """`watch` with the VIP on eth0: adding and removing it on lo, then `ip addr
+    replace` on eth0, must not log "left", quarantine it, or end its sessions
+    (the old code logged "left", then "arrived" and destroyed both)."""
+    topo = scene.topo
+    vip, mark = (VIP4, VIP6)[fam == 6], MARK[fam]
+    topo.add_addr("node1", vip, nodad=True)
+    clients = [scene.connect(vip, 43001), scene.connect(vip, 43002)]
+    assert alive(scene, *clients)
+    with watching(scene, vip, mark) as err:
+        assert err.wait_for(rf"{vip} is configured here", 5), err.text()
+        ip(topo, "node1", "addr", "add", f"{vip}/{plen(vip, True)}", "dev", "lo")
+        ip(topo, "node1", "addr", "del", f"{vip}/{plen(vip, True)}", "dev", "lo")
+        ip(topo, "node1", "addr", "replace", f"{vip}/{plen(vip)}", "dev", IFACE,
+           *(["nodad"] if fam == 6 else []))
+        topo.add_addr("node1", mark, nodad=True)
+        assert err.wait_for(rf"{mark} arrived", 5), err.text()
+        time.sleep(SETTLE_S)
+        text = err.text()
+        assert f"{vip} left" not in text and f"{vip} arrived" not in text, text
+        assert "destroyed" not in text, text
+        assert vip not in quarantined(topo), quarantined(topo)
+        assert alive(scene, *clients), text
+        # and a real departure is still seen (the re-read is not stuck on "here")
+        topo.del_addr("node1", vip)
+        assert err.wait_for(rf"{vip} left", 3), err.text()
+        assert err.wait_for(r"destroyed 2 of 2 session\(s\)", 3), err.text()
+
+
+# -- item 3: a VIP local through a `local` route range ---------------------------------------------
+@pytest.mark.parametrize("fam", [4, 6])
+def test_kill_refuses_a_vip_local_through_a_local_route(scene, fam):
+    topo = scene.topo
+    vip = add_range(topo, fam)
+    c = scene.connect(vip, 44001)
+    assert alive(scene, c)
+    res = scene.nfsreset("node1", "kill", "--vip", vip, "--state-dir", scene.state)
+    assert res.returncode == 3, res.stderr
+    assert "configured on this host" in one_line(res.stderr)
+    assert alive(scene, c)
+    assert quarantined(topo) == set()
+    assert topo.run("node1", "nft", "list", "tables").stdout.strip() == ""
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_watch_sees_a_route_local_vip_as_configured_and_follows_the_route(scene, fam):
+    """At start-up the VIP is here (the old code said "away" and ended the live
+    session); deleting the route is a departure, adding it back an arrival."""
+    topo = scene.topo
+    rng, _ = RANGE[fam]
+    vip = add_range(topo, fam)
+    c = scene.connect(vip, 45001)
+    assert alive(scene, c)
+    with watching(scene, vip) as err:
+        assert err.wait_for(rf"{vip} is configured here", 5), err.text()
+        time.sleep(SETTLE_S)
+        assert "destroyed" not in err.text() and vip not in quarantined(topo), err.text()
+        assert alive(scene, c)
+        ip(topo, "node1", f"-{fam}", "route", "del", "local", rng, "dev", "lo", "table", "local")
+        assert err.wait_for(rf"{vip} left", 3), err.text()
+        assert err.wait_for(r"destroyed 1 of 1 session\(s\)", 3), err.text()
+        assert wait_for(lambda: vip in quarantined(topo), 3), err.text()
+        ip(topo, "node1", f"-{fam}", "route", "add", "local", rng, "dev", "lo", "table", "local")
+        assert err.wait_for(rf"{vip} arrived", 3), err.text()
+        assert wait_for(lambda: vip not in quarantined(topo), 3), err.text()
+
+
+# -- the route subscription must not cost the daemon its events ------------------------------------------
+def test_route_churn_is_filtered_in_the_kernel_and_the_vip_still_followed(scene):
+    """10,000 ordinary routes loaded at once (a routing daemon's table): without
+    the socket filter they overflow the event socket (ENOBUFS). The daemon sees
+    none of them and still acts on the VIP's departure within a second."""
+    topo = scene.topo
+    topo.add_addr("node1", VIP4)
+    c = scene.connect(VIP4, 46001)
+    with watching(scene, VIP4) as err:
+        assert err.wait_for(rf"{VIP4} is configured here", 5), err.text()
+        batch = "".join(f"route add 10.{i // 250}.{i % 250}.0/24 via {HOST_ADDRS['node2'][0]}\n"
+                        for i in range(10000))
+        subprocess.run(topo.exec_argv("node1", "ip", "-batch", "-"), input=batch, text=True,
+                       check=True, timeout=60)
+        started = time.monotonic()
+        topo.del_addr("node1", VIP4)
+        assert err.wait_for(r"destroyed 1 of 1 session\(s\)", 3), err.text()
+        took = time.monotonic() - started
+        print(f"VIP departure acted on {took:.3f} s after ip addr del, 10,000 routes loaded just before")
+        assert took < 1.0, err.text()
+        assert "events lost" not in err.text(), err.text()
+        assert c.wait_dead(0.1) is None   # ended in node1's kernel, not reset towards the client
