@@ -151,6 +151,9 @@ def test_kill_refuses_a_vip_local_through_a_local_route(scene, fam):
     vip = add_range(topo, fam)
     c = scene.connect(vip, 44001)
     assert alive(scene, c)
+    res = scene.nfsreset("node1", "flows", "--json")   # no --vip: the sessions' addresses are asked about
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["vips"][vip] == {"sessions": 1, "stale": 0, "configured": True}
     res = scene.nfsreset("node1", "kill", "--vip", vip, "--state-dir", scene.state)
     assert res.returncode == 3, res.stderr
     assert "configured on this host" in one_line(res.stderr)
@@ -204,3 +207,21 @@ def test_route_churn_is_filtered_in_the_kernel_and_the_vip_still_followed(scene)
         assert took < 1.0, err.text()
         assert "events lost" not in err.text(), err.text()
         assert c.wait_dead(0.1) is None   # ended in node1's kernel, not reset towards the client
+
+
+def test_watch_v6_arrival_during_dad_then_usable(scene):
+    """Kept as it was: an IPv6 VIP that arrives tentative is here at once (old
+    sockets ended, quarantine lifted); it is announced only once DAD is done."""
+    topo = scene.topo
+    with watching(scene, VIP6) as err:
+        assert err.wait_for(rf"{VIP6} is away", 5), err.text()
+        assert wait_for(lambda: VIP6 in quarantined(topo), 3), err.text()
+        topo.add_addr("node1", VIP6)                      # with DAD (~1-2 s here)
+        assert err.wait_for(rf"{VIP6} arrived \(tentative: waiting for DAD\)", 3), err.text()
+        assert wait_for(lambda: VIP6 not in quarantined(topo), 3), err.text()
+        topo.wait_usable("node1", VIP6)
+        assert err.wait_for(rf"{VIP6} usable \(DAD done\)", 3), err.text()
+        assert err.wait_for(rf"announced {VIP6} on {IFACE}", 3), err.text()
+        text = err.text()
+        assert text.index(f"{VIP6} usable (DAD done)") < text.index(f"announced {VIP6}"), text
+        assert text.count(f"{VIP6} arrived") == 1 and f"{VIP6} left" not in text, text
