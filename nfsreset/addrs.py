@@ -2,7 +2,8 @@
 
 A few dozen lines instead of pyroute2: importing pyroute2 and opening an
 IPRoute costs ~0.13 s here, and hooks must send their first packet within
-0.1 s of exec. The daemon uses pyroute2 for address *events* only.
+0.1 s of exec. The daemon reads its address and route events with the same
+framing (`messages`, `parse_addr`, `parse_route`).
 
 Two questions share one socket and one datagram: the address table (an
 RTM_GETADDR dump) and, per VIP, a FIB lookup (RTM_GETROUTE, what `ip route
@@ -22,8 +23,8 @@ from collections.abc import Iterable
 from nfsreset import presence as _presence
 from nfsreset.presence import Presence
 
-RTM_NEWADDR, RTM_GETADDR = 20, 22
-RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_FLAGS = 1, 2, 3, 8
@@ -69,14 +70,7 @@ def _exchange(sock: socket.socket, requests: list[tuple[int, int, bytes]]) -> li
     for _ in range(100000):   # bounded in count here, in time by the socket timeout
         if not waiting:
             break
-        data = sock.recv(1 << 16)
-        off = 0
-        while off + _NLMSG.size <= len(data):
-            length, mtype, flags, seq, _ = _NLMSG.unpack_from(data, off)
-            if length < _NLMSG.size or off + length > len(data):
-                raise OSError(errno.EBADMSG, "truncated rtnetlink message")
-            body = data[off + _NLMSG.size: off + length]
-            off += (length + 3) & ~3
+        for mtype, flags, seq, body in messages(sock.recv(1 << 16)):
             if seq not in waiting:
                 continue
             interrupted |= bool(flags & NLM_F_DUMP_INTR)
@@ -94,6 +88,37 @@ def _exchange(sock: socket.socket, requests: list[tuple[int, int, bytes]]) -> li
     if interrupted:
         raise _Interrupted()
     return out
+
+
+def messages(data: bytes):
+    """(type, flags, seq, body) of each netlink message in one datagram."""
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, mtype, flags, seq, _ = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size or off + length > len(data):
+            raise OSError(errno.EBADMSG, "truncated rtnetlink message")
+        yield mtype, flags, seq, data[off + _NLMSG.size: off + length]
+        off += (length + 3) & ~3
+
+
+def parse_route(body: bytes) -> tuple[int, str | None, int, int] | None:
+    """(family 4 or 6, destination or None for a default route, prefix length,
+    rtm_type) of an RTM_NEWROUTE/RTM_DELROUTE body; None for other families."""
+    if len(body) < _RTMSG.size:
+        return None
+    family, dst_len, _, _, _, _, _, rtype, _ = _RTMSG.unpack_from(body)
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    dst = None
+    off = _RTMSG.size
+    while off + _RTA.size <= len(body):
+        alen, atype = _RTA.unpack_from(body, off)
+        if alen < _RTA.size:
+            break
+        if atype == RTA_DST:
+            dst = socket.inet_ntop(family, body[off + _RTA.size: off + alen])
+        off += (alen + 3) & ~3
+    return (6 if family == socket.AF_INET6 else 4), dst, dst_len, rtype
 
 
 def _route_lookup(ip: str) -> tuple[int, int, bytes] | None:
@@ -170,6 +195,9 @@ def _parse(msg: bytes) -> Addr | None:
     ip = socket.inet_ntop(family, raw)
     return Addr(ip, plen, ifindex, bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)),
                 bool(flags & IFA_F_DADFAILED))
+
+
+parse_addr = _parse   # an RTM_NEWADDR/RTM_DELADDR body -> Addr (or None), for the daemon's events
 
 
 def local_ips(usable_only: bool = False, vips: Iterable[str] = ()) -> frozenset[str]:

@@ -1,9 +1,9 @@
-"""`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events via
-pyroute2), tracks their sessions (BPF flow tracker, or sock_diag dumps without
-BPF) and acts as DESIGN §4 says, through the same engine as the one-shot hooks.
+"""`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events say
+when to ask the kernel again: nfsreset.presence), tracks their sessions (BPF flow
+tracker, or sock_diag dumps without BPF) and acts as DESIGN §4 says, through the
+same engine as the one-shot hooks.
 
-Threads: the main thread owns the pyroute2 socket (pyroute2 0.9 delivers events
-only to the thread that created the IPRoute) and dispatches; a worker per VIP
+Threads: the main thread owns the rtnetlink event socket and dispatches; a worker per VIP
 runs the engine, so a 1.5 s tickle on one VIP never delays another VIP's
 teardown; a BPF poller feeds the flow table. All threads share the namespace the
 main thread entered before it started them (threads inherit it at creation).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import json
 import os
 import queue
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 from nfsreset import plan as P
 from nfsreset import presence as PR
-from nfsreset.addrs import RTN_LOCAL
+from nfsreset import addrs as A
 from nfsreset.model import Flow, FlowKey, norm_ip
 from nfsreset.statedir import StateDir
 
@@ -318,8 +319,12 @@ class Daemon:
                 self.dirty.add(vip)
             # Every socket on the VIP right now predates the address: remember them,
             # the post-start run ends them (the daemon's pre-start moment).
-            self.old_cookies[vip] = frozenset(f.cookie for f in self.engine(vip).dump(vip)
-                                              if f.cookie is not None)
+            try:
+                self.old_cookies[vip] = frozenset(f.cookie for f in self.engine(vip).dump(vip)
+                                                  if f.cookie is not None)
+            except Exception as e:   # the arrival still counts: unknown age is live
+                self.old_cookies[vip] = frozenset()
+                self.log(f"{vip}: cannot list its sockets at arrival ({type(e).__name__}: {e})")
             self.log(f"{vip} arrived" + ("" if now_p.usable else " (tentative: waiting for DAD)"))
             # While IPv6 DAD runs: end the old sockets and lift the quarantine at
             # once (IPaddr2 announces from the VIP right after DAD); announce and
@@ -333,23 +338,24 @@ class Daemon:
             self.log(f"{vip} left")
             self.queues[vip].put((P.Moment.POST_STOP, now, True))
 
-    def handle_rtnl(self, ipr) -> None:
+    def handle_rtnl(self, msgs) -> None:
         """Address events of a watched VIP, and `local` route events covering one,
-        make those VIPs' presence be read again (once per batch)."""
+        make those VIPs' presence be read again (once per batch). msgs: (type, body)."""
         now = time.monotonic()
         concerned: set[str] = set()
-        for msg in ipr.get():
-            ev = msg.get("event")
-            if ev in ("RTM_NEWADDR", "RTM_DELADDR"):
-                ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-                if ip is None:
+        for mtype, body in msgs:
+            if mtype in (A.RTM_NEWADDR, A.RTM_DELADDR):
+                a = A.parse_addr(body)
+                if a is None:
                     continue
-                hit = {norm_ip(ip)} & self.cfg.vips
-            elif ev in ("RTM_NEWROUTE", "RTM_DELROUTE") and msg["type"] == RTN_LOCAL:
-                # The socket filter passes only these; a VIP's own local route
-                # goes after its RTM_DELADDR (the re-read then may still see it).
-                fam = 6 if msg["family"] == socket.AF_INET6 else 4
-                hit = PR.covered(self.cfg.vips, fam, msg.get_attr("RTA_DST"), msg["dst_len"])
+                hit = {norm_ip(a.ip)} & self.cfg.vips
+            elif mtype in (A.RTM_NEWROUTE, A.RTM_DELROUTE):
+                # The socket filter passes only RTN_LOCAL ones. A VIP's own local
+                # route goes after its RTM_DELADDR: the read for that may still see it.
+                r = A.parse_route(body)
+                if r is None or r[3] != A.RTN_LOCAL:
+                    continue
+                hit = PR.covered(self.cfg.vips, r[0], r[1], r[2])
             else:
                 continue
             if hit:
@@ -447,19 +453,28 @@ class Daemon:
             json.dump(doc, f)
         os.replace(tmp, path)
 
-    def open_rtnl(self):
-        """pyroute2 socket for address events and `local` route events, bound
-        before presence is first read (no event falls between)."""
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR,
-                                           RTMGRP_IPV6_ROUTE)
-        ipr = IPRoute()
+    def open_rtnl(self) -> socket.socket:
+        """Non-blocking rtnetlink socket for address events and `local` route
+        events, bound before presence is first read (no event falls between).
+        A plain socket, not pyroute2's: pyroute2 0.9 reads datagrams ahead into
+        a queue of its own and get() hands out one, so select() missed the rest
+        until the next event came (a VIP's RTM_DELROUTE left there for seconds)."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                             socket.NETLINK_ROUTE)
         try:
-            _only_local_routes(ipr)
-        except OSError as e:
-            self.log(f"cannot filter route events in the kernel ({e}); every route change will wake us")
-        ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
-        return ipr
+            try:   # as root past net.core.rmem_max; the kernel doubles it
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RTNL_RCVBUF)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RTNL_RCVBUF)
+            try:
+                _only_local_routes(sock)
+            except OSError as e:
+                self.log(f"cannot filter route events in the kernel ({e}); every route change will wake us")
+            sock.bind((0, RTNL_GROUPS))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     # -- life cycle -----------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None]) -> int:
@@ -517,20 +532,14 @@ class Daemon:
                 # a change), at most STATE_FLUSH_S: SIGTERM is seen at that pace.
                 due = min(next_flush, next_away, next_dump if self.tracker is None else next_flush)
                 wait = min(max(due - time.monotonic(), 0.0), STATE_FLUSH_S)
-                try:
-                    r, _, _ = select.select([ipr], [], [], wait)
-                    if r:
-                        self.handle_rtnl(ipr)
-                except OSError as e:
-                    # ENOBUFS: events were lost, and pyroute2's socket stays broken
-                    # after it. A new socket, then the kernel's answer for every VIP.
-                    self.log(f"address events lost ({e}); reading presence again")
-                    try:
-                        ipr.close()
-                    except Exception:
-                        pass
-                    ipr = self.open_rtnl()
-                    self.refresh(self.cfg.vips, time.monotonic())
+                r, _, _ = select.select([ipr], [], [], wait)
+                if r:
+                    msgs, lost = read_rtnl(ipr)
+                    if msgs:
+                        self.handle_rtnl(msgs)
+                    if lost:   # ENOBUFS: the kernel dropped events; it still knows the answer
+                        self.log("address events lost (receive buffer full); reading presence again")
+                        self.refresh(self.cfg.vips, time.monotonic())
                 now = time.monotonic()
                 if self.tracker is None and now >= next_dump:
                     self.reconcile()
@@ -601,7 +610,30 @@ def _start_ticks(pid: int) -> int:
         return int(f.read().rsplit(b")", 1)[1].split()[19])
 
 
-SO_ATTACH_FILTER = 26
+SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
+RTNL_RCVBUF = 1 << 20
+# RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+RTNL_GROUPS = 0x10 | 0x40 | 0x100 | 0x400
+RTNL_READS_PER_WAKEUP = 256   # datagrams; more are read at the next (immediate) select
+
+
+def read_rtnl(sock: socket.socket) -> tuple[list[tuple[int, bytes]], bool]:
+    """What the event socket holds now, as (type, body), and whether the kernel
+    reported lost events (ENOBUFS: said once, then the socket goes on)."""
+    out: list[tuple[int, bytes]] = []
+    lost = False
+    for _ in range(RTNL_READS_PER_WAKEUP):
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            lost = True
+            continue
+        out += [(mtype, body) for mtype, _, _, body in A.messages(data)]
+    return out, lost
 
 
 class _SockFilter(ctypes.Structure):
@@ -617,14 +649,14 @@ def _only_local_routes(sock) -> None:
     """Classic BPF on the event socket: drop route notifications other than
     RTN_LOCAL in the kernel. A routing daemon's churn would otherwise wake us
     per route and overflow the receive buffer: 5,100 routes loaded at once gave
-    ENOBUFS with pyroute2's 2 MiB. Each notification is one message per skb."""
+    ENOBUFS with a 2 MiB buffer. Each notification is one message per skb."""
     ld_b, jeq, ret = 0x30, 0x15, 0x06      # BPF_LD|BPF_B|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
     type_lo = 4 if sys.byteorder == "little" else 5   # nlmsg_type's low byte (rtnetlink types < 256)
     prog = [(ld_b, 0, 0, type_lo),
             (jeq, 1, 0, 24),                # RTM_NEWROUTE
             (jeq, 0, 2, 25),                # RTM_DELROUTE; anything else: pass
             (ld_b, 0, 0, 16 + 7),           # rtmsg.rtm_type
-            (jeq, 0, 1, RTN_LOCAL),
+            (jeq, 0, 1, A.RTN_LOCAL),
             (ret, 0, 0, 0xFFFFFFFF),        # pass
             (ret, 0, 0, 0)]                 # drop
     insns = (_SockFilter * len(prog))(*prog)
