@@ -53,7 +53,8 @@ class _Interrupted(Exception):
     pass
 
 
-def _exchange(sock: socket.socket, requests: list[tuple[int, int, bytes]]) -> list[list[tuple[int, bytes]] | OSError]:
+def _exchange(sock: socket.socket,
+              requests: list[tuple[int, int, bytes]]) -> list[list[tuple[int, bytes]] | OSError]:
     """Send `requests` ((type, flags, body), numbered 1..n) in one datagram and read
     until each is answered: a dump by NLMSG_DONE, a plain request by its one reply.
     Per request: its reply messages as (type, body), or the OSError the kernel

@@ -23,7 +23,8 @@ from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines, remove_live_table
 pytestmark = [pytest.mark.netns]
 
 MARK = {4: VIP4_B, 6: VIP6_B}   # a second watched VIP: its arrival proves earlier events were handled
-VIPS_OF = {4: (VIP4, VIP4_B, "198.51.100.12", "198.51.100.13"), 6: (VIP6, VIP6_B, "2001:db8::12", "2001:db8::13")}
+VIPS_OF = {4: (VIP4, VIP4_B, "198.51.100.12", "198.51.100.13"),
+           6: (VIP6, VIP6_B, "2001:db8::12", "2001:db8::13")}
 # A `local` route range and a VIP inside it (no address configured for it anywhere).
 RANGE = {4: ("198.51.100.64/27", "198.51.100.70"), 6: ("2001:db8::40/124", "2001:db8::4a")}
 SETTLE_S = 0.6   # after the marker: a POST_STOP/POST_START queued before it has run by then
@@ -44,7 +45,8 @@ def quarantined(topo, node: str = "node1") -> set[str]:
     for item in json.loads(res.stdout or "{}").get("nftables", []):
         s = item.get("set")
         if s and s.get("family") == "inet" and "quarantine" in s.get("name", ""):
-            out |= {e for e in s.get("elem", []) if isinstance(e, str)}
+            for e in s.get("elem", []):   # a plain address, or {"elem": {"val": ...}} with a timeout
+                out.add(e if isinstance(e, str) else e.get("elem", {}).get("val"))
     return out
 
 
@@ -278,7 +280,8 @@ def test_event_reader_reports_lost_events_and_goes_on(topo):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # the kernel's minimum is ~2 KiB
         sock.bind((0, RTNL_GROUPS))
         batch = "".join(f"addr add 203.0.113.{i}/32 dev lo\n" for i in range(1, 201))
-        subprocess.run(topo.exec_argv("node1", "ip", "-batch", "-"), input=batch, text=True, check=True, timeout=20)
+        subprocess.run(topo.exec_argv("node1", "ip", "-batch", "-"), input=batch, text=True,
+                       check=True, timeout=20)
         msgs, lost = read_rtnl(sock)
         assert lost and len(msgs) < 200, (lost, len(msgs))   # what fitted is read after the error
         ip(topo, "node1", "addr", "add", "203.0.113.250/32", "dev", "lo")
