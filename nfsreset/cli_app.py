@@ -137,8 +137,9 @@ def flows(
     vips = [_vip(v) for v in vip]
     ports = _ports(port)
     with _in_netns(netns_name):
-        local = addrs.local_ips()
         pairs = sockdiag.dump(local_ips=vips or None, local_ports=sorted(ports))
+        # after the dump, and with a FIB lookup per address seen (`local` route ranges)
+        local = addrs.local_ips(vips=set(vips) | {f.key.vip for f, _ in pairs})
         live = read_live_table(netns.current_inode())
     # A running `watch` for this namespace knows what a dump cannot: how old each
     # session is and its sequence numbers (from BPF). Queues come from the dump.
