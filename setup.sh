@@ -27,6 +27,9 @@ pkgs=(
     # front doors (cli/) and their checks in the test suite; keepalived only
     # for tests/ns/test_keepalived.py (its service stays off: no keepalived.conf)
     resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt keepalived
+    # the lab's real NFS server (nfsreset lab --server ganesha); installing starts
+    # no service here, the lab runs them in its own namespaces
+    nfs-ganesha nfs-ganesha-vfs rpcbind
 )
 missing=()
 for p in "${pkgs[@]}"; do
