@@ -12,14 +12,15 @@ register NFSv3 without it), waits for its socket, then starts Ganesha and
 waits. `unshare --kill-child` gives that init SIGKILL when unshare dies, and
 the kernel kills everything in a PID namespace whose init died; the mount
 namespace (and with it both tmpfs) goes with its last process. So stopping a
-head is: SIGTERM to unshare, wait until the init is gone. Nothing is mounted
-on the host.
+head is: SIGKILL to that init, wait for unshare. Nothing is mounted on the
+host.
 
 Ganesha listens on the wildcard, dual stack: IPv4 clients show in ss as
 [::ffff:a.b.c.d], and it answers on the VIP wherever the VIP is.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -121,9 +122,16 @@ class Head:
         return {str(NFS_PORT), str(MOUNT_PORT)} <= ports
 
     def stop(self, timeout: float = 5.0) -> None:
+        # SIGKILL to the namespace's init ends every process in it at once (the
+        # kernel's rule for a PID namespace); unshare then exits with its child.
+        # unshare itself ignores SIGTERM while it waits for the child, so if the
+        # init is not known yet it gets SIGKILL, and --kill-child does the rest.
         init = self.init_pid()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)   # --kill-child: init gets SIGKILL
+        if init is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)
+        elif self.proc.poll() is None:
+            self.proc.kill()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -133,8 +141,6 @@ class Head:
             deadline = time.monotonic() + timeout
             while _alive(init) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            if _alive(init):
-                os.kill(init, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

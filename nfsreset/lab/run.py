@@ -21,6 +21,7 @@ import bisect
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,13 +93,16 @@ class ClientLog:
 
 
 def vip_sockets(topo: Topology, node: str, vip: str) -> list[str]:
-    """Non-listening TCP sockets on `node` whose local address is `vip`, as ss lines."""
-    out = topo.run(node, "ss", "-tanH", check=False, timeout=10).stdout
+    """Non-listening TCP sockets on `node` whose local address is `vip`, as ss lines
+    (state, queues, addresses) followed by the holding process (ganesha.nfsd,
+    python3), when ss names one."""
+    out = topo.run(node, "ss", "-tanpH", check=False, timeout=10).stdout
     lines = []
     for line in out.splitlines():
         parsed = report.parse_ss_line(line)
         if parsed and parsed[1] == vip and parsed[0] != "LISTEN":
-            lines.append(" ".join(line.split()[:5]))
+            users = sorted(set(re.findall(r'\("([^"]+)",pid=', line)))
+            lines.append(" ".join(line.split()[:5] + users))
     return lines
 
 
