@@ -150,7 +150,7 @@ class Client:
     # -- one RPC ------------------------------------------------------------------
     def call(self, sock: socket.socket, deadline: float) -> str:
         """One call, its reply awaited with nothing else in flight (xid matched);
-        the protocol's verdict (nfs_client: reply, setup or retry)."""
+        the protocol's verdict (nfs_client: reply, setup, state or retry)."""
         self.seq += 1
         self.xid = (self.xid + 1) & 0xFFFFFFFF
         body, kind = self.proto.next_call(self.xid)
@@ -253,7 +253,7 @@ class Client:
                     started = time.monotonic()
                     verdict = self.call(sock, deadline)
                     worked = True
-                    if verdict != "setup":  # state calls go at once, as the state manager's do
+                    if verdict not in ("setup", "state"):  # state calls go at once, as the state manager's do
                         time.sleep(max(0.0, started + self.interval - time.monotonic()))
             except Dead as d:
                 emit("error", op=d.op, errno=d.num, err=errname(d.num) if d.num else "EOF")

@@ -7,7 +7,9 @@ protocol here only makes the next call and judges its reply:
     on_reply(kind, msg) -> "reply" (an NFS operation answered NFS_OK: the
                            thing a stall is measured on), "setup" (a state
                            call answered: MOUNT, EXCHANGE_ID, CREATE_SESSION)
-                           or "retry" (an NFS error; the state is reset)
+                           "state" (a state error: the next call makes new
+                           state, at once) or "retry" (another NFS error:
+                           the next call after the usual pause)
 
 Echo is what the sim server (server.py) answers: it echoes each record. The
 NFS versions speak to NFS-Ganesha: MOUNT v3 MNT then NFSv3 GETATTR of the
@@ -152,11 +154,12 @@ class V41:
         if kind == "COMPOUND" and res.ops and res.ops[0] == (rpc.OP_SEQUENCE, 0):
             # SEQUENCE passed, a later op failed: the slot advanced
             self.slot_seq = (self.slot_seq + 1) & 0xFFFFFFFF
-        elif kind == "COMPOUND" and res.status not in (rpc.NFS4ERR_STALE_CLIENTID, rpc.NFS4ERR_EXPIRED):
+            return "retry"
+        if kind == "COMPOUND" and res.status not in (rpc.NFS4ERR_STALE_CLIENTID, rpc.NFS4ERR_EXPIRED):
             self.sessionid = None
         else:
             self.clientid = self.sessionid = None
-        return "retry"
+        return "state"
 
 
 def make(vers: str, export: str = "/", payload: int = 128):

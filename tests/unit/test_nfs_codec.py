@@ -137,9 +137,9 @@ def test_v41_state_follows_the_server():
     assert p.on_reply("COMPOUND", load("v41-compound-ok"), emit) == "reply"
     assert p.slot_seq == 2
     # failover: the other head does not know the session, then not the client ID
-    assert p.on_reply("COMPOUND", load("v41-compound-badsession"), emit) == "retry"
+    assert p.on_reply("COMPOUND", load("v41-compound-badsession"), emit) == "state"
     assert p.sessionid is None and p.clientid is not None
-    assert p.on_reply("CREATE_SESSION", load("v41-create-session-stale-clientid"), emit) == "retry"
+    assert p.on_reply("CREATE_SESSION", load("v41-create-session-stale-clientid"), emit) == "state"
     assert p.clientid is None and p.next_call(4)[1] == "EXCHANGE_ID"
     assert [e for e, _ in events].count("nfs_error") == 2
 
