@@ -251,12 +251,14 @@ class Client:
             try:
                 while True:
                     started = time.monotonic()
+                    self.prepare(deadline)  # NFSv3 after a stale handle: MOUNT again
                     verdict = self.call(sock, deadline)
                     worked = True
                     if verdict not in ("setup", "state"):  # state calls go at once, as the state manager's do
                         time.sleep(max(0.0, started + self.interval - time.monotonic()))
             except Dead as d:
-                emit("error", op=d.op, errno=d.num, err=errname(d.num) if d.num else "EOF")
+                if d.op != "mount":  # prepare() said it already
+                    emit("error", op=d.op, errno=d.num, err=errname(d.num) if d.num else "EOF")
             except TimeoutError:
                 break
             finally:

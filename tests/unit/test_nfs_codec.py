@@ -161,3 +161,13 @@ def test_echo_checks_the_bytes():
     assert e.on_reply("echo", body, None) == "reply"
     with pytest.raises(nfs_client.ProtocolError):
         e.on_reply("echo", body[:-1] + b"\1", None)
+
+
+def test_v3_stale_handle_means_mount_again():
+    # Ganesha's own GETATTR reply header, with the status made NFS3ERR_STALE (70)
+    stale = load("v3-getattr-ok")[:24] + struct.pack(">I", 70) + b"\0" * 4   # post_op_attr: none
+    events = []
+    v3 = nfs_client.V3("/x")
+    v3.fh = b"\1" * 8
+    assert v3.on_reply("GETATTR", stale, lambda ev, **kw: events.append((ev, kw))) == "retry"
+    assert v3.fh is None and events == [("nfs_error", {"op": "GETATTR", "status": 70})]
