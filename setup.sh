@@ -31,6 +31,9 @@ pkgs=(
     # upgrade systemd to the same version); packaging/build-deb.sh installs
     # its own build dependencies
     systemd-container
+    # the lab's real NFS server (nfsreset lab --server ganesha); installing starts
+    # no service here, the lab runs them in its own namespaces
+    nfs-ganesha nfs-ganesha-vfs rpcbind
 )
 missing=()
 for p in "${pkgs[@]}"; do
