@@ -113,7 +113,7 @@ def _state(path: str | None):
         return None
     from nfsreset.statedir import StateDir, StateError
     try:
-        return StateDir(path)
+        return StateDir(path, log=_say)
     except StateError as e:
         raise Fail(str(e), e.exit_code) from None
     except OSError as e:
@@ -162,6 +162,12 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
     if not dry_run:
         _need_root("it destroys sockets and changes nftables")
     state = _state(state_dir)
+    if state is not None:
+        from nfsreset.statedir import StateError
+        try:
+            state.read_pending(vip_)    # a deferral merges into it: a bad one fails now, not half-way
+        except StateError as e:
+            raise Fail(str(e), e.exit_code) from None
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)
@@ -179,17 +185,28 @@ TICKLE_DOC = """Make the clients of a VIP that just arrived here reconnect at on
     sends each known client tuple a tickle ACK: the client answers, this host has
     no such socket and resets it, and the client reconnects without waiting for
     its retransmission timer.
+
+    It paces itself: at most --rate ACKs per second and --max-packets in all
+    (defaults 25,000/s and 200,000: three rounds of the longest client list the
+    state dir keeps, 65,536 tuples). Client tuples read from the state dir are
+    checked one by one (family, scope, ports); refused ones are counted in one line.
     """
 
 
-def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, wait: float,
-           strategy: str, netns_name: str | None, dry_run: bool, json_out: bool) -> int:
+def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, rate: int,
+           max_packets: int, wait: float, strategy: str, netns_name: str | None, dry_run: bool,
+           json_out: bool) -> int:
+    from nfsreset import pace
     from nfsreset import plan as P
     from nfsreset.model import FlowKey, family_of
     vip_ = _vip(vip)
     ports = _ports(port)
     if rounds < 0 or rounds > 10:
         raise Fail(f"--rounds must be 0-10, not {rounds}")
+    for flag, value, (lo, hi) in (("--rate", rate, pace.RATE_RANGE),
+                                  ("--max-packets", max_packets, pace.MAX_PACKETS_RANGE)):
+        if not lo <= value <= hi:
+            raise Fail(f"{flag} must be {lo:,}-{hi:,}, not {value}")
     sessions = _clients(client, need_port=True)
     if state_dir is None and not sessions:
         raise Fail("give --state-dir DIR (client tuples recorded by the old owner) or --client ADDR:PORT")
@@ -204,11 +221,13 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
         from nfsreset.statedir import StateError
         try:
             known += state.read_clients(vip_)
+            state.read_pending(vip_)    # checked before anything is done; the engine reads it again
         except StateError as e:
             raise Fail(str(e), e.exit_code) from None
     if not 0 <= wait <= 600:
         raise Fail(f"--wait must be 0-600 seconds, not {wait}")
-    opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds)
+    opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds,
+                     tickle_rate=rate, tickle_max_packets=max_packets)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
         if wait and not _wait_usable(vip_, wait):

@@ -20,6 +20,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 
 from nfsreset.model import Flow, FlowKey, key_order
+from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 # Tickle repeats (seconds after the first). The client answers at most one
 # invalid segment per 500 ms (tcp_invalid_ratelimit), so a tickle right after
@@ -64,6 +65,8 @@ class Options:
     force: bool = False                    # allow acting on a configured VIP for named sessions
     tickle_rounds: int = len(TICKLE_SCHEDULE)
     announce: bool = True                  # False while an IPv6 VIP is still in DAD
+    tickle_rate: int = TICKLE_RATE_PPS     # forged ACKs per second (nfsreset.pace)
+    tickle_max_packets: int = TICKLE_MAX_PACKETS   # forged ACKs per call, all rounds
 
 
 # --- actions -----------------------------------------------------------------
@@ -120,10 +123,13 @@ class Announce:
 @dataclasses.dataclass(frozen=True)
 class Tickle:
     """Tickle ACKs to these client tuples at TICKLE_SCHEDULE, stopping per tuple
-    once it has reconnected."""
+    once it has reconnected; at most `rate` per second and `max_packets` in all
+    (a round starts at its offset or when the previous one has been sent)."""
     vip: str
     keys: tuple[FlowKey, ...]
     schedule: tuple[float, ...] = TICKLE_SCHEDULE
+    rate: int = TICKLE_RATE_PPS
+    max_packets: int = TICKLE_MAX_PACKETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +182,80 @@ def may_touch(flow: Flow, local_addrs, opts: Options, vip_since=None,
     if is_stale(flow, local_addrs, vip_since, old_cookies):
         return True
     return opts.force and named_exactly(flow.key, opts)
+
+
+# --- pending files: sockets a hook saw while their VIP was away -----------------
+# A pending record is honoured for a VIP that is here only if it was written at
+# least this long before the VIP's arrival: the arrival comes from the address's
+# creation stamp, in 10 ms steps (vip_arrival), and `kill` pre-start exits well
+# over 30 ms before IPaddr2 adds the address. Nearer than that is not proof.
+PENDING_SLACK_S = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A pending file as read: the sockets (cookie -> 4-tuple) that a hook saw while
+    the VIP was away and could not end then, and when it wrote them
+    (CLOCK_MONOTONIC seconds; statedir refuses a file of another boot)."""
+    cookies: Mapping[int, FlowKey]
+    written: float | None
+
+
+def honoured_pending(pending: Pending, vip: str, flows: Iterable[Flow], local_addrs,
+                     vip_arrival: float | None) -> tuple[frozenset[int], str]:
+    """Which cookies of a pending file name stale sockets, and why the others are
+    not honoured ('' if none was refused).
+
+    A cookie is unique for the life of a boot, so a record written while the VIP was
+    away names a socket that existed then: stale. One written after the VIP arrived
+    here proves nothing (a socket named there may be a live session), nor does one
+    whose write time or the VIP's arrival is unknown. A cookie counts only for a
+    socket with the very 4-tuple recorded next to it."""
+    by_cookie = {f.cookie: f for f in flows if f.cookie is not None and f.key.vip == vip}
+    named = frozenset(c for c, key in pending.cookies.items()
+                      if c in by_cookie and by_cookie[c].key == key)
+    mismatched = sum(1 for c, key in pending.cookies.items() if c in by_cookie and by_cookie[c].key != key)
+    why = f"{mismatched} cookie(s) name a socket of another 4-tuple" if mismatched else ""
+    if vip not in local_addrs or not named:
+        return named, why     # away: every socket on the VIP is stale anyway
+    if pending.written is None:
+        return frozenset(), "its write time is unknown"
+    if vip_arrival is None:
+        return frozenset(), f"the arrival time of {vip} is unknown"
+    if pending.written <= vip_arrival - PENDING_SLACK_S:
+        return named, why
+    after = pending.written - vip_arrival
+    return frozenset(), (f"it was written {after:.2f} s after {vip} arrived here" if after >= 0 else
+                         f"it was written only {-after:.3f} s before {vip} arrived here "
+                         f"(less than {PENDING_SLACK_S} s: not proof)")
+
+
+# Kernel HZ values (Kconfig choices across architectures), for vip_arrival.
+_HZ_CANDIDATES = (100, 250, 300, 1000, 24, 32, 48, 64, 128, 200, 256, 500, 1024, 1200)
+
+
+def vip_arrival(cstamps: Iterable[int], times_elapsed: float, mono_now: float) -> float | None:
+    """When an address arrived here, in CLOCK_MONOTONIC seconds, from the creation
+    stamps (IFA_CACHEINFO cstamp) of its instances; the earliest counts (an address
+    on two devices has been here since the first). None if it cannot be told.
+
+    cstamp is centiseconds since boot on the jiffies clock, cut to 32 bits (it wraps
+    after 497 days). That clock runs at CLOCK_MONOTONIC's rate but not from its zero
+    (0.27 s behind here: jiffies start after the monotonic clock), so the address's
+    age is measured on the jiffies clock itself: times(2) (os.times().elapsed) reads
+    it as INITIAL_JIFFIES + jiffies, in 1/100 s; INITIAL_JIFFIES is -300 s of
+    jiffies cut to 32 bits, i.e. 2**32 / HZ - 300 seconds, which also tells HZ apart.
+    Resolution 10 ms (PENDING_SLACK_S covers it)."""
+    stamps = list(cstamps)
+    if not stamps:
+        return None
+    offset = times_elapsed - mono_now
+    hz = min(_HZ_CANDIDATES, key=lambda h: abs(offset - (2**32 / h - 300)))
+    if abs(offset - (2**32 / hz - 300)) > 3600:
+        return None      # not a clock we know (a 32-bit clock_t, a time namespace...)
+    now_cs = int((times_elapsed - (2**32 / hz - 300)) * 100)
+    age_cs = max((now_cs - c) % 2**32 for c in stamps)
+    return mono_now - age_cs / 100
 
 
 # --- the ladder ------------------------------------------------------------------
@@ -277,7 +357,8 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:
-            actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds)))
+            actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds), opts.tickle_rate,
+                                  opts.tickle_max_packets))
     return actions
 
 

@@ -171,8 +171,8 @@ class DaemonState(StateDir):
     (sort, JSON, fsync) cost 60 ms of a 10,000-session teardown, before
     the first destroy."""
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, path: str, log: Callable[[str], None] | None = None):
+        super().__init__(path, log=log)
         self.written: dict[str, tuple[frozenset[FlowKey], int, int]] = {}
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
@@ -416,10 +416,18 @@ class Daemon:
         writer by its pid and that pid's start time (read_live_table)."""
         doc = {"pid": os.getpid(), "started": _start_ticks(os.getpid()), "netns": self.netns_ino,
                "bpf": self.tracker is not None, "flows": rows}
-        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        # 0600: the rows hold the exact snd_nxt/rcv_nxt of live sessions, all a local
+        # user would need to inject into them. `nfsreset flows` reads it as root.
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
         path = live_table_path(self.netns_ino)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        try:
+            os.unlink(tmp)     # one a killed run of this pid left
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)    # whatever the umask
             json.dump(doc, f)
         os.replace(tmp, path)
 
@@ -429,7 +437,7 @@ class Daemon:
         if self.cfg.netns:
             netns.enter_for_good(self.cfg.netns)
         self.netns_ino = netns.current_inode()
-        self.state = DaemonState(self.cfg.state_dir)
+        self.state = DaemonState(self.cfg.state_dir, log=self.log)
         from pyroute2 import IPRoute
         from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
         ipr = IPRoute()
