@@ -264,17 +264,20 @@ class Engine:
     def _honoured_pending(self, vip: str, pending, flows: list[Flow], local) -> frozenset[int]:
         """The pending sockets the planner says are stale (plan.honoured_pending): the
         VIP is away, or the file was written before the VIP's arrival here, which the
-        kernel tells by the address's creation stamp."""
+        kernel tells by the address's creation stamp (jiffies; see plan.py)."""
         import os
         from nfsreset import addrs
         cookies = {c: k for k, c in pending.items() if c is not None}
-        arrival = None
+        written = arrival = None
         if vip in local:
-            mono = time.clock_gettime(time.CLOCK_MONOTONIC)
-            arrival = P.vip_arrival([a.cstamp for a in addrs.dump() if a.ip == vip and a.cstamp is not None],
-                                    os.times().elapsed, mono)
-        ok, why = P.honoured_pending(P.Pending(cookies, getattr(pending, "written", None)), vip, flows, local,
-                                     arrival)
+            cstamps = [a.cstamp for a in addrs.dump() if a.ip == vip and a.cstamp is not None]
+            elapsed = os.times().elapsed        # after the dump (plan.arrival_bound)
+            zero = P.jiffies_zero(elapsed, time.clock_gettime(time.CLOCK_MONOTONIC))
+            ticks = getattr(pending, "ticks", None)
+            if zero is not None:
+                arrival = P.arrival_bound(cstamps, round(elapsed * 100), zero)
+                written = None if ticks is None else P.write_bound(ticks, zero)
+        ok, why = P.honoured_pending(P.Pending(cookies, written), vip, flows, local, arrival)
         if why:
             self.log(f"{len(cookies) - len(ok)} pending socket(s) of {vip} not honoured: {why}")
         return ok

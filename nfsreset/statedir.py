@@ -96,8 +96,11 @@ def _stderr(line: str) -> None:
 
 class PendingRecords(dict):
     """read_pending's answer: FlowKey -> socket cookie (or None), and when the file
-    was written (CLOCK_MONOTONIC seconds of this boot; None if nothing was read)."""
-    written: float | None = None
+    was written, as times(2) ticks (the jiffies clock that stamps addresses: what
+    plan.honoured_pending decides on) and CLOCK_MONOTONIC seconds; None if nothing
+    was read."""
+    ticks: int | None = None
+    mono: float | None = None
 
 
 class StateDir:
@@ -264,9 +267,12 @@ class StateDir:
         doc = self._read(path, vip)
         if doc is None:
             return out
-        for field, kinds in (("boot_id", (str,)), ("mono", (int, float))):
-            if type(doc.get(field)) not in kinds or not _finite(doc[field]) or doc[field] == "":
-                raise StateError(f"{path}: '{field}' is {_short(doc.get(field))}, not a {kinds[0].__name__} "
+        for field, ok in (("boot_id", lambda v: type(v) is str and v != ""),
+                          ("ticks", lambda v: type(v) is int and v >= 0),
+                          ("mono", lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0)):
+            if not ok(doc.get(field)):
+                raise StateError(f"{path}: '{field}' is {_short(doc.get(field))}, not "
+                                 f"{'a non-negative number' if field != 'boot_id' else 'a boot id'} "
                                  f"(written by an older nfsreset? remove it)")
         cookies = doc.get("cookies")
         if not isinstance(cookies, list) or not isinstance(doc.get("pending"), list) \
@@ -277,13 +283,14 @@ class StateDir:
                      f"its socket cookies mean nothing now")
             return out
         out.update(self._records(doc, "pending", path, vip, cookies))
-        out.written = float(doc["mono"])
+        out.ticks, out.mono = doc["ticks"], float(doc["mono"])
         return out
 
     def write_pending(self, vip: str, pending: dict[FlowKey, int | None], node: str | None = None) -> None:
         """Record sockets to end at post-start. The file carries this boot's id and
-        the CLOCK_MONOTONIC time of this write: a pending socket is only honoured if
-        the file predates the VIP's arrival (plan.honoured_pending)."""
+        the time of this write, on the jiffies clock (times(2) ticks) and on
+        CLOCK_MONOTONIC: a pending socket is honoured only if the file predates the
+        VIP's arrival (plan.honoured_pending)."""
         path = self._file(vip, f"pending.{node or node_id()}")
         items = sorted(pending.items(), key=lambda kv: key_order(kv[0]))
         items = items[: self._cut(len(items), "pending socket(s)", norm_ip(vip), "to record")]
@@ -291,6 +298,7 @@ class StateDir:
             self.clear_pending(vip, node)
             return
         self._write(path, {"format": FORMAT, "vip": norm_ip(vip), "written": time.time(),
+                           "ticks": round(os.times().elapsed * 100),
                            "mono": time.clock_gettime(time.CLOCK_MONOTONIC), "boot_id": boot_id(),
                            "pending": [[k.vport, k.client, k.cport] for k, _ in items],
                            "cookies": [c for _, c in items]})

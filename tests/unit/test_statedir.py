@@ -141,7 +141,7 @@ def clients_doc(rows, vip=VIP, **kw):
 
 
 def pending_doc(rows, cookies, vip=VIP, **kw):
-    return {"format": 1, "vip": vip, "written": 1.0, "mono": 5.0, "boot_id": boot_id(),
+    return {"format": 1, "vip": vip, "written": 1.0, "mono": 5.0, "ticks": 1718000000, "boot_id": boot_id(),
             "pending": rows, "cookies": cookies, **kw}
 
 
@@ -303,7 +303,7 @@ def test_pending_round_trip_carries_this_boot_and_the_monotonic_write_time(tmp_p
     sd.write_pending(VIP, {k: 1234}, node="a")
     after = time.clock_gettime(time.CLOCK_MONOTONIC)
     got = sd.read_pending(VIP, node="a")
-    assert got == {k: 1234} and before <= got.written <= after
+    assert got == {k: 1234} and before <= got.mono <= after and abs(got.ticks / 100 - os.times().elapsed) < 5
     p = tmp_path / "s" / f"{VIP}.pending.a.json"
     assert stat.S_IMODE(p.stat().st_mode) == 0o600
     doc = json.loads(p.read_text())
@@ -322,6 +322,8 @@ BAD_PENDING = [
     pytest.param({**pending_doc([], []), "mono": None}, "'mono' is None", id="no-mono"),
     pytest.param({**pending_doc([], []), "mono": True}, "'mono' is True", id="mono-true"),
     pytest.param({**pending_doc([], []), "boot_id": 7}, "'boot_id' is 7", id="boot-id-7"),
+    pytest.param({**pending_doc([], []), "ticks": 1.5}, "'ticks' is 1.5", id="ticks-float"),
+    pytest.param({**pending_doc([], []), "ticks": -1}, "'ticks' is -1", id="ticks-negative"),
     pytest.param({k: v for k, v in pending_doc([], []).items() if k != "boot_id"}, "older nfsreset",
                  id="old-format-no-boot-id"),
     pytest.param(b"{}", "not an nfsreset state file", id="empty-object"),
@@ -345,7 +347,7 @@ def test_a_bad_cookie_refuses_its_record_only(tmp_path):
     _put(tmp_path, f"{VIP}.pending.a.json", pending_doc(rows, [7, [1], None]))
     got = sd.read_pending(VIP, node="a")
     assert got == {FlowKey(VIP, 2049, "198.51.100.100", 800): 7, FlowKey(VIP, 2049, "198.51.100.100", 802): None}
-    assert got.written == 5.0
+    assert got.mono == 5.0 and got.ticks == 1718000000
     (line,) = lines
     assert line.startswith("refused 1 of 3 pending socket(s)") and "cookie [1] is not a socket cookie" in line
 
@@ -356,7 +358,7 @@ def test_a_pending_file_of_another_boot_is_ignored_and_said_so(tmp_path):
     _put(tmp_path, f"{VIP}.pending.a.json",
          {**pending_doc([[2049, "198.51.100.100", 800]], [7]), "boot_id": "00000000-0000-0000-0000-000000000000"})
     got = sd.read_pending(VIP, node="a")
-    assert got == {} and got.written is None
+    assert got == {} and got.ticks is None
     (line,) = lines
     assert "written in another boot" in line
 
