@@ -319,15 +319,14 @@ class Engine:
                 budget = act.max_packets - sent
                 capped = capped or budget < len(keys)
                 batches = pace.batches(len(keys), act.rate, budget, start=max(t0 + offset, free))
-                j = 0
-                for at, k in batches:
-                    ahead = at - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
-                    tx.send_many(packets.tickle_to_client(key) for key in keys[j:j + k])
-                    j += k
-                sent += j
-                free = pace.end_of(batches, act.rate) or free
+                done = 0
+
+                def emit(k: int) -> None:
+                    nonlocal done
+                    tx.send_many(packets.tickle_to_client(key) for key in keys[done:done + k])
+                    done += k
+                free = pace.send(batches, act.rate, emit) or free
+                sent += done
                 last = i + 1 == len(act.schedule)
                 if not last and sent >= act.max_packets:
                     capped = True

@@ -13,6 +13,9 @@ default rate.
 """
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 TICKLE_RATE_PPS = 25_000        # forged ACKs per second, per tickle call
 TICKLE_MAX_PACKETS = 200_000    # forged ACKs per tickle call, all rounds together
 RATE_RANGE = (1, 1_000_000)      # what --rate accepts
@@ -45,3 +48,23 @@ def end_of(plan: list[tuple[float, int]], rate: float) -> float | None:
         return None
     t, k = plan[-1]
     return t + k / rate
+
+
+def send(plan: list[tuple[float, int]], rate: float, emit: Callable[[int], None],
+         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> float | None:
+    """emit(k) for each batch of `plan`, not before its time, and never catching
+    up: a batch that leaves late (the sender was descheduled, or the list took
+    time to sort) shifts every later batch by as much, so no window ever holds more
+    than rate x its length + one batch. Measured without this: a 10,000-tuple
+    round that started 80 ms late sent 4,550 ACKs in 100 ms at 25,000/s. Returns
+    the earliest time the next batch may leave (end_of, shifted), None if none."""
+    lag = 0.0
+    for at, k in plan:
+        at += lag
+        now = clock()
+        if at > now:
+            sleep(at - now)
+            now = clock()
+        lag += max(0.0, now - at)
+        emit(k)
+    return None if not plan else plan[-1][0] + lag + plan[-1][1] / rate

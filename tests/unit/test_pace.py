@@ -52,3 +52,66 @@ def test_no_window_holds_more_than_rate_times_its_length_plus_one_batch(n, rate,
             j += 1
         assert inside <= rate * window + per + 1e-6
         inside -= b[i][1]
+
+
+class FakeClock:
+    """A clock that sleep() advances, and that a test can push forward (a stall)."""
+
+    def __init__(self, t=0.0):
+        self.t = t
+        self.slept = []
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        assert s > 0
+        self.slept.append(s)
+        self.t += s
+
+
+def test_send_keeps_the_times_when_on_time():
+    clock, sent = FakeClock(), []
+    plan = pace.batches(150, 25_000, 1000)          # 3 batches of 50, 2 ms apart
+    nxt = pace.send(plan, 25_000, lambda k: sent.append((clock(), k)), clock, clock.sleep)
+    assert sent == [(0.0, 50), (0.002, 50), (0.004, 50)]
+    assert abs(nxt - 0.006) < 1e-12
+
+
+def test_a_late_batch_shifts_the_rest_and_nothing_catches_up():
+    clock, sent = FakeClock(), []
+
+    def emit(k):
+        sent.append(clock())
+        if len(sent) == 2:
+            clock.t += 0.05     # the sender stalls 50 ms after the second batch
+    plan = pace.batches(250, 25_000, 1000)
+    pace.send(plan, 25_000, emit, clock, clock.sleep)
+    gaps = [b - a for a, b in zip(sent, sent[1:])]
+    assert all(g >= 0.002 - 1e-12 for g in gaps), gaps      # never two batches closer than one batch's time
+    assert abs(sent[2] - 0.052) < 1e-12 and abs(sent[3] - 0.054) < 1e-12
+
+
+def test_a_start_already_past_does_not_burst():
+    clock, sent = FakeClock(t=10.0), []
+    plan = pace.batches(500, 25_000, 1000, start=9.9)       # planned 100 ms ago
+    pace.send(plan, 25_000, lambda k: sent.append(clock()), clock, clock.sleep)
+    assert sent[0] == 10.0 and all(b - a >= 0.002 - 1e-12 for a, b in zip(sent, sent[1:]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 3000), rate=st.integers(100, 100_000), stalls=st.lists(st.floats(0, 0.2), max_size=20),
+       start=st.floats(-1, 1))
+def test_send_never_exceeds_the_rate_whatever_stalls(n, rate, stalls, start):
+    clock, times = FakeClock(), []
+    stalls = list(stalls)
+
+    def emit(k):
+        times.append((clock(), k))
+        if stalls:
+            clock.t += stalls.pop()
+    plan = pace.batches(n, rate, n, start=start)
+    pace.send(plan, rate, emit, clock, clock.sleep)
+    assert sum(k for _, k in times) == n
+    for (a, ka), (b, _) in zip(times, times[1:]):
+        assert b - a >= ka / rate - 1e-9
