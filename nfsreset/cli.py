@@ -120,6 +120,18 @@ def _state(path: str | None):
         raise Fail(f"state dir {path}: {e.strerror}") from None
 
 
+def _check_pending(state, vip: str) -> None:
+    """Refuse a bad pending file of this node (named after its network namespace:
+    call it inside --netns) before anything is done."""
+    if state is None:
+        return
+    from nfsreset.statedir import StateError
+    try:
+        state.read_pending(vip)
+    except StateError as e:
+        raise Fail(str(e), e.exit_code) from None
+
+
 def _in_netns(name: str | None):
     from nfsreset import netns
     if name is None:
@@ -162,14 +174,9 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
     if not dry_run:
         _need_root("it destroys sockets and changes nftables")
     state = _state(state_dir)
-    if state is not None:
-        from nfsreset.statedir import StateError
-        try:
-            state.read_pending(vip_)    # a deferral merges into it: a bad one fails now, not half-way
-        except StateError as e:
-            raise Fail(str(e), e.exit_code) from None
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
+        _check_pending(state, vip_)     # a deferral merges into it: a bad one fails now, not half-way
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)
     if not out.steps and out.code == 0:
         _say(f"no session on {vip_} port(s) {','.join(map(str, sorted(opts.ports)))}")
@@ -221,7 +228,6 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
         from nfsreset.statedir import StateError
         try:
             known += state.read_clients(vip_)
-            state.read_pending(vip_)    # checked before anything is done; the engine reads it again
         except StateError as e:
             raise Fail(str(e), e.exit_code) from None
     if not 0 <= wait <= 600:
@@ -230,6 +236,7 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
                      tickle_rate=rate, tickle_max_packets=max_packets)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
+        _check_pending(state, vip_)     # before anything is done; the engine reads it again
         if wait and not _wait_usable(vip_, wait):
             raise Fail(f"{vip_} was not configured and usable here within {wait:g} s; nothing sent", 1)
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(P.Moment.POST_START, vip_,

@@ -28,7 +28,7 @@ import pytest
 
 from nfsreset import netns, sockdiag
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, VIP4, VIP6
-from tests.ns.scene import NFS_PORT, VIPS, nft_tables, one_line, wait_until
+from tests.ns.scene import NFS_PORT, NFSRESET, VIPS, nft_tables, one_line, wait_until
 
 pytestmark = [pytest.mark.netns]
 
@@ -226,6 +226,22 @@ def test_tickle_with_a_bad_pending_file_exits_2_with_one_line_and_sends_nothing(
     assert line.startswith("nfsreset tickle: ") and why in line and path in line, line
     assert cap.tickles == [] and cap.announces == 0
     assert nft_tables(scene.topo, "node2") == ""
+
+
+def test_a_bad_pending_file_is_found_with_netns_too(scene, capture):
+    """Pending files are named after the node's network namespace: `--netns`
+    from outside must check the node's file, not the host's."""
+    vip = VIP4
+    scene.topo.add_addr("node2", vip, nodad=True)
+    path = _put(scene, f"{vip}.pending.{_node_id(scene, 'node2')}.json",
+                _pending(vip, [[2049, CLIENT4, 800]], [[1]]))
+    cap = capture(vip)
+    res = subprocess.run([NFSRESET, "tickle", "--vip", vip, "--state-dir", scene.state, "--client", f"{CLIENT4}:800",
+                          "--netns", scene.topo.ns("node2")], capture_output=True, text=True, timeout=20)
+    cap.stop()
+    assert res.returncode == 2, res.stderr
+    assert path in one_line(res.stderr)
+    assert cap.tickles == [] and cap.announces == 0
 
 
 # -- 3. some bad records: the good ones are used, the rest counted in one line --------------------
