@@ -179,19 +179,28 @@ class StateDir:
         return doc
 
     def _write(self, path: str, doc: dict) -> None:
+        """Atomically, 0600. StateError (with the path and why) if it cannot be done:
+        a full or read-only dir, a directory where the file should be."""
         data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
+        except OSError as e:
+            raise StateError(f"cannot write {path}: {e.strerror}") from None
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:                 # os.write may write less than asked
+                view = view[os.write(fd, view):]
             os.fsync(fd)
             os.close(fd)
             fd = -1
             os.rename(tmp, path)
-        except BaseException:
+        except BaseException as e:
             if fd >= 0:
                 os.close(fd)
             os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise StateError(f"cannot write {path}: {e.strerror}") from None
             raise
         # No fsync of the directory: `kill` writes this right before its first
         # destroy, and a second fsync puts disk latency (an NFS head's disk is

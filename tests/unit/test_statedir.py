@@ -389,3 +389,12 @@ def test_no_nan_or_infinite_number_slips_through_as_a_port():
     with pytest.raises(ValueError):
         from nfsreset.statedir import _row
         _row([math.nan, "198.51.100.100", 800], VIP)
+
+
+@root_only
+def test_a_directory_where_the_file_should_be_fails_the_write_with_a_reason_and_no_temp_file(tmp_path):
+    sd, _ = _sd(tmp_path)
+    os.mkdir(tmp_path / "s" / f"{VIP}.clients.json")
+    with pytest.raises(StateError, match=f"cannot write .*{VIP}.clients.json: Is a directory"):
+        sd.write_clients(VIP, [FlowKey(VIP, 2049, "198.51.100.100", 800)])
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".tmp-")]
