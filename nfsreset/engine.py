@@ -110,9 +110,10 @@ class Engine:
         local = self.local_addrs(vip)
         pending = {}
         if moment is P.Moment.POST_START and self.state is not None:
-            pending = self.state.read_pending(vip)
-            old_cookies = old_cookies | frozenset(c for c in pending.values() if c is not None)
+            pending = self._read_pending(vip)
         flows = self.dump(vip)
+        if pending:
+            old_cookies = old_cookies | self._honoured_pending(vip, pending, flows, local)
         tried: set[str] = set()
         for _ in range(4):   # one pass per rung at most
             actions = P.plan(moment, vip, flows, local, self.caps, self.opts, vip_since=vip_since,
@@ -254,43 +255,98 @@ class Engine:
                  f"{describe(act.flows)}")
         return "rst"
 
+    def _read_pending(self, vip: str) -> dict:
+        from nfsreset.statedir import StateError
+        try:
+            return self.state.read_pending(vip)
+        except StateError as e:     # the hooks checked it before; the daemon goes on without it
+            self.log(f"pending sockets of {vip} not used: {e}")
+            return {}
+
+    def _honoured_pending(self, vip: str, pending, flows: list[Flow], local) -> frozenset[int]:
+        """The pending sockets the planner says are stale (plan.honoured_pending): the
+        VIP is away, or the file was written before the VIP's arrival here, which the
+        kernel tells by the address's creation stamp (jiffies; see plan.py)."""
+        import os
+        from nfsreset import addrs
+        cookies = {c: k for k, c in pending.items() if c is not None}
+        written = arrival = None
+        if vip in local:
+            cstamps = [a.cstamp for a in addrs.dump() if a.ip == vip and a.cstamp is not None]
+            elapsed = os.times().elapsed        # after the dump (plan.arrival_bound)
+            zero = P.jiffies_zero(elapsed, time.clock_gettime(time.CLOCK_MONOTONIC))
+            ticks = getattr(pending, "ticks", None)
+            if zero is not None:
+                arrival = P.arrival_bound(cstamps, round(elapsed * 100), zero)
+                written = None if ticks is None else P.write_bound(ticks, zero)
+        ok, why = P.honoured_pending(P.Pending(cookies, written), vip, flows, local, arrival)
+        if why:
+            self.log(f"{len(cookies) - len(ok)} pending socket(s) of {vip} not honoured: {why}")
+        return ok
+
     def _tickle(self, act: P.Tickle, out: Outcome, stale_cookies: set[int]) -> None:
         """Tickle at the scheduled offsets; a tuple is done once a live (not stale)
         ESTABLISHED connection on it exists: the client has reconnected. A client
         that reconnected before we started (its own retransmission found this
-        node) is not tickled at all."""
+        node) is not tickled at all. Paced (nfsreset.pace): at most act.rate ACKs
+        per second and act.max_packets in all; a round starts at its offset or
+        once the previous round has been sent, whichever is later."""
         old = stale_cookies
         if self.dry_run:
             out.step(action="tickle", vip=act.vip, tuples=len(act.keys), rounds=len(act.schedule), sent=0)
-            self.log(f"would tickle {len(act.keys)} client tuple(s) at {list(act.schedule)} s (dry run)")
+            self.log(f"would tickle {len(act.keys)} client tuple(s) at {list(act.schedule)} s, at most "
+                     f"{act.rate:,}/s and {act.max_packets:,} in all (dry run)")
             return
-        from nfsreset import packets
+        from nfsreset import packets, pace
         from nfsreset.rawsend import RawSender
         todo = set(act.keys)
         sent = 0
+        capped = False
         t0 = time.monotonic()
         def reconnected_now() -> set[FlowKey]:
             return {f.key for f in self.dump(act.vip) if f.cookie not in old and f.state == "ESTABLISHED"}
 
         # Poll between rounds so a hook returns as soon as every client is back
         # (typically ~0.1 s), not after the whole schedule.
-        end = t0 + act.schedule[-1] + TICKLE_LINGER_S
+        free = t0          # when the rate allows the next batch
+        polled = True      # todo is fresh (a round that overran its gap was not followed by a poll)
         todo -= reconnected_now()
         with RawSender() as tx:
             for i, offset in enumerate(act.schedule):
-                if not todo:
-                    break
-                tx.send_many(packets.tickle_to_client(k) for k in sorted(todo))
-                sent += len(todo)
-                until = t0 + act.schedule[i + 1] if i + 1 < len(act.schedule) else end
-                while todo and time.monotonic() < until:
-                    time.sleep(min(TICKLE_POLL_S, max(0.0, until - time.monotonic())))
+                if not polled:
                     todo -= reconnected_now()
                 if not todo:
                     break
+                keys = sorted(todo)
+                budget = act.max_packets - sent
+                capped = capped or budget < len(keys)
+                batches = pace.batches(len(keys), act.rate, budget, start=max(t0 + offset, free))
+                done = 0
+
+                def emit(k: int) -> None:
+                    nonlocal done
+                    tx.send_many(packets.tickle_to_client(key) for key in keys[done:done + k])
+                    done += k
+                free = pace.send(batches, act.rate, emit) or free
+                sent += done
+                last = i + 1 == len(act.schedule)
+                if not last and sent >= act.max_packets:
+                    capped = True
+                    break
+                until = (max(t0 + act.schedule[i + 1], free) if not last
+                         else max(t0 + act.schedule[-1], free) + TICKLE_LINGER_S)
+                polled = False
+                while todo and time.monotonic() < until:
+                    time.sleep(min(TICKLE_POLL_S, max(0.0, until - time.monotonic())))
+                    todo -= reconnected_now()
+                    polled = True
+                if not todo:
+                    break
         reconnected = sorted(set(act.keys) - todo)
-        out.step(action="tickle", vip=act.vip, tuples=len(act.keys), sent=sent,
+        out.step(action="tickle", vip=act.vip, tuples=len(act.keys), sent=sent, rate=act.rate,
+                 max_packets=act.max_packets, capped=capped, ms=round((time.monotonic() - t0) * 1000, 1),
                  reconnected=[format_endpoint(k.client, k.cport) for k in reconnected],
                  silent=[format_endpoint(k.client, k.cport) for k in sorted(todo)])
         self.log(f"tickled {len(act.keys)} client tuple(s) of {act.vip} ({sent} ACKs); "
-                 f"{len(reconnected)} reconnected, {len(todo)} not seen again yet")
+                 f"{len(reconnected)} reconnected, {len(todo)} not seen again yet"
+                 + (f"; stopped at --max-packets {act.max_packets:,}" if capped else ""))
