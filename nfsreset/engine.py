@@ -570,11 +570,20 @@ class Engine:
                 if not todo:
                     break
         reconnected = sorted(set(act.keys) - todo)
-        out.add(Step(Kind.TICKLE, vip=act.vip, tuples=len(act.keys), sent=sent,
-                     reconnected=[format_endpoint(k.client, k.cport) for k in reconnected],
-                     silent=[format_endpoint(k.client, k.cport) for k in sorted(todo)]))
+        step = Step(Kind.TICKLE, vip=act.vip, tuples=len(act.keys), sent=sent,
+                    reconnected=[format_endpoint(k.client, k.cport) for k in reconnected],
+                    silent=[format_endpoint(k.client, k.cport) for k in sorted(todo)])
+        # The sender counts what sendto() refused (e.g. EPERM: an nft output rule
+        # dropped it) instead of raising: none sent is a failed step.
+        errors, last = getattr(tx, "errors", 0), getattr(tx, "last_error", None)
+        if errors and errors >= sent:
+            self._failed(out, step, f"tickle of {len(act.keys)} client tuple(s) of {act.vip}",
+                         f"none of its {sent} ACK(s) went out ({why(last) if last else 'refused'})")
+            return
+        out.add(step)
         self.log(f"tickled {len(act.keys)} client tuple(s) of {act.vip} ({sent} ACKs); "
-                 f"{len(reconnected)} reconnected, {len(todo)} not seen again yet")
+                 f"{len(reconnected)} reconnected, {len(todo)} not seen again yet"
+                 + (f"; {errors} ACK(s) not sent ({why(last)})" if errors else ""))
 
 
 _KIND_OF = {P.Quarantine: Kind.QUARANTINE, P.LiftQuarantine: Kind.LIFT, P.Destroy: Kind.DESTROY,

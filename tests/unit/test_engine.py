@@ -300,6 +300,29 @@ def test_tickle_failing_is_reported():
                                           "error": t.error}
 
 
+def test_a_tickle_whose_every_ack_was_refused_is_a_failed_step():
+    class Refusing(FakeSender):
+        errors, last_error = 0, None
+
+        def send_many(self, packets):
+            n = len(list(packets))
+            self.errors += n
+            self.last_error = PermissionError(errno.EPERM, "Operation not permitted")
+            return 0
+
+    class Host(Fake):
+        def tickle_sender(self):
+            self.calls.append(("tickle_sender",))
+            return Refusing(self)
+
+    fake = Host([], local={HOST, VIP})
+    out, lines, eng = run(fake, P.Moment.POST_START, known_clients=[FlowKey(VIP, 2049, CLIENT, 900)],
+                          opts={"tickle_rounds": 1})
+    t = step(out, E.Kind.TICKLE)
+    assert t.error == "none of its 1 ACK(s) went out (Operation not permitted (EPERM))"
+    assert out.code == 1 and eng.caps.raw        # a refused send is not a missing capability
+
+
 # -- observation failures ---------------------------------------------------------------------
 def test_addresses_unreadable_touches_nothing():
     fake = Fake([flow(801)], fail={"local_addrs": OSError(errno.ENOBUFS, "No buffer space available")})
