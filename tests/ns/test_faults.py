@@ -7,17 +7,22 @@ is read-only or full (a read-only bind mount / a tiny full tmpfs, again only
 in the hook's mount namespace). Nothing outside the hook's process sees them,
 and they end with it. The engine's policy under the same faults, with fakes,
 is in tests/unit/test_engine.py.
+
+A corrupt pending file (the state dir is input, not trusted) is the last case:
+its read fails, and the tickle still runs.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import socket
 import subprocess
+import time
 
 import pytest
 
-from tests.ns.scene import NFSRESET, VIPS, nft_tables, wait_for
+from tests.ns.scene import NFSRESET, VIPS, nft_tables
 
 pytestmark = [pytest.mark.netns]
 
@@ -180,3 +185,37 @@ def test_kill_with_a_state_dir_it_cannot_write_still_destroys(scene, fault):
     assert st["record"]["error"].startswith(why) and st["destroy"]["destroyed"] == 1 and "quarantine" in st
     assert json.loads(res.stdout)["failed"] == ["record"]
     assert os.listdir(scene.state) == [], "the fault was private to the hook"
+
+
+# -- (e) a corrupt pending file: reported, and the tickle still brings the client back ----------
+def test_tickle_with_a_corrupt_pending_file_still_tickles(scene):
+    vip = VIPS[4][0]
+    c = departed(scene, vip, 46401)
+    res = run_hook(scene, "node1", "kill", "--vip", vip, "--state-dir", scene.state)
+    assert res.returncode == 0, res.stderr
+    node2 = f"{socket.gethostname()}-{os.stat(os.path.join('/run/netns', scene.topo.ns('node2'))).st_ino}"
+    path = scene.state_file(vip, f"pending.{node2}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b'{"format": 1, "pending": [[2049, "198.51')    # cut short, as by a full disk
+    os.close(fd)
+    started = time.monotonic()
+    tickle = scene.popen("node2", "tickle", "--vip", vip, "--state-dir", scene.state, "--json",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        death = c.wait_dead(3.0)
+        took = time.monotonic() - started
+        assert death in ("ECONNRESET", "EOF") and took < 1.5, (death, took)
+        c.connect()     # the NFS client reconnects from the same port, now to node2
+        assert c.echo()
+        out, err = tickle.communicate(timeout=15)
+    finally:
+        if tickle.poll() is None:
+            tickle.kill()
+            tickle.wait()
+    print(err)
+    assert "Traceback" not in err and tickle.returncode == 1, err
+    (line,) = lines_with(err, f"reading the pending sessions of {vip} failed")
+    assert path in line and line.endswith("going on"), line
+    doc = json.loads(out)
+    assert doc["failed"] == ["pending"] and "announce" in {s["action"] for s in doc["steps"]}
+    assert [s["reconnected"] for s in doc["steps"] if s["action"] == "tickle"] == [[c.endpoint]]
