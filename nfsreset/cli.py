@@ -175,6 +175,16 @@ def _in_netns(name: str | None):
     return netns.entered(name)
 
 
+def _lacking(out) -> None:
+    """Name, in the closing line, what this host turned out to refuse (learnt from the
+    first failure of each, not probed), and where to look next."""
+    if out.lost:
+        from nfsreset.engine import CAP_NAMES
+        note = (f"unavailable here: {', '.join(CAP_NAMES[c] for c in sorted(out.lost))} "
+                "(`nfsreset doctor` says what this host offers)")
+        out.reason = f"{out.reason}; {note}" if out.reason else note
+
+
 def _finish(out, json_out: bool) -> int:
     if json_out:
         import json
@@ -212,7 +222,10 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
         _check_pending(state, vip_)     # a deferral merges into it: a bad one fails now, not half-way
+        # No capability probe here (it would delay the first destroy): the engine
+        # starts from all rungs and drops one at its first refusal.
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)
+    _lacking(out)
     if not out.steps and out.code == 0:
         _say(f"no session on {vip_} port(s) {','.join(map(str, sorted(opts.ports)))}")
     return _finish(out, json_out)
@@ -277,6 +290,7 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
             raise Fail(f"{vip_} was not configured and usable here within {wait:g} s; nothing sent", 1)
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(P.Moment.POST_START, vip_,
                                                                       known_clients=known)
+    _lacking(out)
     if not known and out.code == 0:
         _say(f"no known client of {vip_} to tickle")
     return _finish(out, json_out)

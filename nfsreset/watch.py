@@ -245,18 +245,18 @@ class Metrics:
             return "\n".join(lines) + "\n"
 
     def count(self, outcome) -> None:
+        from nfsreset.engine import Kind
         with self.lock:
             for st in outcome.steps:
-                a = st.get("action")
-                if a == "destroy":
-                    self.ended["destroy"] = self.ended.get("destroy", 0) + st.get("destroyed", 0)
-                elif a == "rst":
-                    self.ended["rst"] = self.ended.get("rst", 0) + st.get("reset", 0)
-                elif a == "guard":
-                    self.ended["nft"] = self.ended.get("nft", 0) + st.get("added", 0)
-                    self.guard_elements += st.get("added", 0)
-                elif a == "tickle":
-                    self.tickles += st.get("sent", 0)
+                if st.kind is Kind.DESTROY:
+                    self.ended["destroy"] = self.ended.get("destroy", 0) + (st.destroyed or 0)
+                elif st.kind is Kind.RST:
+                    self.ended["rst"] = self.ended.get("rst", 0) + (st.reset or 0)
+                elif st.kind is Kind.GUARD:
+                    self.ended["nft"] = self.ended.get("nft", 0) + (st.added or 0)
+                    self.guard_elements += st.added or 0
+                elif st.kind is Kind.TICKLE:
+                    self.tickles += st.sent or 0
 
 
 # The metrics endpoint must never cost the daemon its descriptors or threads: one
