@@ -221,7 +221,8 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
     state = _state(state_dir, dry_run)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
-        _check_pending(state, vip_)     # a deferral merges into it: a bad one fails now, not half-way
+        # No pending-file check here: a teardown must never wait on it (only a
+        # deferral reads it, and a bad one fails that step alone, exit 1).
         # No capability probe here (it would delay the first destroy): the engine
         # starts from all rungs and drops one at its first refusal.
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)

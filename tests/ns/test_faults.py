@@ -159,11 +159,11 @@ def test_tickle_without_net_raw_reports_what_it_could_not_send(scene):
 
 # -- (d) the state dir read-only or full: the record fails, the sessions still die ----------------
 STATE_FAULTS = {
-    "read-only": ('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"', "Read-only file system (EROFS)"),
+    "read-only": ('mount --bind "$0" "$0" && mount -o remount,bind,ro "$0"', "Read-only file system"),
     # 16 KiB of tmpfs, filled: the record's write() gets ENOSPC
     "full": ('mount -t tmpfs -o size=16k,mode=0700 nfsr-full "$0" && '
              '{ dd if=/dev/zero of="$0/fill" bs=4k count=64 2>/dev/null; true; }',
-             "No space left on device (ENOSPC)"),
+             "No space left on device"),
 }
 
 
@@ -179,43 +179,33 @@ def test_kill_with_a_state_dir_it_cannot_write_still_destroys(scene, fault):
     no_traceback(res)
     assert res.returncode == 1, res.stderr
     (line,) = lines_with(res.stderr, "failed")[:1]
-    assert line.startswith(f"nfsreset kill: record of 1 client tuple(s) of {vip} in {scene.state} failed: {why}"), line
+    # statedir names the file it could not write and the kernel's reason
+    assert line.startswith(f"nfsreset kill: record of 1 client tuple(s) of {vip} in {scene.state} failed: "
+                           f"cannot write {scene.state}/{vip}.clients.json: {why}"), line
     assert not scene.holds("node1", c), "the record failed, the destroy must run anyway"
     st = steps(res)
-    assert st["record"]["error"].startswith(why) and st["destroy"]["destroyed"] == 1 and "quarantine" in st
+    assert why in st["record"]["error"] and st["destroy"]["destroyed"] == 1 and "quarantine" in st
     assert json.loads(res.stdout)["failed"] == ["record"]
     assert os.listdir(scene.state) == [], "the fault was private to the hook"
 
 
 # -- (e) a corrupt pending file: reported, and the tickle still brings the client back ----------
-def test_tickle_with_a_corrupt_pending_file_still_tickles(scene):
+# -- (e) a corrupt pending file: kill still tears down; tickle refuses it whole -----------------
+def test_kill_with_a_corrupt_pending_file_still_destroys(scene):
+    """The teardown never waits on the pending file: only a deferral reads it,
+    and a bad one fails that step alone (the tickle side refuses a bad file with
+    exit 2 and sends nothing: tests/ns/test_state_untrusted.py)."""
     vip = VIPS[4][0]
     c = departed(scene, vip, 46401)
-    res = run_hook(scene, "node1", "kill", "--vip", vip, "--state-dir", scene.state)
-    assert res.returncode == 0, res.stderr
-    node2 = f"{socket.gethostname()}-{os.stat(os.path.join('/run/netns', scene.topo.ns('node2'))).st_ino}"
-    path = scene.state_file(vip, f"pending.{node2}")
+    os.mkdir(scene.state, 0o700)
+    node1 = f"{socket.gethostname()}-{os.stat(os.path.join('/run/netns', scene.topo.ns('node1'))).st_ino}"
+    path = scene.state_file(vip, f"pending.{node1}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, b'{"format": 1, "pending": [[2049, "198.51')    # cut short, as by a full disk
+    os.write(fd, b'{"format": 1, "pending": [[2049, "198.51')    # cut short
     os.close(fd)
-    started = time.monotonic()
-    tickle = scene.popen("node2", "tickle", "--vip", vip, "--state-dir", scene.state, "--json",
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        death = c.wait_dead(3.0)
-        took = time.monotonic() - started
-        assert death in ("ECONNRESET", "EOF") and took < 1.5, (death, took)
-        c.connect()     # the NFS client reconnects from the same port, now to node2
-        assert c.echo()
-        out, err = tickle.communicate(timeout=15)
-    finally:
-        if tickle.poll() is None:
-            tickle.kill()
-            tickle.wait()
-    print(err)
-    assert "Traceback" not in err and tickle.returncode == 1, err
-    (line,) = lines_with(err, f"reading the pending sessions of {vip} failed")
-    assert path in line and line.endswith("going on"), line
-    doc = json.loads(out)
-    assert doc["failed"] == ["pending"] and "announce" in {s["action"] for s in doc["steps"]}
-    assert [s["reconnected"] for s in doc["steps"] if s["action"] == "tickle"] == [[c.endpoint]]
+    res = run_hook(scene, "node1", "kill", "--vip", vip, "--state-dir", scene.state, "--json")
+    print(res.stderr)
+    no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    assert not scene.holds("node1", c), "a bad pending file must not stop the teardown"
+    assert steps(res)["destroy"]["destroyed"] == 1
