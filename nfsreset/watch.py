@@ -928,18 +928,21 @@ RTNL_READS_PER_WAKEUP = 256   # datagrams; more are read at the next (immediate)
 
 
 _EVENT_CLASSES: dict | None = None
+_NLMSG_HEADER = None   # pyroute2.netlink.nlmsg: the header alone
 
 
 def _event_classes() -> dict:
     """{message type: pyroute2 class} of the events subscribed to. Imported on
     first use, not with this module: `nfsreset flows` imports it, and hooks
     must not pay pyroute2's import (addrs.py)."""
-    global _EVENT_CLASSES
+    global _EVENT_CLASSES, _NLMSG_HEADER
     if _EVENT_CLASSES is None:
+        from pyroute2.netlink import nlmsg
         from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
         from pyroute2.netlink.rtnl.rtmsg import rtmsg
         _EVENT_CLASSES = {A.RTM_NEWADDR: ifaddrmsg, A.RTM_DELADDR: ifaddrmsg,
                           A.RTM_NEWROUTE: rtmsg, A.RTM_DELROUTE: rtmsg}
+        _NLMSG_HEADER = nlmsg
     return _EVENT_CLASSES
 
 
@@ -947,19 +950,18 @@ def decode_rtnl(data: bytes) -> list:
     """The address and route messages of one datagram, decoded by pyroute2
     (fields and NLAs by name: msg["family"], msg.get_attr("IFA_LOCAL")). Other
     types are skipped. ValueError if the framing is broken."""
-    from pyroute2.netlink import nlmsg
     classes = _event_classes()
     out = []
     off = 0
     while off + 16 <= len(data):   # sizeof(struct nlmsghdr)
-        head = nlmsg(data, offset=off)
+        head = _NLMSG_HEADER(data, offset=off)
         head.decode()
         length, mtype = head["header"]["length"], head["header"]["type"]
         if length < 16 or off + length > len(data):
             raise ValueError(f"netlink message of {length} bytes at offset {off} of {len(data)}")
         cls = classes.get(mtype)
         if cls is not None:
-            msg = cls(data[off: off + length])
+            msg = cls(data, offset=off)
             msg.decode()
             out.append(msg)
         off += (length + 3) & ~3
