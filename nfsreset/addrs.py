@@ -2,8 +2,8 @@
 
 A few dozen lines instead of pyroute2: importing pyroute2 and opening an
 IPRoute costs ~0.13 s here, and hooks must send their first packet within
-0.1 s of exec. The daemon reads its address and route events with the same
-framing (`messages`, `parse_addr`, `parse_route`).
+0.1 s of exec. The daemon, which starts once, decodes its address and route
+events with pyroute2 (nfsreset.watch.decode_rtnl) and asks presence here.
 
 Two questions share one socket and one datagram: the address table (an
 RTM_GETADDR dump) and, per VIP, a FIB lookup (RTM_GETROUTE, what `ip route
@@ -106,26 +106,6 @@ def messages(data: bytes):
         off += (length + 3) & ~3
 
 
-def parse_route(body: bytes) -> tuple[int, str | None, int, int] | None:
-    """(family 4 or 6, destination or None for a default route, prefix length,
-    rtm_type) of an RTM_NEWROUTE/RTM_DELROUTE body; None for other families."""
-    if len(body) < _RTMSG.size:
-        return None
-    family, dst_len, _, _, _, _, _, rtype, _ = _RTMSG.unpack_from(body)
-    if family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    dst = None
-    off = _RTMSG.size
-    while off + _RTA.size <= len(body):
-        alen, atype = _RTA.unpack_from(body, off)
-        if alen < _RTA.size:
-            break
-        if atype == RTA_DST:
-            dst = socket.inet_ntop(family, body[off + _RTA.size: off + alen])
-        off += (alen + 3) & ~3
-    return (6 if family == socket.AF_INET6 else 4), dst, dst_len, rtype
-
-
 def _route_lookup(ip: str) -> tuple[int, int, bytes] | None:
     """An RTM_GETROUTE request for `ip` (None: not an address we can ask about)."""
     fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -202,9 +182,6 @@ def _parse(msg: bytes) -> Addr | None:
     cstamp = struct.unpack_from("=I", ci, 8)[0] if ci is not None and len(ci) >= 16 else None
     return Addr(ip, plen, ifindex, bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)),
                 bool(flags & IFA_F_DADFAILED), cstamp)
-
-
-parse_addr = _parse   # an RTM_NEWADDR/RTM_DELADDR body -> Addr (or None), for the daemon's events
 
 
 def local_ips(usable_only: bool = False, vips: Iterable[str] = ()) -> frozenset[str]:

@@ -613,22 +613,26 @@ class Daemon:
 
     def handle_rtnl(self, msgs) -> None:
         """Address events of a watched VIP, and `local` route events covering one,
-        make those VIPs' presence be read again (once per batch). msgs: (type, body)."""
+        make those VIPs' presence be read again (once per batch). msgs: pyroute2
+        ifaddrmsg/rtmsg, decoded (read_rtnl)."""
         now = time.monotonic()
         concerned: set[str] = set()
-        for mtype, body in msgs:
+        for msg in msgs:
+            mtype = msg["header"]["type"]
+            if msg["family"] not in (socket.AF_INET, socket.AF_INET6):
+                continue
             if mtype in (A.RTM_NEWADDR, A.RTM_DELADDR):
-                a = A.parse_addr(body)
-                if a is None:
+                ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if ip is None:
                     continue
-                hit = {norm_ip(a.ip)} & self.cfg.vips
+                hit = {norm_ip(ip)} & self.cfg.vips
             elif mtype in (A.RTM_NEWROUTE, A.RTM_DELROUTE):
                 # The socket filter passes only RTN_LOCAL ones. A VIP's own local
                 # route goes after its RTM_DELADDR: the read for that may still see it.
-                r = A.parse_route(body)
-                if r is None or r[3] != A.RTN_LOCAL:
+                if msg["type"] != A.RTN_LOCAL:
                     continue
-                hit = PR.covered(self.cfg.vips, r[0], r[1], r[2])
+                fam = 6 if msg["family"] == socket.AF_INET6 else 4
+                hit = PR.covered(self.cfg.vips, fam, msg.get_attr("RTA_DST"), msg["dst_len"])
             else:
                 continue
             if hit:
@@ -737,9 +741,10 @@ class Daemon:
     def open_rtnl(self) -> socket.socket:
         """Non-blocking rtnetlink socket for address events and `local` route
         events, bound before presence is first read (no event falls between).
-        A plain socket, not pyroute2's: pyroute2 0.9 reads datagrams ahead into
-        a queue of its own and get() hands out one, so select() missed the rest
-        until the next event came (a VIP's RTM_DELROUTE left there for seconds)."""
+        Ours, read to the end at each wakeup; pyroute2 decodes what it holds
+        (read_rtnl). Not pyroute2's IPRoute: its get() hands out one batch of
+        what it read ahead, and select() on it missed the rest (docs/internals.md)."""
+        _event_classes()   # pyroute2 imported now, not at the first event
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
                              socket.NETLINK_ROUTE)
         try:
@@ -826,7 +831,7 @@ class Daemon:
                     if msgs:
                         self.handle_rtnl(msgs)
                     if lost:   # ENOBUFS: the kernel dropped events; it still knows the answer
-                        self.log("address events lost (receive buffer full); reading presence again")
+                        self.log(f"address events lost ({lost}); reading presence again")
                         self.refresh(self.cfg.vips, time.monotonic())
                 now = time.monotonic()
                 if self.tracker is None and now >= next_dump:
@@ -922,11 +927,54 @@ RTNL_GROUPS = 0x10 | 0x40 | 0x100 | 0x400
 RTNL_READS_PER_WAKEUP = 256   # datagrams; more are read at the next (immediate) select
 
 
-def read_rtnl(sock: socket.socket) -> tuple[list[tuple[int, bytes]], bool]:
-    """What the event socket holds now, as (type, body), and whether the kernel
-    reported lost events (ENOBUFS: said once, then the socket goes on)."""
-    out: list[tuple[int, bytes]] = []
-    lost = False
+_EVENT_CLASSES: dict | None = None
+_NLMSG_HEADER = None   # pyroute2.netlink.nlmsg: the header alone
+
+
+def _event_classes() -> dict:
+    """{message type: pyroute2 class} of the events subscribed to. Imported on
+    first use, not with this module: `nfsreset flows` imports it, and hooks
+    must not pay pyroute2's import (addrs.py)."""
+    global _EVENT_CLASSES, _NLMSG_HEADER
+    if _EVENT_CLASSES is None:
+        from pyroute2.netlink import nlmsg
+        from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+        from pyroute2.netlink.rtnl.rtmsg import rtmsg
+        _EVENT_CLASSES = {A.RTM_NEWADDR: ifaddrmsg, A.RTM_DELADDR: ifaddrmsg,
+                          A.RTM_NEWROUTE: rtmsg, A.RTM_DELROUTE: rtmsg}
+        _NLMSG_HEADER = nlmsg
+    return _EVENT_CLASSES
+
+
+def decode_rtnl(data: bytes) -> list:
+    """The address and route messages of one datagram, decoded by pyroute2
+    (fields and NLAs by name: msg["family"], msg.get_attr("IFA_LOCAL")). Other
+    types are skipped. ValueError if the framing is broken."""
+    classes = _event_classes()
+    out = []
+    off = 0
+    while off + 16 <= len(data):   # sizeof(struct nlmsghdr)
+        head = _NLMSG_HEADER(data, offset=off)
+        head.decode()
+        length, mtype = head["header"]["length"], head["header"]["type"]
+        if length < 16 or off + length > len(data):
+            raise ValueError(f"netlink message of {length} bytes at offset {off} of {len(data)}")
+        cls = classes.get(mtype)
+        if cls is not None:
+            msg = cls(data, offset=off)
+            msg.decode()
+            out.append(msg)
+        off += (length + 3) & ~3
+    return out
+
+
+def read_rtnl(sock: socket.socket) -> tuple[list, str | None]:
+    """Everything the event socket holds now (up to RTNL_READS_PER_WAKEUP
+    datagrams), decoded (decode_rtnl), and why events were lost, if they were:
+    ENOBUFS (said once, then the socket goes on) or a datagram that would not
+    decode. Either way the caller re-reads every VIP from the kernel."""
+    out: list = []
+    lost = None
     for _ in range(RTNL_READS_PER_WAKEUP):
         try:
             data = sock.recv(1 << 16)
@@ -935,9 +983,12 @@ def read_rtnl(sock: socket.socket) -> tuple[list[tuple[int, bytes]], bool]:
         except OSError as e:
             if e.errno != errno.ENOBUFS:
                 raise
-            lost = True
+            lost = "receive buffer full"
             continue
-        out += [(mtype, body) for mtype, _, _, body in A.messages(data)]
+        try:
+            out += decode_rtnl(data)
+        except Exception as e:   # the kernel's framing, or pyroute2's decoding: re-ask the kernel
+            lost = f"undecodable datagram of {len(data)} bytes: {type(e).__name__}: {e}"
     return out, lost
 
 
