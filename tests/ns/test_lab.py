@@ -3,7 +3,9 @@
 The baseline must show the problem nfsreset exists for: after a failover the
 old owner keeps the client's ESTABLISHED socket, and on failback the client,
 coming back from the same source port, stalls past the cap (its segments hit
-that stale socket), for both families.
+that stale socket), for both families. (On real NFS-Ganesha the same is
+asserted per NFS version in test_lab_ganesha.py; here Ganesha runs the
+registered-remedy seam and the SIGTERM clean-up, heads included.)
 """
 import json
 import os

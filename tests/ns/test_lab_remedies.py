@@ -8,7 +8,9 @@ here the measure is `usable_to_first_reply`: from the VIP being usable on
 the new owner to the client's first reply, the part of the stall a remedy
 can remove (the rest, `del_to_usable`, is the move itself: gap + DAD).
 
-Each lab run takes ~20 s (two families, two moves); four of them run here.
+Each lab run takes ~20 s (two families, two moves); seven of them run here:
+four on the sim server, three on real NFS-Ganesha with the lab's NFS client
+(watch with NFSv4.0, the forced rst and nft rungs with NFSv3).
 """
 from __future__ import annotations
 

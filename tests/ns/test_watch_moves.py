@@ -3,7 +3,8 @@
 1. The daemon on node1 is restarted (SIGTERM, start, `ready`) while the VIP
    is away on node2: the failback must still be fast, and the restart must
    neither write the client list node2 keeps nor leave the VIP unguarded.
-   Measured with the lab's own runner and report (usable -> first reply).
+   Measured with the lab's own runner and report (usable -> first reply);
+   once more on real NFS-Ganesha with an NFSv4.0 client (~9 s).
 2. 50 back-to-back moves with watch on both nodes and the lab client
    (modelled on the Linux NFS client) reconnecting each time: afterwards no
    socket, nft element, BPF map entry or program is left over, and neither
