@@ -1,4 +1,5 @@
-"""The scene shared by the command tests (tests/ns/test_cli_*.py, test_watch.py).
+"""The scene shared by the command tests (tests/ns/test_cli_*.py, test_watch.py),
+and the "lab on NFS-Ganesha" helpers the recovery tests share (at the end).
 
 An nfsd-like echo server in node1 and node2 (listens on the wildcard
 addresses, keeps every accepted socket whatever happens to the address), and
@@ -8,6 +9,7 @@ keeps the namespace it was created in) from a fixed source port, so every
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from nfsreset import netns
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP4_B, VIP6, VIP6_B
@@ -243,3 +247,85 @@ class Scene:
             c.close()
         for s in self.servers:
             s.close()
+
+
+# -- the lab on NFS-Ganesha -----------------------------------------------------------------
+# The recovery tests (test_lab*.py, test_watch_moves.py, test_ocf_agent.py) each run at
+# least one case against real NFS-Ganesha heads with the lab's NFS client; these are the
+# pieces they share. setup.sh installs the packages; without them those cases skip.
+def _ganesha_missing() -> str | None:
+    from nfsreset.lab.ganesha import available
+    return available()
+
+
+GANESHA_MISSING = _ganesha_missing()
+needs_ganesha = pytest.mark.skipif(GANESHA_MISSING is not None, reason=f"NFS-Ganesha: {GANESHA_MISSING}")
+
+
+def ganesha_args(vers: str) -> list[str]:
+    """`nfsreset lab` options for real Ganesha heads and a client speaking NFSv`vers`."""
+    return ["--server", "ganesha", "--vers", vers]
+
+
+def pids_in_netns(ns: str) -> set[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10).stdout
+    return {int(p) for p in out.split()}
+
+
+def comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def ganesha_pids(namespaces) -> set[int]:
+    """ganesha.nfsd and rpcbind processes in these network namespaces (ours only: other
+    tests on the machine may run heads of their own)."""
+    return {p for ns in namespaces for p in pids_in_netns(ns) if comm(p) in ("ganesha.nfsd", "rpcbind")}
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie awaiting its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def host_head_mounts() -> list[str]:
+    """A head's private tmpfs (ganesha.py names them) seen from the host: must be none."""
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if "nfsreset-run" in line or "nfsreset-nfs" in line]
+
+
+@contextlib.contextmanager
+def ganesha_heads(topo, tmp_path, nodes=("node1", "node2")):
+    """rpcbind + NFS-Ganesha on `nodes` (as `nfsreset lab --server ganesha` runs them),
+    exporting one directory; yields (heads, export_dir). Afterwards no process of
+    theirs and no mount of theirs is left, even when the test failed."""
+    from nfsreset.lab import ganesha
+
+    workdir = tmp_path / "ganesha"
+    export = workdir / "export"
+    export.mkdir(parents=True)
+    heads = ganesha.start_heads(topo, str(workdir), str(export), nodes=nodes)
+    pids = ganesha_pids(topo.ns(n) for n in nodes)
+    try:
+        yield heads, str(export)
+    finally:
+        for h in heads:
+            h.stop()
+    assert wait_for(lambda: not any(alive(p) for p in pids), 5.0), [p for p in pids if alive(p)]
+    assert host_head_mounts() == []
+
+
+def nfs_client(topo, vip: str, vers: str, export_dir: str, duration: float = 60.0) -> subprocess.Popen:
+    """The lab's NFS client (reserved port kept across reconnects, 180 s user timeout)
+    talking NFSv`vers` to `vip`; JSON lines on stdout (read them with run.ClientLog)."""
+    return topo.popen("client", sys.executable, "-m", "nfsreset.lab.client", "--server", vip,
+                      "--port", str(NFS_PORT), "--vers", vers, "--export", export_dir,
+                      "--duration", f"{duration:g}", stdout=subprocess.PIPE,
+                      stderr=subprocess.DEVNULL, text=True, bufsize=1)

@@ -3,7 +3,9 @@
 The baseline must show the problem nfsreset exists for: after a failover the
 old owner keeps the client's ESTABLISHED socket, and on failback the client,
 coming back from the same source port, stalls past the cap (its segments hit
-that stale socket), for both families.
+that stale socket), for both families. (On real NFS-Ganesha the same is
+asserted per NFS version in test_lab_ganesha.py; here Ganesha runs the
+registered-remedy seam and the SIGTERM clean-up, heads included.)
 """
 import json
 import os
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 from nfsreset.lab import report
 from nfsreset.lab.command import lab
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6, list_netns
+from tests.ns.scene import alive, ganesha_args, ganesha_pids, host_head_mounts, needs_ganesha, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -99,14 +102,21 @@ def test_not_root_is_refused_before_anything_is_built():
     assert proc.stderr.strip() == "nfsreset lab: needs root (it creates network namespaces)"
 
 
-def test_sigterm_mid_run_removes_every_namespace():
-    proc = subprocess.Popen([sys.executable, "-c", LAB_MAIN, "--family", "4", "--cap", "30"],
+@pytest.mark.parametrize("server", ["sim", pytest.param("ganesha", marks=needs_ganesha)])
+def test_sigterm_mid_run_removes_every_namespace(server):
+    extra = ganesha_args("3") if server == "ganesha" else []
+    proc = subprocess.Popen([sys.executable, "-c", LAB_MAIN, "--family", "4", "--cap", "30", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    heads: set[int] = set()
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and len(ours(proc.pid)) < 4 and proc.poll() is None:
             time.sleep(0.05)
         assert len(ours(proc.pid)) == 4, "lab never built its namespaces"
+        if server == "ganesha":
+            # both heads' rpcbind and ganesha.nfsd running: a PID namespace each must go too
+            assert wait_for(lambda: len(ganesha_pids(ours(proc.pid))) >= 4, 15), ganesha_pids(ours(proc.pid))
+            heads = ganesha_pids(ours(proc.pid))
         time.sleep(1.0)   # let servers and client start: they must go too
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -117,6 +127,8 @@ def test_sigterm_mid_run_removes_every_namespace():
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert ours(proc.pid) == set()
+    assert not [p for p in heads if alive(p)], "a head's process outlived the lab"
+    assert host_head_mounts() == []
 
 
 class _SsKill:
@@ -144,17 +156,20 @@ class _SsKill:
         return SsKill
 
 
-def test_a_registered_remedy_runs_at_post_stop_and_fixes_failback():
+@pytest.mark.parametrize("server", ["sim", pytest.param("ganesha", marks=needs_ganesha)])
+def test_a_registered_remedy_runs_at_post_stop_and_fixes_failback(server):
+    """On Ganesha too: its socket is AF_INET6 with the VIP as ::ffff:198.51.100.10."""
     from nfsreset.lab.remedies import REMEDIES, register
 
+    extra = ganesha_args("3") if server == "ganesha" else []
     cls = register(_SsKill.make())
     try:
-        res = CliRunner().invoke(app(), ["--family", "4", "--cap", "5", "--remedy", cls.name, "--json"])
+        res = CliRunner().invoke(app(), ["--family", "4", "--cap", "5", "--remedy", cls.name, "--json", *extra])
     finally:
         REMEDIES.pop(cls.name, None)
     assert res.exit_code == 0, res.output
     run = json.loads(res.stdout)["runs"][0]
-    assert run["remedy"] == cls.name
+    assert run["remedy"] == cls.name and run["server"] == server
     # post_stop ran on the old owner, after the delete, while the stale socket was still there
     assert cls.calls == [("post_stop", "node1", VIP4, False, 1), ("post_stop", "node2", VIP4, False, 1)]
     assert run["failover"]["stale_sockets"] == [] and run["failback"]["stale_sockets"] == []

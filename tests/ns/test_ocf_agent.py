@@ -15,8 +15,9 @@ import time
 
 import pytest
 
+from nfsreset.lab.run import ClientLog
 from nfsreset.lab.topology import VIP4, VIP6
-from tests.ns.scene import wait_for
+from tests.ns.scene import ganesha_heads, needs_ganesha, nfs_client, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -374,3 +375,42 @@ def test_a_failed_tickle_does_not_leave_the_vip_quarantined(topo, tmp_path, list
     assert wait_for(lambda: VIP4 not in quarantined(topo, "node1"), timeout=5)
     topo.run("client", "python3", "-c", CONNECT, VIP4)
     run_agent(topo, tmp_path, "stop", **params)
+
+
+# -- with the real nfsreset and real NFS-Ganesha ---------------------------------------------
+@needs_ganesha    # ~4 s
+def test_real_cycle_on_ganesha_ends_its_socket_and_the_nfs_client_is_back(topo, tmp_path):
+    """The same stop/start cycle with NFS-Ganesha holding the session and the lab's
+    NFSv3 client (MOUNT, then GETATTR) on it: the agent's post-stop kill ends the
+    socket ganesha.nfsd holds on the departed VIP (plain IPaddr2 leaves it, see
+    test_lab_ocf.py), and after start the tickle brings the client back, from its
+    reserved port, to an NFS3_OK reply within 1 s of start returning."""
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state"}
+    with ganesha_heads(topo, tmp_path, nodes=("node1",)) as (_, export):
+        res, _ = run_agent(topo, tmp_path, "start", **params)
+        assert res.returncode == 0, res.stderr
+        client = nfs_client(topo, VIP4, "3", export)
+        try:
+            log = ClientLog(client)
+            assert wait_for(lambda: log.first_reply_after(0.0) is not None, 10), log.events()
+            port = log.port()
+            assert wait_for(lambda: any("ganesha.nfsd" in line for line in
+                                        topo.run("node1", "ss", "-Htnp", "sport", "= :2049").stdout.splitlines()))
+            res, _ = run_agent(topo, tmp_path, "stop", **params)
+            assert res.returncode == 0, res.stderr
+            assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
+            # Ganesha's own socket on the departed VIP is gone (it shows as ::ffff:VIP)
+            assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
+            res, _ = run_agent(topo, tmp_path, "start", **params)
+            started = time.monotonic()
+            assert res.returncode == 0, res.stderr
+            assert wait_for(lambda: log.first_reply_after(started) is not None, 5), log.events()[-6:]
+            back = log.first_reply_after(started) - started
+            print(f"Ganesha NFSv3: start returned -> first NFS3_OK reply {back:.3f} s")
+            assert back <= 1.0, (back, log.events()[-6:])
+            assert {e["port"] for e in log.events() if e["ev"] == "connected"} == {port}
+            assert sum(e["ev"] == "connected" for e in log.events()) >= 2, "the client never reconnected"
+        finally:
+            client.kill()
+            client.wait(timeout=5)
+            run_agent(topo, tmp_path, "stop", **params)
