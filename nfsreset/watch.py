@@ -1030,7 +1030,10 @@ def _trim_heap() -> None:
 
 def run_daemon(cfg: Config, metrics_sock=None) -> int:
     def log(line: str) -> None:
-        print(f"nfsreset watch: {line}", file=sys.stderr, flush=True)
+        # One write per line: print() writes the text and the newline apart, and
+        # lines of two threads ran together ("...arrivednfsreset watch: ...").
+        sys.stderr.write(f"nfsreset watch: {line}\n")
+        sys.stderr.flush()
 
     d = Daemon(cfg, log, metrics_sock)
 
