@@ -48,7 +48,8 @@ def lab(
     family: str = typer.Option("both", "--family", help="4, 6 or both: which VIP (198.51.100.10, 2001:db8::10) to move."),
     cap: float = typer.Option(20.0, "--cap", help="Longest wait for the client after each move, in seconds; a longer stall shows as >CAP."),
     remedy: list[str] = typer.Option(["none"], "--remedy", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' is the baseline."),
-    mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside). Repeat or comma-separate to compare side by side."),
+    mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
+    crash: bool = typer.Option(False, "--crash", help="Pacemaker movers only: the failover is a crash of node1 (its cluster stack SIGKILLed, its VIP and link gone); node1 then rejoins and the failback is a planned move."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
     gap: float = typer.Option(1.0, "--gap", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
     strategy: str | None = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
@@ -75,6 +76,15 @@ def lab(
     ocf:nfsreset:IPaddr2nfs (cli/ocf/nfsreset, running the real nfsreset; keep
     --remedy none, the agent is the remedy), side by side, with each agent's
     stop and start times.
+
+    --mover pacemaker,pacemaker-ocf runs a real two-node Corosync + Pacemaker
+    cluster (one node per head, seeded CIB, ~8 s cold start) and moves the VIP
+    as an operator does: crm_resource --move, then --clear. `pacemaker` is the
+    baseline (ocf:heartbeat:IPaddr2); `pacemaker-ocf` is the fix as deployed
+    (ocf:nfsreset:IPaddr2nfs): keep --remedy none with it, the agent is the
+    remedy. --remedy hooks|watch also work with `pacemaker` (hooks run when
+    the kernel shows the delete, not inside Pacemaker). --gap does not apply:
+    Pacemaker decides. Add --crash to make the failover a crash of node1.
 
     Several --remedy or --mover options run each one and print them side by side.
     Needs root. Takes about 2 x (cap + 8) seconds per family, mover and remedy.
@@ -107,14 +117,21 @@ def lab(
     unknown = [n for n in movers if n not in MOVERS]
     if unknown:
         _fail(f"unknown mover {unknown[0]!r}; known: {', '.join(MOVERS)}")
+    from nfsreset.lab.mover import PACEMAKER_MOVERS
     from nfsreset.lab.mover_ocf import AgentError, agent_path
 
+    if crash and any(n not in PACEMAKER_MOVERS for n in movers):
+        _fail(f"--crash needs a Pacemaker mover ({', '.join(PACEMAKER_MOVERS)}), not "
+              f"{next(n for n in movers if n not in PACEMAKER_MOVERS)!r}")
     for name in movers:
-        if name != "ip":
-            try:
+        try:
+            if name in PACEMAKER_MOVERS:
+                from nfsreset.lab.mover_pacemaker import check_installed
+                check_installed(name)
+            elif name != "ip":
                 agent_path(name)
-            except AgentError as e:
-                _fail(str(e))
+        except AgentError as e:
+            _fail(str(e))
     if os.geteuid() != 0:
         _fail("needs root (it creates network namespaces)")
 
@@ -133,7 +150,8 @@ def lab(
                                               + ([name] if len(names) > 1 else []))
                     try:
                         results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
-                                               progress=progress, strategy=strategy, log=log, mover=how))
+                                               progress=progress, strategy=strategy, log=log, mover=how,
+                                               crash=crash))
                     except Exception as e:
                         results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
                                                            error=f"{type(e).__name__}: {e}"))

@@ -130,8 +130,9 @@ class _Run:
 
     def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
                  progress: Progress, strategy: str | None, log: Callable[[str], None],
-                 steady: float, settle: float, mover: str = "ip") -> None:
+                 steady: float, settle: float, mover: str = "ip", crash: bool = False) -> None:
         self.family, self.cap, self.remedy, self.mover_name = family, cap, remedy, mover
+        self.crash = crash
         self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
         self.strategy, self.log = strategy, log
         self.steady, self.settle = steady, settle
@@ -191,7 +192,9 @@ class _Run:
                               ports=[PORT], nfsreset_argv=[sys.executable, "-m", "nfsreset"],
                               strategy=self.strategy, log=self.log)
         self.mover = make_mover(self.mover_name, self.topo, self.vip, self.gap, self.workdir, state_dir,
-                                [PORT], self.strategy, self.log)
+                                [PORT], self.strategy, self.log, crash=self.crash)
+        # Pacemaker movers: cold start, crash and rejoin figures, filled in as they happen.
+        self.result.cluster = getattr(self.mover, "figures", None)
 
     def start_servers(self) -> None:
         logs = []
@@ -275,9 +278,10 @@ class _Run:
 def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0, gap: float = 1.0,
             progress: Progress | None = None, strategy: str | None = None,
             log: Callable[[str], None] | None = None, steady: float = 1.0,
-            settle: float = 0.5, mover: str = "ip") -> report.FamilyResult:
+            settle: float = 0.5, mover: str = "ip", crash: bool = False) -> report.FamilyResult:
     """Run the lab once for `family` (4 or 6) with `remedy`, the VIP moved by
-    `mover` (mover.MOVERS); everything removed afterwards.
+    `mover` (mover.MOVERS; `crash`: the failover is a crash of node1, Pacemaker
+    movers only); everything removed afterwards.
 
     Raises LabError / TopologyError when the lab itself cannot be built or the
     client never talks to the VIP; a failing remedy hook is recorded instead.
@@ -285,7 +289,7 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family!r}")
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
-               log or (lambda _m: None), steady, settle, mover)
+               log or (lambda _m: None), steady, settle, mover, crash)
     try:
         run.begin()
         run.result.failover = run.move("failover", "node1", "node2")
