@@ -61,7 +61,7 @@ fi
 # The cluster packages are for the lab's namespaces only; say so if one runs in
 # this host's own PID namespace (a running lab's nodes have PID namespaces of their own).
 own_pidns=$(readlink /proc/self/ns/pid)
-for pid in $(pgrep -x 'corosync|pacemakerd' 2>/dev/null || true); do
+for pid in $(pgrep -x corosync || true) $(pgrep -x pacemakerd || true); do
     if [ "$(readlink "/proc/$pid/ns/pid" 2>/dev/null)" = "$own_pidns" ]; then
         say "warning: $(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) runs on this host; the lab does not use it"
     fi
