@@ -215,6 +215,7 @@ class Cluster:
         self.cib = cib_xml(primitive)
         self.nodes = {n: Node(n, os.path.join(workdir, f"pcmk-{n}")) for n in NODES}
         self._ops_seen: dict[str, int] = {n: 0 for n in NODES}
+        self._agent_lines_seen: dict[str, int] = {n: 0 for n in NODES}
         for node in self.nodes.values():
             self._prepare(node)
 
@@ -271,7 +272,9 @@ class Cluster:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C",
                # No syslog: the host's /dev/log is not the lab's business.
                "PCMK_logfile": "/var/log/pacemaker/pacemaker.log", "PCMK_logfacility": "none",
-               "PCMK_debug": "no"}
+               "PCMK_debug": "no",
+               # Marks every process of the node, so a test can tell none was left behind.
+               "NFSRESET_LAB": str(os.getpid())}
         argv = self.topo.exec_argv(name, "unshare", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
                                    "--propagation", "private", "bash", "-c", NODE_INIT, "nfsr-node-init",
                                    node.root, name, self.agent_src or "")
@@ -368,6 +371,13 @@ class Cluster:
         seen = self._ops_seen[name]
         self._ops_seen[name] = len(ops)
         return ops[seen:]
+
+    def agent_lines(self, name: str) -> list[str]:
+        """Lines the VIP's agent logged (ocf_log goes to Pacemaker's log) since the last call."""
+        lines = [line for line in self.log_text(name).splitlines() if f"({RESOURCE})[" in line]
+        seen = self._agent_lines_seen[name]
+        self._agent_lines_seen[name] = len(lines)
+        return lines[seen:]
 
     def wait_op(self, name: str, action: str, timeout: float) -> OpResult | None:
         """The next finished VIP `action` on `name` (None after `timeout`); earlier

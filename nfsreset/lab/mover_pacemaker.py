@@ -170,7 +170,13 @@ class PacemakerMover(Mover):
         self._check(op, node, "start")
         return op
 
+    def _relay(self, node: str) -> None:
+        """The agent's own log lines, as the ocf mover relays them: "[node1 pacemaker-ocf] ..."."""
+        for line in self.cluster.agent_lines(node):
+            self.log(f"[{node} {self.name}] {' '.join(line.split()[3:])}")
+
     def _check(self, op, node: str, action: str) -> None:
+        self._relay(node)
         if op is None:
             raise ClusterError(f"Pacemaker logged no {RESOURCE} {action} result on {node}; {self._state()}")
         if op.rc != 0:
@@ -191,6 +197,8 @@ class PacemakerMover(Mover):
         """Kill both nodes (everything in their PID namespaces, their mounts with them)."""
         try:
             self.cluster.stop()
+            for node in ("node1", "node2"):
+                self._relay(node)
         finally:
             super().close()
             self.monitor.close()
