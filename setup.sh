@@ -27,6 +27,13 @@ pkgs=(
     # front doors (cli/) and their checks in the test suite; keepalived only
     # for tests/ns/test_keepalived.py (its service stays off: no keepalived.conf)
     resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt keepalived
+    # tests/ns/test_systemd_package.py boots systemd in a container (it may
+    # upgrade systemd to the same version); packaging/build-deb.sh installs
+    # its own build dependencies
+    systemd-container
+    # the lab's real NFS server (nfsreset lab --server ganesha); installing starts
+    # no service here, the lab runs them in its own namespaces
+    nfs-ganesha nfs-ganesha-vfs rpcbind
     # nfsreset lab --mover pacemaker: a real cluster, run only inside the lab's
     # namespaces (not pcs: it pulls in ruby and upgrades host packages)
     corosync pacemaker pacemaker-cli-utils crmsh

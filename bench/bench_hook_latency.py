@@ -3,6 +3,7 @@
 
 Run as root from the checkout:
     .venv/bin/python bench/bench_hook_latency.py [--runs 10] [--family 4|6] [--conns 4] [--json]
+        [--nfsreset PATH ...]
 
 The hooks are exec'd by IPaddr2/Pacemaker at the worst moment of a failover;
 the goal is their first destroy or first packet within 0.1 s of exec. This
@@ -26,6 +27,10 @@ node1 = the head the hook runs on, client; namespaces `nfsr-<pid>-...`):
   is reported too.
 - The floor, same run: exec-to-exit of `.venv/bin/python -c pass` (and of
   `ip netns exec NODE1 .venv/bin/python -c pass`).
+- `--nfsreset PATH` (repeatable): another nfsreset command timed the same way,
+  its runs interleaved with the venv's (e.g. the Debian package's
+  /usr/bin/nfsreset, on Debian's python3 without a venv); rows named
+  `HOW PATH`. Its floor is exec-to-exit of its interpreter (`#!` line) `-c pass`.
 
 Reported: median (and min/max) of --runs runs, ratio to the floor. Also
 `python -X importtime -c 'import nfsreset.cli'` (top 5 by cumulative time),
@@ -67,13 +72,24 @@ PACKET_OUTGOING = 4
 
 
 def kill_vip(family: int, i: int) -> str:
-    return f"198.51.100.{20 + i}" if family == 4 else f"2001:db8::{0x20 + i:x}"
+    # past the client's own address (.100 / ::100), not on it
+    j = 20 + i + (20 + i >= 100) if family == 4 else 0x20 + i + (0x20 + i >= 0x100)
+    return f"198.51.100.{j}" if family == 4 else f"2001:db8::{j:x}"
 
 
-def launch_argv(topo: Topology, how: str, *args: str) -> list[str]:
+def launch_argv(topo: Topology, how: str, *args: str, binary: str = NFSRESET) -> list[str]:
     if how == "ip-netns-exec":
-        return topo.exec_argv(SERVER, NFSRESET, *args)
-    return [NFSRESET, *args, "--netns", topo.ns(SERVER)]
+        return topo.exec_argv(SERVER, binary, *args)
+    return [binary, *args, "--netns", topo.ns(SERVER)]
+
+
+def interpreter(binary: str) -> str:
+    """The python of a console script: its #! line."""
+    with open(binary, "rb") as f:
+        first = f.readline(200)
+    if not first.startswith(b"#!"):
+        raise ValueError(f"{binary}: no #! line")
+    return first[2:].split()[0].decode()
 
 
 # -- floors -------------------------------------------------------------------------------
@@ -134,13 +150,14 @@ def count_on(topo: Topology, vip: str) -> int:
         return len(sockdiag.dump([vip], [PORT]))
 
 
-def one_kill(topo: Topology, how: str, vip: str, conns: int, listener: socket.socket, state_dir: str) -> dict:
+def one_kill(topo: Topology, how: str, vip: str, conns: int, listener: socket.socket, state_dir: str,
+             binary: str = NFSRESET) -> dict:
     held = stale_sockets(topo, vip, conns, listener)
     try:
         if count_on(topo, vip) != conns:
             raise RuntimeError(f"expected {conns} stale sockets on {vip}")
         argv = launch_argv(topo, how, "kill", "--vip", vip, "--state-dir", state_dir,
-                           "--moment", "post-stop", "--json")
+                           "--moment", "post-stop", "--json", binary=binary)
 
         def observe(proc: subprocess.Popen, t0: float) -> dict:
             first = gone = None
@@ -214,10 +231,12 @@ def classify(frame: bytes, vip: str, cport: int) -> str | None:
     return "tickle" if (sport, dport, flags & 0x17) == (PORT, cport, 0x10) else None
 
 
-def one_tickle(topo: Topology, how: str, vip: str, client_ip: str, cport: int, cap: socket.socket) -> dict:
+def one_tickle(topo: Topology, how: str, vip: str, client_ip: str, cport: int, cap: socket.socket,
+               binary: str = NFSRESET) -> dict:
     drain(cap)
     endpoint = f"[{client_ip}]:{cport}" if ":" in client_ip else f"{client_ip}:{cport}"
-    argv = launch_argv(topo, how, "tickle", "--vip", vip, "--client", endpoint, "--rounds", "1", "--json")
+    argv = launch_argv(topo, how, "tickle", "--vip", vip, "--client", endpoint, "--rounds", "1", "--json",
+                       binary=binary)
 
     def observe(proc: subprocess.Popen, t0: float) -> dict:
         first = {"announce": None, "tickle": None}
@@ -300,6 +319,8 @@ def main() -> int:
     ap.add_argument("--family", type=int, choices=(4, 6), default=4)
     ap.add_argument("--conns", type=int, default=4, help="stale sockets per kill run, 1-100")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--nfsreset", action="append", default=[], metavar="PATH",
+                    help="also time this nfsreset command (repeatable), interleaved with the venv's")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (namespaces)", file=sys.stderr)
@@ -310,11 +331,27 @@ def main() -> int:
     if not os.access(NFSRESET, os.X_OK):
         print(f"{NFSRESET} not found: run setup.sh", file=sys.stderr)
         return 2
+    others = {}
+    for path in args.nfsreset:
+        try:
+            others[os.path.abspath(path)] = interpreter(path)
+        except (OSError, ValueError) as e:
+            print(f"--nfsreset: {path}: {e}", file=sys.stderr)
+            return 2
+        if not os.access(path, os.X_OK):
+            print(f"--nfsreset: {path} is not executable", file=sys.stderr)
+            return 2
+    if (2 + 2 * len(others)) * args.runs >= 230:    # one fresh kill VIP per run: 198.51.100.20-251
+        print("--runs times launches (2 per command) must stay within 230", file=sys.stderr)
+        return 2
 
     import tempfile
     state_dir = tempfile.mkdtemp(prefix="nfsr-bench-state-")
     fam = socket.AF_INET if args.family == 4 else socket.AF_INET6
     hows = ("ip-netns-exec", "--netns")
+    # (row name, launch, binary): the venv's rows keep their plain names
+    rows = [(how, how, NFSRESET) for how in hows] + \
+        [(f"{how} {path}", how, path) for path in others for how in hows]
     report: dict = {"kernel": os.uname().release, "cpus": os.cpu_count(), "family": args.family,
                     "runs": args.runs, "conns": args.conns, "goal_s": GOAL_S}
     topo = Topology.create(tag="bhook")
@@ -333,19 +370,22 @@ def main() -> int:
         floor_ns = [exec_to_exit(topo.exec_argv(SERVER, PYTHON, "-c", "pass")) for _ in range(args.runs)]
         report["floor_python_pass"] = summary(floor)
         report["floor_ip_netns_exec_python_pass"] = summary(floor_ns)
+        for path, py in others.items():
+            report[f"floor {py} -c pass"] = summary([exec_to_exit([py, "-c", "pass"]) for _ in range(args.runs)])
 
-        kills: dict[str, list[dict]] = {h: [] for h in hows}
+        n = len(rows)
+        kills: dict[str, list[dict]] = {r[0]: [] for r in rows}
         for i in range(args.runs):
-            for j, how in enumerate(hows):     # alternate the two launches
-                kills[how].append(one_kill(topo, how, kill_vip(args.family, 2 * i + j), args.conns,
-                                           listener, state_dir))
+            for j, (name, how, binary) in enumerate(rows):     # interleave the launches
+                kills[name].append(one_kill(topo, how, kill_vip(args.family, n * i + j), args.conns,
+                                            listener, state_dir, binary))
         vip = TICKLE_VIP[args.family]
         topo.add_addr(SERVER, vip, nodad=True)
         client_ip = HOST_ADDRS[CLIENT][0 if args.family == 4 else 1]
-        tickles: dict[str, list[dict]] = {h: [] for h in hows}
+        tickles: dict[str, list[dict]] = {r[0]: [] for r in rows}
         for i in range(args.runs):
-            for j, how in enumerate(hows):
-                tickles[how].append(one_tickle(topo, how, vip, client_ip, 40000 + 2 * i + j, cap))
+            for j, (name, how, binary) in enumerate(rows):
+                tickles[name].append(one_tickle(topo, how, vip, client_ip, 40000 + n * i + j, cap, binary))
         report["kill"] = {h: {"first_action": summary([r["first_s"] for r in rs]),
                               "all_gone": summary([r["all_gone_s"] for r in rs]),
                               "exit": summary([r["exit_s"] for r in rs]),
@@ -359,7 +399,7 @@ def main() -> int:
                                 "exit_codes": sorted({r["exit"] for r in rs}), "runs": rs}
                             for h, rs in tickles.items()}
         report["imports_cli"] = import_profile()
-        report["imports_kill_run"] = kill_import_profile(topo, listener, args.family, 2 * args.runs, state_dir)
+        report["imports_kill_run"] = kill_import_profile(topo, listener, args.family, n * args.runs, state_dir)
     finally:
         for s in (listener, cap):
             if s is not None:
@@ -382,14 +422,18 @@ def print_table(rep: dict) -> None:
           f"kill with {rep['conns']} stale sockets; times in ms from just before Popen (exec)")
     print(f"floor: `python -c pass` exec-to-exit {ms(fl)} (min {ms(rep['floor_python_pass']['min'])}); "
           f"`ip netns exec NS python -c pass` {ms(rep['floor_ip_netns_exec_python_pass']['median'])}")
-    print(f"{'hook':<7} {'launched by':<14} {'first action':>12} {'min':>6} {'max':>6} {'/floor':>6} "
+    for key, f in rep.items():
+        if key.startswith("floor /"):
+            print(f"floor: `{key[len('floor '):]}` exec-to-exit {ms(f['median'])} (min {ms(f['min'])})")
+    w = max(14, *(len(h) for h in rep["kill"]))
+    print(f"{'hook':<7} {'launched by':<{w}} {'first action':>12} {'min':>6} {'max':>6} {'/floor':>6} "
           f"{'announce':>8} {'all gone':>8} {'exit':>6} {'engine':>6}  goal {GOAL_S * 1000:.0f} ms")
     for part in ("kill", "tickle"):
         for how, r in rep[part].items():
             fa = r["first_action"]
             ratio = f"{fa['median'] / fl:6.2f}" if fa["median"] is not None else "   -  "
             extra = r.get("announce", r.get("all_gone"))
-            print(f"{part:<7} {how:<14} {ms(fa['median']):>12} {ms(fa['min'])} {ms(fa['max'])} {ratio} "
+            print(f"{part:<7} {how:<{w}} {ms(fa['median']):>12} {ms(fa['min'])} {ms(fa['max'])} {ratio} "
                   f"{ms(extra['median']) if part == 'tickle' else '     -  ':>8} "
                   f"{ms(r['all_gone']['median']) if part == 'kill' else '   -  ':>8} "
                   f"{ms(r['exit']['median'])} {ms(r['engine']['median'])}"

@@ -1,23 +1,42 @@
-"""Addresses configured in this thread's network namespace, by one RTM_GETADDR dump.
+"""Is an address here? Asked of the kernel with a few dozen lines of rtnetlink.
 
-A few dozen lines of rtnetlink instead of pyroute2: importing pyroute2 and
-opening an IPRoute costs ~0.13 s here, and hooks must send their first packet
-within 0.1 s of exec. The daemon uses pyroute2 for address *events*.
+A few dozen lines instead of pyroute2: importing pyroute2 and opening an
+IPRoute costs ~0.13 s here, and hooks must send their first packet within
+0.1 s of exec. The daemon reads its address and route events with the same
+framing (`messages`, `parse_addr`, `parse_route`).
+
+Two questions share one socket and one datagram: the address table (an
+RTM_GETADDR dump) and, per VIP, a FIB lookup (RTM_GETROUTE, what `ip route
+get` asks), which answers RTN_LOCAL for an address that is local through a
+`local` route range (AnyIP, LVS-DR) as well. nfsreset.presence decides from
+both (docs/internals.md, "Presence").
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import socket
 import struct
+from collections.abc import Iterable
 
-RTM_NEWADDR, RTM_GETADDR = 20, 22
+from nfsreset import presence as _presence
+from nfsreset.presence import Presence
+
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_FLAGS = 1, 2, 3, 8
 IFA_F_TENTATIVE, IFA_F_DADFAILED = 0x40, 0x08
+RTA_DST = 1
+RTN_LOCAL = 2
+RECV_TIMEOUT_S = 1.0   # the kernel answers at once; a reply never seen must not hang a hook
+DUMP_TRIES = 3         # an address dump interrupted by a change (NLM_F_DUMP_INTR) is asked again
 
 _NLMSG = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
+_RTMSG = struct.Struct("=BBBBBBBBI")
 _RTA = struct.Struct("=HH")
 
 
@@ -30,34 +49,132 @@ class Addr:
     dadfailed: bool = False
 
 
-def dump() -> list[Addr]:
+class _Interrupted(Exception):
+    pass
+
+
+def _exchange(sock: socket.socket,
+              requests: list[tuple[int, int, bytes]]) -> list[list[tuple[int, bytes]] | OSError]:
+    """Send `requests` ((type, flags, body), numbered 1..n) in one datagram and read
+    until each is answered: a dump by NLMSG_DONE, a plain request by its one reply.
+    Per request: its reply messages as (type, body), or the OSError the kernel
+    answered with. _Interrupted if a dump says the table changed under it."""
+    wire = b""
+    for seq, (mtype, flags, body) in enumerate(requests, 1):
+        body += b"\0" * (-len(body) % 4)
+        wire += _NLMSG.pack(_NLMSG.size + len(body), mtype, flags, seq, 0) + body
+    sock.send(wire)
+    out: list = [[] for _ in requests]
+    dumps = {seq for seq, (_, flags, _) in enumerate(requests, 1) if flags & NLM_F_DUMP == NLM_F_DUMP}
+    waiting = set(range(1, len(requests) + 1))
+    interrupted = False
+    for _ in range(100000):   # bounded in count here, in time by the socket timeout
+        if not waiting:
+            break
+        for mtype, flags, seq, body in messages(sock.recv(1 << 16)):
+            if seq not in waiting:
+                continue
+            interrupted |= bool(flags & NLM_F_DUMP_INTR)
+            if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                (err,) = struct.unpack_from("=i", body) if len(body) >= 4 else (0,)
+                if err:
+                    out[seq - 1] = OSError(-err, os.strerror(-err))
+                waiting.discard(seq)
+            else:
+                out[seq - 1].append((mtype, body))
+                if seq not in dumps:
+                    waiting.discard(seq)
+    if waiting:
+        raise OSError(errno.EPROTO, "rtnetlink: no end of reply")
+    if interrupted:
+        raise _Interrupted()
+    return out
+
+
+def messages(data: bytes):
+    """(type, flags, seq, body) of each netlink message in one datagram."""
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, mtype, flags, seq, _ = _NLMSG.unpack_from(data, off)
+        if length < _NLMSG.size or off + length > len(data):
+            raise OSError(errno.EBADMSG, "truncated rtnetlink message")
+        yield mtype, flags, seq, data[off + _NLMSG.size: off + length]
+        off += (length + 3) & ~3
+
+
+def parse_route(body: bytes) -> tuple[int, str | None, int, int] | None:
+    """(family 4 or 6, destination or None for a default route, prefix length,
+    rtm_type) of an RTM_NEWROUTE/RTM_DELROUTE body; None for other families."""
+    if len(body) < _RTMSG.size:
+        return None
+    family, dst_len, _, _, _, _, _, rtype, _ = _RTMSG.unpack_from(body)
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    dst = None
+    off = _RTMSG.size
+    while off + _RTA.size <= len(body):
+        alen, atype = _RTA.unpack_from(body, off)
+        if alen < _RTA.size:
+            break
+        if atype == RTA_DST:
+            dst = socket.inet_ntop(family, body[off + _RTA.size: off + alen])
+        off += (alen + 3) & ~3
+    return (6 if family == socket.AF_INET6 else 4), dst, dst_len, rtype
+
+
+def _route_lookup(ip: str) -> tuple[int, int, bytes] | None:
+    """An RTM_GETROUTE request for `ip` (None: not an address we can ask about)."""
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        raw = socket.inet_pton(fam, ip)
+    except (OSError, ValueError):
+        return None
+    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + _RTA.pack(_RTA.size + len(raw), RTA_DST) + raw
+    return RTM_GETROUTE, NLM_F_REQUEST, body
+
+
+def query(vips: Iterable[str] = ()) -> tuple[list[Addr], frozenset[str]]:
+    """(the address table, the VIPs a FIB lookup says are local), in one round
+    trip on one socket of the calling thread's network namespace. A lookup the
+    kernel refuses (no route: ENETUNREACH) is an answer: not local."""
+    vips = sorted(set(vips))
+    lookups = [(v, r) for v, r in ((v, _route_lookup(v)) for v in vips) if r is not None]
+    requests = [(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
+    requests += [r for _, r in lookups]
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
     try:
+        sock.settimeout(RECV_TIMEOUT_S)
         sock.bind((0, 0))
-        req = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        sock.send(_NLMSG.pack(_NLMSG.size + len(req), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
-        out: list[Addr] = []
-        for _ in range(10000):   # bounded: a dump ends with NLMSG_DONE
-            data = sock.recv(1 << 16)
-            off = 0
-            while off + _NLMSG.size <= len(data):
-                length, mtype, _, _, _ = _NLMSG.unpack_from(data, off)
-                if length < _NLMSG.size:
-                    return out
-                if mtype == NLMSG_DONE:
-                    return out
-                if mtype == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + _NLMSG.size)
-                    if err:
-                        raise OSError(-err, "RTM_GETADDR failed")
-                elif mtype == RTM_NEWADDR:
-                    a = _parse(data[off + _NLMSG.size: off + length])
-                    if a is not None:
-                        out.append(a)
-                off += (length + 3) & ~3
-        return out
+        for attempt in range(DUMP_TRIES):
+            try:
+                replies = _exchange(sock, requests)
+                break
+            except _Interrupted:
+                if attempt == DUMP_TRIES - 1:
+                    raise OSError(errno.EAGAIN, "the address table kept changing during the dump") from None
     finally:
         sock.close()
+    table = replies[0]
+    if isinstance(table, OSError):
+        raise OSError(table.errno, f"RTM_GETADDR failed: {table.strerror}")
+    rows = [a for mtype, body in table if mtype == RTM_NEWADDR for a in (_parse(body),) if a is not None]
+    fib = frozenset(v for (v, _), rep in zip(lookups, replies[1:])
+                    if not isinstance(rep, OSError)
+                    and any(mtype == RTM_NEWROUTE and len(body) >= _RTMSG.size and body[7] == RTN_LOCAL
+                            for mtype, body in rep))
+    return rows, fib
+
+
+def dump() -> list[Addr]:
+    """The address table (every device, tentative addresses included)."""
+    return query()[0]
+
+
+def presence(vips: Iterable[str]) -> dict[str, Presence]:
+    """Per VIP: local here (address table or FIB) and usable (out of DAD)."""
+    vips = list(vips)
+    rows, fib = query(vips)
+    return _presence.presence(vips, rows, fib)
 
 
 def _parse(msg: bytes) -> Addr | None:
@@ -81,7 +198,16 @@ def _parse(msg: bytes) -> Addr | None:
                 bool(flags & IFA_F_DADFAILED))
 
 
-def local_ips(usable_only: bool = False) -> frozenset[str]:
-    """Addresses configured here. A tentative IPv6 address counts as configured
-    (its sockets are live-to-be) unless usable_only."""
-    return frozenset(a.ip for a in dump() if not (usable_only and a.tentative))
+parse_addr = _parse   # an RTM_NEWADDR/RTM_DELADDR body -> Addr (or None), for the daemon's events
+
+
+def local_ips(usable_only: bool = False, vips: Iterable[str] = ()) -> frozenset[str]:
+    """Addresses local here: the address table, plus those of `vips` that a FIB
+    lookup says are local. A tentative IPv6 address counts as local (its
+    sockets are live-to-be) unless usable_only."""
+    vips = list(vips)
+    rows, fib = query(vips)
+    if not usable_only:
+        return _presence.local_set(rows, fib)
+    every = _presence.local_set(rows, fib)
+    return frozenset(ip for ip, p in _presence.presence(every, rows, fib).items() if p.usable)

@@ -2,7 +2,10 @@
 
 Exit codes, for every command: 0 done, 1 some sessions could not be ended (or,
 for `flows`, stale sessions exist), 2 bad input, 3 refused for safety.
-Errors are one line on stderr: `nfsreset CMD: what and why`.
+Errors are one line on stderr: `nfsreset CMD: what and why`. Bad input is
+refused before anything is created (no state dir, nft table, BPF program). An
+unexpected exception is one line `nfsreset CMD: internal error: TYPE: MSG` and
+exit 1 on both front ends; NFSRESET_DEBUG=1 adds its traceback.
 
 Two front ends, one set of command bodies (here):
 - `kill` and `tickle` are exec'd by cluster agents at the worst moment of a
@@ -43,13 +46,30 @@ def main() -> None:
 
 
 def fail_exit(e: Fail) -> None:
-    print(f"nfsreset {_command()}: {e}", file=sys.stderr)
+    print(f"nfsreset {_command()}: {_one_line(str(e))}", file=sys.stderr)
     sys.exit(e.code)
 
 
 def interrupted() -> None:
     print(f"nfsreset {_command()}: interrupted", file=sys.stderr)
     sys.exit(130)
+
+
+DEBUG_ENV = "NFSRESET_DEBUG"
+
+
+def internal_error(e: BaseException) -> None:
+    """A bug, not bad input: one line and exit 1; the traceback only with NFSRESET_DEBUG=1."""
+    print(f"nfsreset {_command()}: internal error: {type(e).__name__}: {_one_line(str(e))}",
+          file=sys.stderr, flush=True)
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+        traceback.print_exception(e)
+    sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
 
 
 def _command() -> str:
@@ -67,11 +87,11 @@ NETNS_HELP = "Act inside this named network namespace (/run/netns/NAME); it must
 
 
 def _vip(text: str) -> str:
-    from nfsreset.model import norm_ip
+    from nfsreset.model import vip_address
     try:
-        return norm_ip(text)
-    except ValueError:
-        raise Fail(f"--vip: {text!r} is not an IP address") from None
+        return vip_address(text)
+    except ValueError as e:
+        raise Fail(f"--vip: {e}") from None
 
 
 def _ports(ports: list[int]) -> frozenset[int]:
@@ -82,12 +102,13 @@ def _ports(ports: list[int]) -> frozenset[int]:
 
 
 def _clients(texts: list[str], need_port: bool = False):
-    from nfsreset.model import parse_endpoint
+    from nfsreset.model import host_address, parse_endpoint
     from nfsreset.plan import Session
     out = []
     for t in texts:
         try:
             ip, port = parse_endpoint(t)
+            ip = host_address(ip)
         except ValueError as e:
             raise Fail(f"--client: {e}") from None
         if need_port and port is None:
@@ -108,24 +129,37 @@ def _need_root(what: str) -> None:
         raise Fail(f"needs root ({what}); run with sudo or use --dry-run")
 
 
-def _state(path: str | None):
+def _state(path: str | None, dry_run: bool = False):
+    """The state dir, made if missing; a dry run makes nothing (a missing dir reads as empty)."""
     if path is None:
         return None
+    if not path:
+        raise Fail("--state-dir: '' is not a directory (an empty path)")
     from nfsreset.statedir import StateDir, StateError
     try:
-        return StateDir(path)
+        return StateDir(path, dry_run=dry_run)
     except StateError as e:
         raise Fail(str(e), e.exit_code) from None
     except OSError as e:
         raise Fail(f"state dir {path}: {e.strerror}") from None
 
 
+def _netns(name: str | None) -> None:
+    """Check --netns before anything is made: a name under /run/netns, and there."""
+    if name is None:
+        return
+    from nfsreset import netns
+    try:
+        there = netns.exists(name)
+    except netns.NetnsError as e:
+        raise Fail(f"--netns: {e}") from None
+    if not there:
+        raise Fail(f"--netns: network namespace {name!r} does not exist (see `ip netns list`)")
+
+
 def _in_netns(name: str | None):
     from nfsreset import netns
-    if name is None:
-        return netns.entered(None)
-    if not netns.exists(name):
-        raise Fail(f"--netns: network namespace {name!r} does not exist (see `ip netns list`)")
+    _netns(name)
     return netns.entered(name)
 
 
@@ -161,7 +195,8 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
         raise Fail(f"--moment must be post-stop or pre-start, not {moment!r}")
     if not dry_run:
         _need_root("it destroys sockets and changes nftables")
-    state = _state(state_dir)
+    _netns(netns_name)
+    state = _state(state_dir, dry_run)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)
@@ -196,9 +231,12 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
     for s in sessions:
         if family_of(s.client) != family_of(vip_):
             raise Fail(f"--client {s.client} is not of the VIP's address family")
+    if not 0 <= wait <= 600:
+        raise Fail(f"--wait must be 0-600 seconds, not {wait}")
     if not dry_run:
         _need_root("it sends raw packets and changes nftables")
-    state = _state(state_dir)
+    _netns(netns_name)
+    state = _state(state_dir, dry_run)
     known = [FlowKey(vip_, p, s.client, s.cport) for s in sessions for p in ports]
     if state is not None:
         from nfsreset.statedir import StateError
@@ -206,8 +244,6 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
             known += state.read_clients(vip_)
         except StateError as e:
             raise Fail(str(e), e.exit_code) from None
-    if not 0 <= wait <= 600:
-        raise Fail(f"--wait must be 0-600 seconds, not {wait}")
     opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):

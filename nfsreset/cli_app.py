@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from nfsreset import cli
-from nfsreset.cli import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _ports, _state, _strategy, _vip
+from nfsreset.cli import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _netns, _ports, _state, _strategy, _vip
 
 app = typer.Typer(
     add_completion=False,
@@ -24,24 +24,55 @@ app = typer.Typer(
     help="Make TCP clients (NFS first) recover at once when a floating IP (VIP) moves between "
          "cluster nodes: end the stale sessions a VIP leaves behind, and tickle its clients "
          "where it arrives.",
+    epilog=f"An unexpected error prints one line `nfsreset CMD: internal error: ...` and exits 1; "
+           f"set {cli.DEBUG_ENV}=1 to see its traceback too.",
 )
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past typer: typer 0.29 turns KeyboardInterrupt
+    into a silent exit code 130 when not in standalone mode."""
+
+
+def _interruptible(callback):
+    import functools
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+    return run
+
+
 def main() -> None:
-    # typer vendors click as typer._click (0.29); its exceptions are not re-exported.
-    from typer._click import exceptions as click_exc
+    # typer 0.29 vendors click as typer._click (its Abort lives in typer.exceptions);
+    # Debian 12's typer 0.7 uses click 8.1, which has no NoArgsIsHelpError (it
+    # prints the help and exits 0 itself). typer.Abort is the right class in both.
     try:
-        code = app(standalone_mode=False)
+        from typer._click import exceptions as click_exc
+    except ImportError:
+        from click import exceptions as click_exc
+    no_args_help = getattr(click_exc, "NoArgsIsHelpError", ())
+    Abort = typer.Abort
+    try:
+        group = typer.main.get_command(app)
+        for command in group.commands.values():
+            command.callback = _interruptible(command.callback)
+        code = group.main(standalone_mode=False)
     except Fail as e:
         cli.fail_exit(e)
-    except click_exc.NoArgsIsHelpError as e:
+    except no_args_help as e:
         print(e.format_message())
         sys.exit(0)
     except click_exc.UsageError as e:
         print(f"nfsreset {cli._command()}: {e.format_message()}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
-    except (click_exc.Abort, KeyboardInterrupt):
+    except (Abort, _Interrupted, KeyboardInterrupt):
         cli.interrupted()
+    except Exception as e:
+        cli.internal_error(e)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -106,8 +137,9 @@ def flows(
     vips = [_vip(v) for v in vip]
     ports = _ports(port)
     with _in_netns(netns_name):
-        local = addrs.local_ips()
         pairs = sockdiag.dump(local_ips=vips or None, local_ports=sorted(ports))
+        # after the dump, and with a FIB lookup per address seen (`local` route ranges)
+        local = addrs.local_ips(vips=set(vips) | {f.key.vip for f, _ in pairs})
         live = read_live_table(netns.current_inode())
     # A running `watch` for this namespace knows what a dump cannot: how old each
     # session is and its sequence numbers (from BPF). Queues come from the dump.
@@ -204,33 +236,38 @@ def watch(
     `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
     """
     from nfsreset.watch import Config, ConfigError, bind_metrics, load_config, parse_metrics, run_daemon
+    # A command-line option wins over the config whenever it was given, even as ''
+    # (`is not None`, not `or`: `--netns ''` must be an error, not "no namespace").
     try:
-        doc = load_config(config) if config else {}
-        vips_text = list(vip) or list(doc.get("vips") or [])
-        if not vips_text:
+        doc = load_config(config) if config is not None else {}
+        if vip:
+            vips = frozenset(_vip(v) for v in vip)
+        elif doc.get("vips"):
+            vips = frozenset(doc["vips"])           # checked by load_config
+        else:
             raise Fail("give at least one --vip (or vips = [...] in --config)")
-        vips = frozenset(_vip(str(v)) for v in vips_text)
-        ports = _ports(list(port) or [int(p) for p in doc.get("ports") or [2049]])
-        strat = _strategy(strategy or doc.get("strategy") or "auto")
-        mtext = metrics or doc.get("metrics")
-        cfg = Config(vips=vips, ports=ports, state_dir=state_dir or doc.get("state_dir") or "/var/lib/nfsreset",
-                     strategy=strat, netns=netns_name or doc.get("netns"),
-                     metrics=parse_metrics(mtext) if mtext else None, dry_run=dry_run, bpf=not no_bpf)
+        ports = _ports(list(port) or doc.get("ports") or [2049])
+        strat = _strategy(strategy if strategy is not None else doc.get("strategy", "auto"))
+        if metrics is not None:
+            mtarget = parse_metrics(metrics)
+        else:
+            mtarget = parse_metrics(doc["metrics"]) if "metrics" in doc else None
+        sdir = state_dir if state_dir is not None else doc.get("state_dir", "/var/lib/nfsreset")
+        if not sdir:
+            raise Fail("--state-dir: '' is not a directory (an empty path)")
+        cfg = Config(vips=vips, ports=ports, state_dir=sdir, strategy=strat,
+                     netns=netns_name if netns_name is not None else doc.get("netns"),
+                     metrics=mtarget, dry_run=dry_run, bpf=not no_bpf)
     except ConfigError as e:
         raise Fail(str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise Fail(f"bad config value: {e}") from None
-    if cfg.netns is not None:
-        from nfsreset import netns
-        if not netns.exists(cfg.netns):
-            raise Fail(f"--netns: network namespace {cfg.netns!r} does not exist (see `ip netns list`)")
+    _netns(cfg.netns)
     _need_root("it loads BPF, destroys sockets and changes nftables")
     # The metrics port first: if it is taken, nothing else may have been created yet.
     try:
         metrics_sock = bind_metrics(*cfg.metrics, cfg.netns) if cfg.metrics else None
     except ConfigError as e:
         raise Fail(str(e)) from None
-    _state(cfg.state_dir)
+    _state(cfg.state_dir, dry_run)
     return run_daemon(cfg, metrics_sock)
 
 

@@ -103,4 +103,6 @@ def run(command: str, argv: list[str]) -> int:
         cli.fail_exit(e)
     except KeyboardInterrupt:
         cli.interrupted()
-    return 2  # not reached: both handlers exit
+    except Exception as e:
+        cli.internal_error(e)
+    return 2  # not reached: every handler exits

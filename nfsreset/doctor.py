@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 
 def _check(fn) -> dict:
@@ -33,7 +34,10 @@ def _tracefs():
 def _headers():
     d = f"/lib/modules/{platform.release()}/build"
     if not os.path.isdir(os.path.join(d, "include")):
-        return False, f"{d} missing: run setup.sh (bcc needs some kernel headers)"
+        return False, (f"{d} missing: bcc needs kernel headers to build the flow tracker: "
+                       f"apt install linux-headers-{platform.release()} (or your architecture's "
+                       "linux-headers meta-package; from a checkout, setup.sh links the nearest); "
+                       "without them `watch` runs on sock_diag dumps")
     real = os.path.realpath(d)
     exact = platform.release() in real
     return True, f"{real}" + ("" if exact else " (not this kernel's: harmless, struct offsets come from BTF)")
@@ -46,7 +50,16 @@ def _bcc():
 
 def _tracker():
     from nfsreset.tracker import available
-    return available()
+    # bcc's compiler prints some errors ("Unable to find kernel headers...") on
+    # fd 1, which would break `doctor --json`: point fd 1 at stderr meanwhile.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        return available()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _destroy():

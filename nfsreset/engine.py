@@ -89,10 +89,12 @@ class Engine:
         flows = [f for f, _ in pairs]
         return self.enrich(flows) if self.enrich else flows
 
-    @staticmethod
-    def local_addrs() -> frozenset[str]:
+    def local_addrs(self, vip: str) -> frozenset[str]:
+        """What the kernel says is local: the address table, plus the VIPs of
+        these options (and `vip`) that a FIB lookup finds local (a `local` route
+        range: AnyIP, LVS-DR). One netlink round trip."""
         from nfsreset import addrs
-        return addrs.local_ips()
+        return addrs.local_ips(vips=self.opts.vips | {vip})
 
     def guard(self):
         if self._guard is None:
@@ -105,7 +107,7 @@ class Engine:
             old_cookies: frozenset[int] = frozenset()) -> Outcome:
         """Act for `vip` at `moment`. old_cookies: sockets known to predate the VIP here."""
         out = Outcome(moment.value, vip, self.dry_run)
-        local = self.local_addrs()
+        local = self.local_addrs(vip)
         pending = {}
         if moment is P.Moment.POST_START and self.state is not None:
             pending = self.state.read_pending(vip)

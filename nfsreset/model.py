@@ -26,6 +26,43 @@ def norm_ip(text: str) -> str:
     return str(addr)
 
 
+def vip_address(text: str) -> str:
+    """The canonical text of a VIP given by a user (command line, config), or
+    ValueError saying why it cannot be one. See host_address."""
+    return host_address(text)
+
+
+def host_address(text: str) -> str:
+    """Canonical text of a unicast address of one host (a VIP, or a client of
+    one), or ValueError with the reason. Loopback never leaves its host; a zone
+    (fe80::1%eth0) ties the address to one interface and is no part of what the
+    kernel, sock_diag and nft match on (inet_pton refuses it)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an IP address")
+    try:
+        addr = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    if addr.version == 6 and addr.scope_id is not None:
+        kind = "a link-local address" if addr.is_link_local else "an address"
+        raise ValueError(f"{text!r} is {kind} with a zone (%{addr.scope_id}); give an address without a zone")
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified:
+        raise ValueError(f"{text!r} is the unspecified address (any), not a host address")
+    if addr.is_multicast:
+        raise ValueError(f"{text!r} is a multicast address, not a host address")
+    if addr.version == 4 and addr == _BROADCAST:
+        raise ValueError(f"{text!r} is the broadcast address, not a host address")
+    if addr.is_loopback:
+        raise ValueError(f"{text!r} is a loopback address: it never leaves this host, so it cannot "
+                         f"move between nodes or be reached from another")
+    return str(addr)
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def family_of(ip: str) -> int:
     """4 or 6."""
     return ipaddress.ip_address(ip).version

@@ -21,10 +21,23 @@ class NetnsError(Exception):
     pass
 
 
+def check_name(name: str) -> str:
+    """`name` if `ip netns` could have made it (one entry of /run/netns), else
+    NetnsError saying why: '', '..' or a path must not open some other file."""
+    if not isinstance(name, str):
+        raise NetnsError(f"{name!r} is not a network namespace name (expected a string)")
+    if not name:
+        raise NetnsError("'' is not a network namespace name (it is empty)")
+    if "/" in name or name in (".", ".."):
+        raise NetnsError(f"{name!r} is not a network namespace name: give a name from `ip netns list`, "
+                         f"not a path")
+    if "\0" in name or len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise NetnsError(f"{name!r} is not a network namespace name (a NUL byte or longer than 255 bytes)")
+    return name
+
+
 def path_of(name: str) -> str:
-    if not name or "/" in name or name in (".", ".."):
-        raise NetnsError(f"bad network namespace name {name!r}")
-    return os.path.join(NETNS_RUN_DIR, name)
+    return os.path.join(NETNS_RUN_DIR, check_name(name))
 
 
 def exists(name: str) -> bool:

@@ -51,7 +51,8 @@ def _check_owner(path: str, st: os.stat_result, what: str) -> None:
 
 
 class StateDir:
-    def __init__(self, path: str = DEFAULT_DIR, max_entries: int = MAX_ENTRIES, create: bool = True):
+    def __init__(self, path: str = DEFAULT_DIR, max_entries: int = MAX_ENTRIES, create: bool = True,
+                 dry_run: bool = False):
         self.path = os.path.abspath(path)
         self.max_entries = max_entries
         try:
@@ -59,6 +60,8 @@ class StateDir:
         except FileNotFoundError:
             if not create:
                 raise StateError(f"state dir {self.path} does not exist") from None
+            if dry_run:   # a dry run makes nothing: a missing dir reads as empty (its writes are skipped)
+                return
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             st = os.lstat(self.path)
         if not stat.S_ISDIR(st.st_mode):

@@ -1,9 +1,9 @@
-"""`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events via
-pyroute2), tracks their sessions (BPF flow tracker, or sock_diag dumps without
-BPF) and acts as DESIGN §4 says, through the same engine as the one-shot hooks.
+"""`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events say
+when to ask the kernel again: nfsreset.presence), tracks their sessions (BPF flow
+tracker, or sock_diag dumps without BPF) and acts as DESIGN §4 says, through the
+same engine as the one-shot hooks.
 
-Threads: the main thread owns the pyroute2 socket (pyroute2 0.9 delivers events
-only to the thread that created the IPRoute) and dispatches; a worker per VIP
+Threads: the main thread owns the rtnetlink event socket and dispatches; a worker per VIP
 runs the engine, so a 1.5 s tickle on one VIP never delays another VIP's
 teardown; a BPF poller feeds the flow table. All threads share the namespace the
 main thread entered before it started them (threads inherit it at creation).
@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable
 
 from nfsreset import plan as P
-from nfsreset.addrs import IFA_F_DADFAILED, IFA_F_TENTATIVE
+from nfsreset import presence as PR
+from nfsreset import addrs as A
 from nfsreset.model import Flow, FlowKey, norm_ip
 from nfsreset.statedir import StateDir
 
@@ -60,27 +61,139 @@ class ConfigError(Exception):
     pass
 
 
+CONFIG_KEYS = ("vips", "ports", "state_dir", "strategy", "netns", "metrics")
+CONFIG_MAX_BYTES = 1 << 20
+
+
 def load_config(path: str) -> dict:
-    """TOML: vips, ports, state_dir, strategy, netns, metrics ("HOST:PORT")."""
+    """TOML: vips, ports, state_dir, strategy, netns, metrics ("HOST:PORT").
+
+    Every value is checked for its type and meaning here, before anything is
+    made: a config is input, and `ports = "12"` must not run on ports 1 and 2.
+    Returns the keys present, with canonical values (vips normalised)."""
+    import stat
     import tomllib
+    if not path:
+        raise ConfigError("--config: '' is not a file (an empty path)")
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        # O_NONBLOCK: a FIFO given as the config must not block the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(f"config {path} not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config {path}: {e}") from None
-    known = {"vips", "ports", "state_dir", "strategy", "netns", "metrics"}
-    unknown = set(doc) - known
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot open it: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"config {path} is not a regular file"
+                              + (" (a directory)" if stat.S_ISDIR(os.fstat(fd).st_mode) else ""))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read it: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"config {path} is larger than {CONFIG_MAX_BYTES} bytes; not a config")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: {_one_line(str(e))}") from None
+    unknown = set(doc) - set(CONFIG_KEYS)
     if unknown:
         raise ConfigError(f"config {path}: unknown key(s) {', '.join(sorted(unknown))} "
-                          f"(known: {', '.join(sorted(known))})")
-    return doc
+                          f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    try:
+        return check_config(doc)
+    except ValueError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+
+
+def check_config(doc: dict) -> dict:
+    """The values of a parsed config, checked strictly (bool is not int), or
+    ValueError naming the key, the value and the type expected."""
+    from nfsreset import netns as N
+    from nfsreset.model import vip_address
+    out: dict = {}
+    if "vips" in doc:
+        vips = _list_of(doc, "vips", str, "a list of addresses, e.g. vips = [\"198.51.100.10\"]")
+        try:
+            out["vips"] = [vip_address(v) for v in vips]
+        except ValueError as e:
+            raise ValueError(f"vips = {_toml(vips)}: {e}") from None
+    if "ports" in doc:
+        ports = _list_of(doc, "ports", int, "a list of TCP ports (integers 1-65535), e.g. ports = [2049]")
+        bad = [p for p in ports if not 0 < p < 65536]
+        if bad:
+            raise ValueError(f"ports = {_toml(ports)}: {bad[0]} is not a TCP port; expected integers 1-65535")
+        out["ports"] = ports
+    if "state_dir" in doc:
+        out["state_dir"] = _text(doc, "state_dir", "a directory path")
+    if "strategy" in doc:
+        strategy = _text(doc, "strategy", f"one of {'|'.join(P.STRATEGIES)}")
+        if strategy not in P.STRATEGIES:
+            raise ValueError(f"strategy = {_toml(strategy)}: expected one of {'|'.join(P.STRATEGIES)}")
+        out["strategy"] = strategy
+    if "netns" in doc:
+        name = _text(doc, "netns", "a name from `ip netns list`", empty_ok=True)
+        try:
+            out["netns"] = N.check_name(name)
+        except N.NetnsError as e:
+            raise ValueError(f"netns = {_toml(name)}: {e}") from None
+    if "metrics" in doc:
+        text = _text(doc, "metrics", "HOST:PORT, e.g. metrics = \"127.0.0.1:9449\"")
+        try:
+            parse_metrics(text)
+        except ConfigError as e:
+            raise ValueError(f"metrics = {_toml(text)}: expected HOST:PORT with a port 1-65535, "
+                             f"e.g. \"127.0.0.1:9449\"") from None
+        out["metrics"] = text
+    return out
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+               dict: "a table"}
+
+
+def _type_name(v) -> str:
+    return _TYPE_NAMES.get(type(v), f"a {type(v).__name__}")
+
+
+def _toml(v) -> str:
+    """A value as it would be written in the config (true, "x", [1, 2])."""
+    return json.dumps(v, default=str)
+
+
+def _list_of(doc: dict, key: str, kind: type, expected: str) -> list:
+    v = doc[key]
+    if not isinstance(v, list):
+        raise ValueError(f"{key} = {_toml(v)} is {_type_name(v)}; expected {expected}")
+    if not v:
+        raise ValueError(f"{key} = [] is empty; expected {expected} (or leave {key} out)")
+    for item in v:
+        # type() and not isinstance(): a TOML true is a bool, which isinstance() takes for an int.
+        if type(item) is not kind:
+            raise ValueError(f"{key} = {_toml(v)}: {_toml(item)} is {_type_name(item)}; expected {expected}")
+    return v
+
+
+def _text(doc: dict, key: str, expected: str, empty_ok: bool = False) -> str:
+    v = doc[key]
+    if type(v) is not str:
+        raise ValueError(f"{key} = {_toml(v)} is {_type_name(v)}; expected a string: {expected}")
+    if not v and not empty_ok:
+        raise ValueError(f"{key} = \"\" is empty; expected {expected}")
+    return v
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def parse_metrics(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"--metrics wants HOST:PORT, not {text!r}")
     return host.strip("[]"), int(port)
 
@@ -332,8 +445,8 @@ class DaemonState(StateDir):
     (sort, JSON, fsync) cost 60 ms of a 10,000-session teardown, before
     the first destroy."""
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, path: str, dry_run: bool = False):
+        super().__init__(path, dry_run=dry_run)
         self.written: dict[str, tuple[frozenset[FlowKey], int, int]] = {}
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
@@ -373,7 +486,9 @@ class Daemon:
         self.queues: dict[str, queue.Queue] = {v: queue.Queue() for v in cfg.vips}
         self.netns_ino = None
         self.state: DaemonState | None = None
-        self.pending_dad: set[str] = set()
+        # VIP -> the kernel's last answer (address table + FIB local), re-read on
+        # every event that concerns the VIP; only a change of it is acted on.
+        self.presence: dict[str, PR.Presence] = {}
         # Bumped (under table_lock) whenever the table changes; the state dir and
         # the live table file are written only when it moved since the last flush.
         self.version = 0
@@ -451,10 +566,25 @@ class Daemon:
             except Exception as e:
                 self.log(f"{vip} {moment.value} failed: {type(e).__name__}: {e}")
 
-    # -- address events -------------------------------------------------------------------------------
-    def on_addr(self, vip: str, present: bool, tentative: bool, now: float) -> None:
-        was = self.present.get(vip, False)
-        if present and not was:
+    # -- presence ------------------------------------------------------------------------------------
+    def refresh(self, vips, now: float) -> None:
+        """Ask the kernel whether `vips` are here and act on what changed. An event
+        only says when to ask: the address may be on another device too, or
+        local through a route, and the event may be one of several (or lost)."""
+        from nfsreset import addrs
+        try:
+            seen = addrs.presence(sorted(vips))
+        except OSError as e:   # nothing is acted on without the kernel's answer
+            self.log(f"cannot read presence of {', '.join(sorted(vips))} from the kernel: {e}")
+            return
+        for vip, p in seen.items():
+            self.on_presence(vip, p, now)
+
+    def on_presence(self, vip: str, now_p: PR.Presence, now: float) -> None:
+        was = self.presence.get(vip, PR.AWAY)
+        self.presence[vip] = now_p
+        change = PR.change(was, now_p)
+        if change == PR.ARRIVED:
             self.present[vip] = True
             self.since[vip] = now
             # The list on disk is the last owner's now: write ours at the next flush.
@@ -462,40 +592,50 @@ class Daemon:
                 self.dirty.add(vip)
             # Every socket on the VIP right now predates the address: remember them,
             # the post-start run ends them (the daemon's pre-start moment).
-            self.old_cookies[vip] = frozenset(f.cookie for f in self.engine(vip).dump(vip)
-                                              if f.cookie is not None)
-            self.log(f"{vip} arrived" + (" (tentative: waiting for DAD)" if tentative else ""))
+            try:
+                self.old_cookies[vip] = frozenset(f.cookie for f in self.engine(vip).dump(vip)
+                                                  if f.cookie is not None)
+            except Exception as e:   # the arrival still counts: unknown age is live
+                self.old_cookies[vip] = frozenset()
+                self.log(f"{vip}: cannot list its sockets at arrival ({type(e).__name__}: {e})")
+            self.log(f"{vip} arrived" + ("" if now_p.usable else " (tentative: waiting for DAD)"))
             # While IPv6 DAD runs: end the old sockets and lift the quarantine at
             # once (IPaddr2 announces from the VIP right after DAD); announce and
             # tickle only once the address is usable.
-            self.queues[vip].put((P.Moment.POST_START, now, not tentative))
-            if tentative:
-                self.pending_dad.add(vip)
-        elif present and was and not tentative and vip in self.pending_dad:
-            self.pending_dad.discard(vip)
+            self.queues[vip].put((P.Moment.POST_START, now, now_p.usable))
+        elif change == PR.USABLE:
             self.log(f"{vip} usable (DAD done)")
             self.queues[vip].put((P.Moment.POST_START, now, True))
-        elif not present and was:
+        elif change == PR.LEFT:
             self.present[vip] = False
-            self.pending_dad.discard(vip)
             self.log(f"{vip} left")
             self.queues[vip].put((P.Moment.POST_STOP, now, True))
 
-    def handle_rtnl(self, ipr) -> None:
+    def handle_rtnl(self, msgs) -> None:
+        """Address events of a watched VIP, and `local` route events covering one,
+        make those VIPs' presence be read again (once per batch). msgs: (type, body)."""
         now = time.monotonic()
-        for msg in ipr.get():
-            ev = msg.get("event")
-            if ev not in ("RTM_NEWADDR", "RTM_DELADDR"):
+        concerned: set[str] = set()
+        for mtype, body in msgs:
+            if mtype in (A.RTM_NEWADDR, A.RTM_DELADDR):
+                a = A.parse_addr(body)
+                if a is None:
+                    continue
+                hit = {norm_ip(a.ip)} & self.cfg.vips
+            elif mtype in (A.RTM_NEWROUTE, A.RTM_DELROUTE):
+                # The socket filter passes only RTN_LOCAL ones. A VIP's own local
+                # route goes after its RTM_DELADDR: the read for that may still see it.
+                r = A.parse_route(body)
+                if r is None or r[3] != A.RTN_LOCAL:
+                    continue
+                hit = PR.covered(self.cfg.vips, r[0], r[1], r[2])
+            else:
                 continue
-            ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if ip is None:
-                continue
-            ip = norm_ip(ip)
-            if ip not in self.cfg.vips:
-                continue
-            self.metrics.events += 1
-            flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-            self.on_addr(ip, ev == "RTM_NEWADDR", bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)), now)
+            if hit:
+                self.metrics.events += 1
+                concerned |= hit
+        if concerned:
+            self.refresh(concerned, now)
 
     # -- flow table ----------------------------------------------------------------------------------
     def on_flow_event(self, ev) -> None:
@@ -586,17 +726,37 @@ class Daemon:
             json.dump(doc, f)
         os.replace(tmp, path)
 
+    def open_rtnl(self) -> socket.socket:
+        """Non-blocking rtnetlink socket for address events and `local` route
+        events, bound before presence is first read (no event falls between).
+        A plain socket, not pyroute2's: pyroute2 0.9 reads datagrams ahead into
+        a queue of its own and get() hands out one, so select() missed the rest
+        until the next event came (a VIP's RTM_DELROUTE left there for seconds)."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                             socket.NETLINK_ROUTE)
+        try:
+            try:   # as root past net.core.rmem_max; the kernel doubles it
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RTNL_RCVBUF)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RTNL_RCVBUF)
+            try:
+                _only_local_routes(sock)
+            except OSError as e:
+                self.log(f"cannot filter route events in the kernel ({e}); every route change will wake us")
+            sock.bind((0, RTNL_GROUPS))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     # -- life cycle -----------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None]) -> int:
         from nfsreset import addrs, netns
         if self.cfg.netns:
             netns.enter_for_good(self.cfg.netns)
         self.netns_ino = netns.current_inode()
-        self.state = DaemonState(self.cfg.state_dir)
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
-        ipr = IPRoute()
-        ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)   # before the dump: no event falls between
+        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run)
+        ipr = self.open_rtnl()   # before the first read of presence: no event falls between
         if self.cfg.bpf:
             try:
                 # Raw tracepoints: no tracefs needed, so this works under `ip netns exec` as is.
@@ -617,12 +777,9 @@ class Daemon:
             except Exception as e:
                 self.log(f"nftables unavailable ({type(e).__name__}: {e}); each action will try again")
         self.reconcile()
-        local = addrs.dump()
-        for vip in self.cfg.vips:
-            a = next((a for a in local if a.ip == vip), None)
-            self.present[vip] = a is not None
-            if a is not None and a.tentative:
-                self.pending_dad.add(vip)
+        self.presence = addrs.presence(sorted(self.cfg.vips))
+        for vip, p in self.presence.items():
+            self.present[vip] = p.local
         threads = [threading.Thread(target=self.worker, args=(v,), name=f"vip-{v}", daemon=True)
                    for v in self.cfg.vips]
         if self.tracker is not None:
@@ -657,7 +814,12 @@ class Daemon:
                 wait = min(max(due - time.monotonic(), 0.0), STATE_FLUSH_S)
                 r, _, _ = select.select([ipr], [], [], wait)
                 if r:
-                    self.handle_rtnl(ipr)
+                    msgs, lost = read_rtnl(ipr)
+                    if msgs:
+                        self.handle_rtnl(msgs)
+                    if lost:   # ENOBUFS: the kernel dropped events; it still knows the answer
+                        self.log("address events lost (receive buffer full); reading presence again")
+                        self.refresh(self.cfg.vips, time.monotonic())
                 now = time.monotonic()
                 if self.tracker is None and now >= next_dump:
                     self.reconcile()
@@ -666,6 +828,8 @@ class Daemon:
                     self.flush_state()
                     next_flush = now + STATE_FLUSH_S
                 if now >= next_away:
+                    # Catches what no event announced (an `ip rule` change, a lost event).
+                    self.refresh(self.cfg.vips, now)
                     away = {vip for vip, here in self.present.items() if not here}
                     if away:
                         with self.table_lock:
@@ -741,6 +905,59 @@ def _start_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         # comm (field 2) may hold spaces and parentheses: split after its last ')'
         return int(f.read().rsplit(b")", 1)[1].split()[19])
+
+
+SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
+RTNL_RCVBUF = 1 << 20
+# RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+RTNL_GROUPS = 0x10 | 0x40 | 0x100 | 0x400
+RTNL_READS_PER_WAKEUP = 256   # datagrams; more are read at the next (immediate) select
+
+
+def read_rtnl(sock: socket.socket) -> tuple[list[tuple[int, bytes]], bool]:
+    """What the event socket holds now, as (type, body), and whether the kernel
+    reported lost events (ENOBUFS: said once, then the socket goes on)."""
+    out: list[tuple[int, bytes]] = []
+    lost = False
+    for _ in range(RTNL_READS_PER_WAKEUP):
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            lost = True
+            continue
+        out += [(mtype, body) for mtype, _, _, body in A.messages(data)]
+    return out, lost
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _only_local_routes(sock) -> None:
+    """Classic BPF on the event socket: drop route notifications other than
+    RTN_LOCAL in the kernel. A routing daemon's churn would otherwise wake us
+    per route and overflow the receive buffer: 5,100 routes loaded at once gave
+    ENOBUFS with a 2 MiB buffer. Each notification is one message per skb."""
+    ld_b, jeq, ret = 0x30, 0x15, 0x06      # BPF_LD|BPF_B|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    type_lo = 4 if sys.byteorder == "little" else 5   # nlmsg_type's low byte (rtnetlink types < 256)
+    prog = [(ld_b, 0, 0, type_lo),
+            (jeq, 1, 0, 24),                # RTM_NEWROUTE
+            (jeq, 0, 2, 25),                # RTM_DELROUTE; anything else: pass
+            (ld_b, 0, 0, 16 + 7),           # rtmsg.rtm_type
+            (jeq, 0, 1, A.RTN_LOCAL),
+            (ret, 0, 0, 0xFFFFFFFF),        # pass
+            (ret, 0, 0, 0)]                 # drop
+    insns = (_SockFilter * len(prog))(*prog)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(_SockFprog(len(prog), insns)))
 
 
 def _trim_heap() -> None:

@@ -14,6 +14,13 @@ Modelled on net/sunrpc/xprtsock.c with the mount defaults timeo=600,retrans=2:
   immediate, later ones back off 3, 6, 12 ... s (XS_TCP_INIT_REEST_TO,
   doubled up to XS_TCP_MAX_REEST_TO = 300 s).
 
+What it says on the connection is nfs_client.py's business (--vers): echo
+records for the sim server (server.py), or real NFS to NFS-Ganesha: NFSv3
+GETATTR after MOUNT, NFSv4.0/4.1 COMPOUND(PUTROOTFH, GETATTR). A "reply" event
+is a reply whose xid matches the call in flight and whose status is NFS_OK;
+NFS errors are "nfs_error" events, state set-up (MNT, EXCHANGE_ID,
+CREATE_SESSION) are "setup" events.
+
 Nothing here has an RPC-level timeout: like the real client on a TCP mount
 whose segments are answered by bare ACKs, only the kernel's user timeout ends
 a connection that went nowhere. That is the failback stall the lab shows.
@@ -39,7 +46,9 @@ import struct
 import sys
 import time
 
-LAST_FRAGMENT = 0x80000000
+from nfsreset.lab import rpc
+from nfsreset.lab.nfs_client import VERSIONS, ProtocolError, make
+
 INIT_REEST_TO = 3.0     # XS_TCP_INIT_REEST_TO
 MAX_REEST_TO = 300.0    # XS_TCP_MAX_REEST_TO
 MIN_RESVPORT = 665      # sunrpc.min_resvport default
@@ -63,13 +72,15 @@ class Dead(Exception):
 
 class Client:
     def __init__(self, server: str, port: int, user_timeout: float, keepalive: float,
-                 interval: float, source_port: int, payload: int) -> None:
+                 interval: float, source_port: int, proto) -> None:
         self.server, self.port = server, port
         self.family = socket.AF_INET6 if ":" in server else socket.AF_INET
         self.user_timeout, self.keepalive = user_timeout, keepalive
-        self.interval, self.payload = interval, payload
+        self.interval, self.proto = interval, proto
         self.src_port = source_port
         self.seq = 0
+        self.xid = int.from_bytes(os.urandom(4), "big")
+        self.capture: str | None = None
 
     # -- socket life ----------------------------------------------------------------
     def _bind(self) -> socket.socket:
@@ -137,17 +148,61 @@ class Client:
         return sock
 
     # -- one RPC ------------------------------------------------------------------
-    def call(self, sock: socket.socket, deadline: float) -> None:
+    def call(self, sock: socket.socket, deadline: float) -> str:
+        """One call, its reply awaited with nothing else in flight (xid matched);
+        the protocol's verdict (nfs_client: reply, setup, state or retry)."""
         self.seq += 1
-        body = struct.pack(">Q", self.seq) + b"\0" * max(0, self.payload - 8)
-        record = struct.pack(">I", LAST_FRAGMENT | len(body)) + body
+        self.xid = (self.xid + 1) & 0xFFFFFFFF
+        body, kind = self.proto.next_call(self.xid)
         try:
-            sock.sendall(record)  # tiny; fits the send buffer of a live socket
+            sock.sendall(rpc.frame(body))  # small; fits the send buffer of a live socket
         except BlockingIOError:
             raise Dead("send", errno.EAGAIN) from None
         except OSError as e:
             raise Dead("send", e.errno) from None
-        want = len(record)
+        while True:
+            msg = self._recv_record(sock, deadline)
+            try:
+                xid = rpc.reply_xid(msg)
+            except rpc.XdrError:
+                raise Dead("decode", errno.EBADMSG) from None
+            if xid == self.xid:
+                break
+            emit("stray_reply", xid=xid)  # a late answer to an older call: not ours now
+        if self.capture:
+            self._capture(kind, msg)
+        try:
+            verdict = self.proto.on_reply(kind, msg, emit)
+        except (rpc.XdrError, rpc.RpcError, ProtocolError) as e:
+            emit("bad_reply", op=kind, why=str(e)[:200])
+            raise Dead("decode", errno.EBADMSG) from None
+        if verdict == "reply":
+            emit("reply", seq=self.seq)
+        return verdict
+
+    def _capture(self, kind: str, msg: bytes) -> None:
+        """Keep the first reply of each kind and status (test data for the codec)."""
+        status = msg[24:28].hex() if len(msg) >= 28 else "short"
+        path = os.path.join(self.capture, f"v{self.proto.vers}-{kind}-{status}.bin")
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(msg)
+
+    def _recv_record(self, sock: socket.socket, deadline: float) -> bytes:
+        out = bytearray()
+        while True:
+            try:
+                length, last = rpc.fragment_header(self._recv_exact(sock, 4, deadline))
+            except rpc.XdrError:
+                raise Dead("decode", errno.EMSGSIZE) from None
+            if len(out) + length > rpc.MAX_RECORD:
+                raise Dead("decode", errno.EMSGSIZE)
+            out += self._recv_exact(sock, length, deadline)
+            if last:
+                return bytes(out)
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, want: int, deadline: float) -> bytes:
         got = bytearray()
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -165,7 +220,16 @@ class Client:
             if not chunk:
                 raise Dead("recv", None)  # EOF: the server closed
             got += chunk
-        emit("reply", seq=self.seq)
+        return bytes(got)
+
+    def prepare(self, deadline: float) -> None:
+        """The protocol's out-of-band setup (NFSv3: MOUNT), as a reconnect step."""
+        try:
+            self.proto.prepare(self.server, deadline, emit)
+        except (OSError, rpc.XdrError, rpc.RpcError) as e:
+            num = getattr(e, "errno", None) or errno.EIO
+            emit("error", op="mount", errno=num, err=errname(num), why=str(e)[:200])
+            raise Dead("mount", num) from None
 
     def run(self, duration: float) -> int:
         deadline = time.monotonic() + duration
@@ -177,19 +241,24 @@ class Client:
             attempt += 1
             worked = False
             try:
+                self.prepare(deadline)
                 sock = self.connect(deadline)
             except Dead as d:
-                emit("error", op=d.op, errno=d.num, err=errname(d.num))
+                if d.op != "mount":
+                    emit("error", op=d.op, errno=d.num, err=errname(d.num))
                 delay, backoff = backoff, min(backoff * 2, MAX_REEST_TO)
                 continue
             try:
                 while True:
                     started = time.monotonic()
-                    self.call(sock, deadline)
+                    self.prepare(deadline)  # NFSv3 after a stale handle: MOUNT again
+                    verdict = self.call(sock, deadline)
                     worked = True
-                    time.sleep(max(0.0, started + self.interval - time.monotonic()))
+                    if verdict not in ("setup", "state"):  # state calls go at once, as the state manager's do
+                        time.sleep(max(0.0, started + self.interval - time.monotonic()))
             except Dead as d:
-                emit("error", op=d.op, errno=d.num, err=errname(d.num) if d.num else "EOF")
+                if d.op != "mount":  # prepare() said it already
+                    emit("error", op=d.op, errno=d.num, err=errname(d.num) if d.num else "EOF")
             except TimeoutError:
                 break
             finally:
@@ -214,14 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keepalive", type=float, default=60.0, help="keepalive idle and interval, seconds")
     p.add_argument("--interval", type=float, default=0.02, help="seconds between requests")
     p.add_argument("--source-port", type=int, default=1023, help="first reserved port to try")
-    p.add_argument("--payload", type=int, default=128, help="request size in bytes")
+    p.add_argument("--payload", type=int, default=128, help="request size in bytes (echo only)")
+    p.add_argument("--vers", choices=VERSIONS, default="echo",
+                   help="echo: records echoed by the sim server; 3, 4.0, 4.1: real NFS (GETATTR)")
+    p.add_argument("--export", default="/", help="NFSv3: the path to MOUNT")
+    p.add_argument("--capture", metavar="DIR", help="save the first reply of each kind and status in DIR")
     p.add_argument("--duration", type=float, default=600.0, help="exit after this many seconds")
     args = p.parse_args(argv)
     if not MIN_RESVPORT <= args.source_port <= 65535:
         p.error(f"--source-port must be >= {MIN_RESVPORT}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     client = Client(args.server, args.port, args.user_timeout, args.keepalive,
-                    args.interval, args.source_port, args.payload)
+                    args.interval, args.source_port, make(args.vers, args.export, args.payload))
+    client.capture = args.capture
     try:
         return client.run(args.duration)
     except KeyboardInterrupt:

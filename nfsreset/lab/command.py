@@ -9,6 +9,7 @@ import os
 import sys
 
 import typer
+from typing import Optional  # not `str | None`: Debian 12's typer 0.7 cannot read PEP 604 unions
 
 
 
@@ -50,9 +51,11 @@ def lab(
     remedy: list[str] = typer.Option(["none"], "--remedy", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' is the baseline."),
     mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
     crash: bool = typer.Option(False, "--crash", help="Pacemaker movers only: the failover is a crash of node1 (its cluster stack SIGKILLed, its VIP and link gone); node1 then rejoins and the failback is a planned move."),
+    server: str = typer.Option("sim", "--server", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
+    vers: list[str] = typer.Option([], "--vers", help="With --server ganesha: NFS version the client speaks, 3, 4.0 or 4.1 (repeat or comma-separate to compare; default 3). The sim server only echoes records."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
     gap: float = typer.Option(1.0, "--gap", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
-    strategy: str | None = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step of the lab on stderr."),
 ) -> None:
@@ -86,7 +89,13 @@ def lab(
     the kernel shows the delete, not inside Pacemaker). --gap does not apply:
     Pacemaker decides. Add --crash to make the failover a crash of node1.
 
-    Several --remedy or --mover options run each one and print them side by side.
+    --server ganesha runs real NFS-Ganesha on both heads (each in its own mount
+    and PID namespace, private /run and /var/lib/nfs, about 0.1-0.3 s to
+    listen) and the client sends NFSv3 GETATTR after MOUNT, or NFSv4.0/4.1
+    COMPOUND with GETATTR (--vers); a stall is measured on replies that say
+    NFS_OK. --server sim (the default) is faster and needs no packages.
+
+    Several --remedy, --mover or --vers options run each one and print them side by side.
     Needs root. Takes about 2 x (cap + 8) seconds per family, mover and remedy.
     """
     # -- validate everything before a single namespace exists -------------------------
@@ -132,6 +141,24 @@ def lab(
                 agent_path(name)
         except AgentError as e:
             _fail(str(e))
+    server = server.strip().lower()
+    from nfsreset.lab.run import SERVERS, VERSIONS
+
+    if server not in SERVERS:
+        _fail(f"--server must be {' or '.join(SERVERS)}, not {server!r}")
+    versions = list(dict.fromkeys(v.strip() for item in vers for v in item.split(",") if v.strip()))
+    if server == "sim" and versions:
+        _fail("--vers needs --server ganesha: the sim server only echoes records")
+    versions = versions or [VERSIONS[server][0]]
+    bad = [v for v in versions if v not in VERSIONS[server]]
+    if bad:
+        _fail(f"--vers must be {', '.join(VERSIONS[server])}, not {bad[0]!r}")
+    if server == "ganesha":
+        from nfsreset.lab.ganesha import available
+
+        missing = available()
+        if missing:
+            _fail(f"--server ganesha: {missing}")
     if os.geteuid() != 0:
         _fail("needs root (it creates network namespaces)")
 
@@ -145,16 +172,19 @@ def lab(
     try:
         for fam in families:
             for how in movers:
-                for name in names:
-                    progress.label = " ".join([f"v{fam}"] + ([how] if len(movers) > 1 else [])
-                                              + ([name] if len(names) > 1 else []))
-                    try:
-                        results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
-                                               progress=progress, strategy=strategy, log=log, mover=how,
-                                               crash=crash))
-                    except Exception as e:
-                        results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
-                                                           error=f"{type(e).__name__}: {e}"))
+                for ver in versions:
+                    for name in names:
+                        progress.label = " ".join([f"IPv{fam}"] + ([how] if len(movers) > 1 else [])
+                                                  + ([f"NFSv{ver}"] if server != "sim" else [])
+                                                  + ([name] if len(names) > 1 else []))
+                        try:
+                            results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
+                                                   progress=progress, strategy=strategy, log=log, mover=how,
+                                                   server=server, vers=ver, crash=crash))
+                        except Exception as e:
+                            results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
+                                                               server=server, vers=ver,
+                                                               error=f"{type(e).__name__}: {e}"))
     except KeyboardInterrupt:
         progress.done()
         typer.echo("nfsreset lab: interrupted; the lab's namespaces are removed", err=True)

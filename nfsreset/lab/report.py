@@ -66,6 +66,9 @@ class FamilyResult:
     error: str | None = None
     mover: str = "ip"                       # what moved the VIP: lab.mover.MOVERS
     first_start_s: float | None = None      # the start action that first brought the VIP up on node1
+    server: str = "sim"                     # what the heads run: lab.run.SERVERS
+    vers: str = "echo"                      # what the client speaks: lab.run.VERSIONS
+    server_start_s: float | None = None     # heads launched -> both listening (Ganesha)
     cluster: dict | None = None             # Pacemaker movers: {"crash", "cold_start_s", "rejoin_s"}
 
     @property
@@ -170,13 +173,31 @@ MOVED_BY = {
 }
 
 
-def column(run: FamilyResult, several_movers: bool, several_remedies: bool) -> str:
+def column(run: FamilyResult, several_movers: bool, several_remedies: bool, several_vers: bool = False) -> str:
     """A run's column heading: the remedy ("none", "hooks"), the mover ("ipaddr2",
-    "ocf"), or "mover+remedy" when both say something."""
+    "ocf"), or "mover+remedy" when both say something; "v3 " etc. in front when
+    NFS versions are compared."""
     parts = [run.mover] if several_movers or run.mover != "ip" else []
     if several_remedies or run.remedy != "none" or not parts:
         parts.append(run.remedy)
-    return "+".join(parts)
+    return (f"v{run.vers} " if several_vers else "") + "+".join(parts)
+
+
+def server_line(runs: list[FamilyResult]) -> str:
+    """What answered the client: the sim server or Ganesha (with its start cost)."""
+    texts = []
+    for server in dict.fromkeys(r.server for r in runs):
+        mine = [r for r in runs if r.server == server]
+        if server == "ganesha":
+            vers = ", ".join(f"NFSv{v}" for v in dict.fromkeys(r.vers for r in mine))
+            starts = [r.server_start_s for r in mine if r.server_start_s is not None]
+            cost = f", both listening {min(starts):.2f}-{max(starts):.2f} s after launch" if starts else ""
+            texts.append(f"NFS-Ganesha on both heads{cost}; client: {vers} GETATTR, replies NFS_OK")
+        elif server == "sim":
+            texts.append("sim server (keeps its sockets like nfsd); client: record echo")
+        else:
+            texts.append(f"{server} server")
+    return "server: " + "; ".join(texts)
 
 
 def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: float) -> str:
@@ -184,9 +205,10 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
     movers = list(dict.fromkeys(r.mover for r in runs))
     several_movers = len(movers) > 1
     several_remedies = len({r.remedy for r in runs}) > 1
-    remedies = list(dict.fromkeys(column(r, several_movers, several_remedies) for r in runs))
+    several_vers = len({r.vers for r in runs}) > 1
+    remedies = list(dict.fromkeys(column(r, several_movers, several_remedies, several_vers) for r in runs))
     families = list(dict.fromkeys(r.family for r in runs))
-    by_key = {(column(r, several_movers, several_remedies), r.family): r for r in runs}
+    by_key = {(column(r, several_movers, several_remedies, several_vers), r.family): r for r in runs}
     moved = [MOVED_BY.get(m, f"VIP moved by {m}").format(gap=_num(gap)) for m in movers]
     if several_movers:
         moved = [f"{m}: {text}" for m, text in zip(movers, moved)]
@@ -196,6 +218,8 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
         f">{_num(cap)} s = no reply within the cap",
         "",
     ]
+    if any(r.server != "sim" for r in runs):
+        out.insert(2, server_line(runs))
     if any(m != "ip" for m in movers):
         out.insert(2, "stop / start = wall time of the agent's stop on the old owner / start on the new one")
     table: list[list[str]] = [["", ""] + remedies]
@@ -216,7 +240,7 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
         out += ["", "Stale sockets left on the old owner after the move (ss -tan, VIP side):"]
         for run, d in stale:
             for line in d.stale:
-                out.append(f"  {column(run, several_movers, several_remedies):<{max(len(x) for x in remedies)}}  "
+                out.append(f"  {column(run, several_movers, several_remedies, several_vers):<{max(len(x) for x in remedies)}}  "
                            f"{FAMILY_LABEL.get(run.family, run.family)} {d.direction:<8} {d.old}: {line}")
     return "\n".join(out)
 
@@ -249,6 +273,9 @@ def run_json(r: FamilyResult) -> dict:
         "family": r.family,
         "remedy": r.remedy,
         "mover": r.mover,
+        "server": r.server,
+        "vers": r.vers,
+        "server_start_s": _ms(r.server_start_s),
         "vip": r.vip,
         "client_port": r.client_port,
         "error": r.error,
@@ -276,6 +303,8 @@ def to_json_obj(runs: Iterable[FamilyResult], cap: float, gap: float, user_timeo
             "families": list(dict.fromkeys(r.family for r in runs)),
             "remedies": list(dict.fromkeys(r.remedy for r in runs)),
             "movers": list(dict.fromkeys(r.mover for r in runs)),
+            "servers": list(dict.fromkeys(r.server for r in runs)),
+            "versions": list(dict.fromkeys(r.vers for r in runs)),
         },
         "runs": [run_json(r) for r in runs],
     }

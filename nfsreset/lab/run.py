@@ -1,7 +1,9 @@
 """One lab run: a fresh topology, a failover node1 -> node2 and a failback.
 
-    node1, node2: lab server (nfsd-like) listening the whole time
-    client:       lab client (Linux NFS client-like) talking to the VIP
+    node1, node2: NFS server listening the whole time: the sim server (server.py,
+                  keeps its sockets like nfsd) or NFS-Ganesha (ganesha.py)
+    client:       lab client (Linux NFS client-like) talking to the VIP: record
+                  echo to the sim server, NFSv3/v4.0/v4.1 GETATTR to Ganesha
     VIP:          up on node1, moved to node2 like IPaddr2, then moved back
 
 The failback is where it hurts: node1 still holds the ESTABLISHED socket of
@@ -19,6 +21,7 @@ import bisect
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,12 +31,15 @@ import threading
 import time
 from typing import Callable
 
-from nfsreset.lab import report
+from nfsreset.lab import ganesha, report
 from nfsreset.lab.mover import MoveTimes, make_mover, stop_process
 from nfsreset.lab.remedies import LabContext, Remedy
 from nfsreset.lab.topology import VIP4, VIP6, Topology, TopologyError
 
 PORT = 2049
+SERVERS = ("sim", "ganesha")
+# What the client speaks to each server: the sim server only echoes records.
+VERSIONS = {"sim": ("echo",), "ganesha": ("3", "4.0", "4.1")}
 # Progress(stage, elapsed, limit): the command turns it into a status line.
 Progress = Callable[[str, "float | None", "float | None"], None]
 
@@ -87,13 +93,16 @@ class ClientLog:
 
 
 def vip_sockets(topo: Topology, node: str, vip: str) -> list[str]:
-    """Non-listening TCP sockets on `node` whose local address is `vip`, as ss lines."""
-    out = topo.run(node, "ss", "-tanH", check=False, timeout=10).stdout
+    """Non-listening TCP sockets on `node` whose local address is `vip`, as ss lines
+    (state, queues, addresses) followed by the holding process (ganesha.nfsd,
+    python3), when ss names one."""
+    out = topo.run(node, "ss", "-tanpH", check=False, timeout=10).stdout
     lines = []
     for line in out.splitlines():
         parsed = report.parse_ss_line(line)
         if parsed and parsed[1] == vip and parsed[0] != "LISTEN":
-            lines.append(" ".join(line.split()[:5]))
+            users = sorted(set(re.findall(r'\("([^"]+)",pid=', line)))
+            lines.append(" ".join(line.split()[:5] + users))
     return lines
 
 
@@ -130,14 +139,18 @@ class _Run:
 
     def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
                  progress: Progress, strategy: str | None, log: Callable[[str], None],
-                 steady: float, settle: float, mover: str = "ip", crash: bool = False) -> None:
+                 steady: float, settle: float, mover: str = "ip", server: str = "sim",
+                 vers: str = "echo", crash: bool = False) -> None:
         self.family, self.cap, self.remedy, self.mover_name = family, cap, remedy, mover
-        self.crash = crash
+        self.server, self.vers, self.crash = server, vers, crash
         self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
         self.strategy, self.log = strategy, log
         self.steady, self.settle = steady, settle
         self.vip = VIP4 if family == 4 else VIP6
-        self.result = report.FamilyResult(family=family, remedy=remedy.name, vip=self.vip, mover=mover)
+        self.result = report.FamilyResult(family=family, remedy=remedy.name, vip=self.vip, mover=mover,
+                                          server=server, vers=vers)
+        self.heads: list[ganesha.Head] = []
+        self.export_dir: str | None = None
         self.topo: Topology | None = None
         self.workdir: str | None = None
         self.servers: list[subprocess.Popen] = []
@@ -197,6 +210,16 @@ class _Run:
         self.result.cluster = getattr(self.mover, "figures", None)
 
     def start_servers(self) -> None:
+        if self.server == "ganesha":
+            self.progress("starting NFS-Ganesha on node1 and node2", None, None)
+            # the "shared disk": one directory both heads export
+            self.export_dir = os.path.join(self.workdir, "export")
+            os.mkdir(self.export_dir)
+            t = time.monotonic()
+            self.heads = ganesha.start_heads(self.topo, self.workdir, self.export_dir)
+            self.result.server_start_s = time.monotonic() - t
+            self.log(f"Ganesha listening on both heads after {self.result.server_start_s:.3f} s")
+            return
         logs = []
         for node in ("node1", "node2"):
             path = os.path.join(self.workdir, f"server-{node}.log")
@@ -221,7 +244,7 @@ class _Run:
         self.client = self.topo.popen(
             "client", sys.executable, "-m", "nfsreset.lab.client", "--server", self.vip,
             "--port", str(PORT), "--user-timeout", f"{self.user_timeout:g}",
-            "--duration", f"{duration:g}",
+            "--duration", f"{duration:g}", "--vers", self.vers, "--export", self.export_dir or "/",
             stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
         err.close()
         self.client_log = ClientLog(self.client)
@@ -266,6 +289,9 @@ class _Run:
             for proc in [self.client, *self.servers]:
                 with contextlib.suppress(Exception):
                     stop_process(proc)
+            for head in self.heads:
+                with contextlib.suppress(Exception):
+                    head.stop()
             if self.mover:
                 with contextlib.suppress(Exception):
                     self.mover.close()
@@ -278,18 +304,26 @@ class _Run:
 def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0, gap: float = 1.0,
             progress: Progress | None = None, strategy: str | None = None,
             log: Callable[[str], None] | None = None, steady: float = 1.0,
-            settle: float = 0.5, mover: str = "ip", crash: bool = False) -> report.FamilyResult:
+            settle: float = 0.5, mover: str = "ip", server: str = "sim",
+            vers: str | None = None, crash: bool = False) -> report.FamilyResult:
     """Run the lab once for `family` (4 or 6) with `remedy`, the VIP moved by
-    `mover` (mover.MOVERS; `crash`: the failover is a crash of node1, Pacemaker
-    movers only); everything removed afterwards.
+    `mover` (mover.MOVERS), the heads running `server` (SERVERS) and the client
+    speaking `vers` (VERSIONS[server]; the first one by default); `crash`: the
+    failover is a crash of node1 (Pacemaker movers only); everything removed
+    afterwards.
 
     Raises LabError / TopologyError when the lab itself cannot be built or the
     client never talks to the VIP; a failing remedy hook is recorded instead.
     """
     if family not in (4, 6):
         raise ValueError(f"family must be 4 or 6, not {family!r}")
+    if server not in SERVERS:
+        raise ValueError(f"server must be one of {SERVERS}, not {server!r}")
+    vers = vers or VERSIONS[server][0]
+    if vers not in VERSIONS[server]:
+        raise ValueError(f"the {server} server speaks {', '.join(VERSIONS[server])}, not {vers!r}")
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
-               log or (lambda _m: None), steady, settle, mover, crash)
+               log or (lambda _m: None), steady, settle, mover, server, vers, crash)
     try:
         run.begin()
         run.result.failover = run.move("failover", "node1", "node2")
@@ -299,4 +333,4 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
         run.teardown()
 
 
-__all__ = ["run_lab", "vip_sockets", "LabError", "TopologyError", "ClientLog"]
+__all__ = ["run_lab", "SERVERS", "VERSIONS", "vip_sockets", "LabError", "TopologyError", "ClientLog"]

@@ -5,6 +5,7 @@ otherwise `nfsreset kill --help` would document a command that runs differently.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import typing
@@ -109,3 +110,94 @@ def test_the_hook_path_does_not_import_typer():
                           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'pydantic', 'click')))"],
                          capture_output=True, text=True, timeout=30)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+# -- bad values: the same one line from both front ends ------------------------------------------
+# The hooks run through cli_hooks; typer parses them only for --help, but
+# cli_app.main() is a complete front end for them too: both must word a bad
+# value alike. --dry-run: these need no root and change nothing.
+def _run_typer(*argv):
+    code = ("import sys\nsys.argv = ['nfsreset', *sys.argv[1:]]\n"
+            "from nfsreset.cli_app import main\nmain()")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=30)
+
+
+BAD_VALUES = [
+    (["kill", "--vip", "fe80::12%eth0"], "--vip: 'fe80::12%eth0' is a link-local address with a zone (%eth0)"),
+    (["kill", "--vip", "0.0.0.0"], "--vip: '0.0.0.0' is the unspecified address"),
+    (["tickle", "--vip", "ff02::1", "--client", "[2001:db8::7]:700"], "--vip: 'ff02::1' is a multicast address"),
+    (["tickle", "--vip", "127.0.0.1", "--client", "198.51.100.7:700"], "--vip: '127.0.0.1' is a loopback address"),
+    (["kill", "--vip", "198.51.100.10", "--netns", ""], "--netns: '' is not a network namespace name"),
+    (["kill", "--vip", "198.51.100.10", "--netns", "../../proc/1/ns/net"],
+     "--netns: '../../proc/1/ns/net' is not a network namespace name"),
+    (["tickle", "--vip", "198.51.100.10", "--client", "198.51.100.7:700", "--netns", ".."],
+     "--netns: '..' is not a network namespace name"),
+    (["kill", "--vip", "198.51.100.10", "--state-dir", ""], "--state-dir: '' is not a directory"),
+    (["tickle", "--vip", "2001:db8::10", "--client", "[fe80::1%eth0]:700"],
+     "--client: 'fe80::1%eth0' is a link-local address with a zone"),
+]
+
+
+@pytest.mark.parametrize("argv, start", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_values_get_the_same_one_line_from_both_front_ends(argv, start, tmp_path):
+    argv = [*argv, "--dry-run"]
+    if "--state-dir" not in argv:
+        argv += ["--state-dir", str(tmp_path / "state")]
+    hook, typer_ = _run(*argv), _run_typer(*argv)
+    for res in (hook, typer_):
+        assert res.returncode == 2, res.stderr
+        assert res.stdout == ""
+        assert res.stderr.startswith(f"nfsreset {argv[0]}: {start}") and res.stderr.count("\n") == 1, res.stderr
+    assert hook.stderr == typer_.stderr
+    assert not os.path.exists(tmp_path / "state")
+
+
+# A fault inside a command body, on either front end: one line and exit 1
+# (the traceback only with NFSRESET_DEBUG=1); Ctrl-C: one line and exit 130.
+_INJECT = ("import sys\nfront = sys.argv[1]\nsys.argv = ['nfsreset', *sys.argv[2:]]\n"
+           "from nfsreset import cli\n"
+           "def body(*a, **k):\n"
+           "    raise {exc}\n"
+           "cli.kill = body\n"
+           "if front == 'typer':\n"
+           "    from nfsreset.cli_app import main\n"
+           "else:\n"
+           "    from nfsreset.cli import main\n"
+           "main()")
+
+
+def _inject(exc: str, front: str, env=None):
+    argv = ["kill", "--vip", "198.51.100.10"]
+    return subprocess.run([sys.executable, "-c", _INJECT.format(exc=exc), front, *argv], capture_output=True,
+                          text=True, timeout=30, env=env)
+
+
+@pytest.mark.parametrize("front", ["hooks", "typer"])
+def test_an_unexpected_exception_is_one_line_and_exit_1(front):
+    res = _inject("RuntimeError('the adapter\\nbroke')", front, env={**os.environ, "NFSRESET_DEBUG": ""})
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == "nfsreset kill: internal error: RuntimeError: the adapter broke\n"
+    debug = _inject("RuntimeError('the adapter broke')", front, env={**os.environ, "NFSRESET_DEBUG": "1"})
+    assert debug.returncode == 1
+    first, *rest = debug.stderr.splitlines()
+    assert first == "nfsreset kill: internal error: RuntimeError: the adapter broke"
+    assert rest and rest[0] == "Traceback (most recent call last):" and "RuntimeError" in rest[-1]
+    assert {"typer": "cli_app.py", "hooks": "cli_hooks.py"}[front] in debug.stderr   # the front end named
+
+
+@pytest.mark.parametrize("front", ["hooks", "typer"])
+def test_ctrl_c_is_one_line_and_exit_130(front):
+    res = _inject("KeyboardInterrupt", front)
+    assert (res.returncode, res.stderr) == (130, "nfsreset kill: interrupted\n")
+
+
+def test_typer_abort_is_reported_as_interrupted():
+    # typer 0.29 keeps Abort in typer.exceptions; the old handler looked it up in
+    # typer._click.exceptions and raised AttributeError after every traceback.
+    res = _inject("__import__('typer').Abort()", "typer")
+    assert (res.returncode, res.stderr) == (130, "nfsreset kill: interrupted\n")
+
+
+def test_the_debug_variable_is_documented_in_help():
+    res = _run("--help")
+    assert res.returncode == 0 and "NFSRESET_DEBUG=1" in res.stdout

@@ -107,7 +107,8 @@ def test_json_expresses_unrecovered_as_recovered_false_with_cap():
         "client_events": [], "stop_s": None, "start_s": None,
     }
     assert obj["settings"] == {"cap": 8.0, "gap": 1.0, "user_timeout": 180.0, "strategy": None,
-                               "families": [4], "remedies": ["none"], "movers": ["ip"]}
+                               "families": [4], "remedies": ["none"], "movers": ["ip"],
+                               "servers": ["sim"], "versions": ["echo"]}
     assert run["hook_timings"] == [{"phase": "failover", "hook": "post_stop", "node": "node1",
                                     "seconds": 0.0, "error": None}]
 

@@ -2,6 +2,7 @@
 from hypothesis import given, settings, strategies as st
 
 from nfsreset import plan as P
+from nfsreset import presence
 from nfsreset.model import TCP_STATES, Flow, FlowKey
 
 VIP, OTHER = "198.51.100.10", "198.51.100.11"
@@ -167,3 +168,59 @@ def test_pending_cookies_from_pre_start_mark_sockets_stale_at_post_start():
     acts = P.plan(P.Moment.POST_START, VIP, [old, live], local, P.Caps(), opts(), old_cookies=frozenset({77}))
     (d,) = [a for a in acts if isinstance(a, P.Destroy)]
     assert d.flows == (old,)
+
+
+# --- rule zero when local_addrs is the kernel's answer (nfsreset.presence) ---------
+RANGES = {"198.51.100.64/27": ("198.51.100.70",), "2001:db8::40/124": ("2001:db8::4a",),
+          "198.51.100.0/28": (VIP, OTHER)}
+kernel_addrs = st.sampled_from([VIP, OTHER, VIP6, "2001:db8::11", "198.51.100.70", "2001:db8::4a"])
+
+
+class Row:
+    """An address-table row as nfsreset.addrs.Addr has it."""
+    def __init__(self, ip, tentative=False):
+        self.ip, self.tentative = ip, tentative
+
+
+def touched(acts, flows):
+    out = []
+    for a in acts:
+        if isinstance(a, (P.Destroy, P.ExactRst, P.Defer)):
+            out += a.flows
+        elif isinstance(a, P.GuardTuples):
+            out += [f for f in flows if f.key in a.keys]
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(flows=st.lists(st.builds(
+           flow, vip=kernel_addrs, cport=st.integers(1, 65535), vport=st.sampled_from([2049, 111]),
+           state=st.sampled_from(sorted(TCP_STATES.values())),
+           first_seen=st.one_of(st.none(), st.floats(0, 100))), max_size=12),
+       rows=st.lists(st.tuples(kernel_addrs, st.booleans()), max_size=4),
+       ranges=st.sets(st.sampled_from(sorted(RANGES))), vip=kernel_addrs,
+       moment=st.sampled_from(list(P.Moment)), strategy=st.sampled_from(P.STRATEGIES),
+       since=st.one_of(st.none(), st.floats(0, 100)), force=st.booleans(),
+       caps=st.builds(P.Caps, st.booleans(), st.booleans(), st.booleans()),
+       named=st.lists(st.builds(P.Session, st.just("198.51.100.100"),
+                                st.one_of(st.none(), st.integers(1, 65535))), max_size=2),
+       tried=st.sets(st.sampled_from(["destroy", "rst", "nft"])))
+def test_rule_zero_holds_with_local_addrs_from_the_kernel_answer(flows, rows, ranges, vip, moment, strategy,
+                                                                 since, force, caps, named, tried):
+    """local_addrs as Engine.local_addrs builds it: the address table (any device,
+    tentative rows too) plus the VIPs a FIB lookup finds local (`local` route
+    ranges). A session on an address that is in the table or in a range is
+    configured: never touched unless it predates the VIP or was named exactly."""
+    table = [Row(ip, tentative) for ip, tentative in rows]
+    in_range = {a for r in ranges for a in RANGES[r]}
+    o = opts(vips=frozenset({vip}), strategy=strategy, force=force, clients=tuple(named))
+    local = presence.local_set(table, in_range & (o.vips | {vip}))
+    vip_since = {} if since is None else {vip: since}
+    acts = P.plan(moment, vip, flows, local, caps, o, vip_since=vip_since, tried=tried)
+    for f in touched(acts, flows):
+        configured = any(r.ip == f.key.vip for r in table) or f.key.vip in in_range
+        predates = since is not None and f.first_seen is not None and f.first_seen < since
+        exactly_named = force and any(s.cport == f.key.cport for s in named)
+        assert not configured or predates or exactly_named, (f, acts)
+    if vip in in_range or any(r.ip == vip for r in table):
+        assert not any(isinstance(a, P.Quarantine) for a in acts), "a configured VIP is never quarantined"
