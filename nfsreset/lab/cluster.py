@@ -275,9 +275,10 @@ class Cluster:
                "PCMK_debug": "no",
                # Marks every process of the node, so a test can tell none was left behind.
                "NFSRESET_LAB": str(os.getpid())}
-        argv = self.topo.exec_argv(name, "unshare", "--mount", "--pid", "--uts", "--fork", "--mount-proc",
+        argv = self.topo.exec_argv(name, "unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child", "--mount-proc",
                                    "--propagation", "private", "bash", "-c", NODE_INIT, "nfsr-node-init",
                                    node.root, name, self.agent_src or "")
+        # --kill-child: should unshare itself be killed, the node dies with it.
         with open(node.stderr_path, "a") as err:
             node.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          start_new_session=True)
