@@ -13,8 +13,8 @@ mount, PID and UTS namespaces (`unshare` under `ip netns exec`), with
                     provider bind-mounted) plus nfsreset/IPaddr2nfs bound to
                     the checkout's cli/ocf/nfsreset
 
-so nothing on the host's /etc, /var or /usr is read-write touched, and every
-mount disappears with the namespace. PID 1 of a node is a bash that starts
+so nothing is written to the host's /etc, /var or /usr, and every mount
+disappears with the node's mount namespace. PID 1 of a node is a bash that starts
 `corosync -f`, waits for `corosync-cfgtool -s` to answer, then runs
 `pacemakerd -f`; SIGKILL to it ends the whole node (that is the lab's crash).
 Tools (crm_resource, crm_mon) run inside the node with nsenter: libqb's
@@ -387,7 +387,7 @@ class Cluster:
         pending: list[OpResult] = []
         while True:
             pending += self.new_ops(name)
-            for i, op in enumerate(pending):
+            for op in pending:
                 if op.action == action:
                     return op
             if time.monotonic() > deadline:
