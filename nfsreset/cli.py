@@ -137,7 +137,7 @@ def _state(path: str | None, dry_run: bool = False):
         raise Fail("--state-dir: '' is not a directory (an empty path)")
     from nfsreset.statedir import StateDir, StateError
     try:
-        return StateDir(path, dry_run=dry_run)
+        return StateDir(path, dry_run=dry_run, log=_say)
     except StateError as e:
         raise Fail(str(e), e.exit_code) from None
     except OSError as e:
@@ -157,10 +157,32 @@ def _netns(name: str | None) -> None:
         raise Fail(f"--netns: network namespace {name!r} does not exist (see `ip netns list`)")
 
 
+def _check_pending(state, vip: str) -> None:
+    """Refuse a bad pending file of this node (named after its network namespace:
+    call it inside --netns) before anything is done."""
+    if state is None:
+        return
+    from nfsreset.statedir import StateError
+    try:
+        state.read_pending(vip)
+    except StateError as e:
+        raise Fail(str(e), e.exit_code) from None
+
+
 def _in_netns(name: str | None):
     from nfsreset import netns
     _netns(name)
     return netns.entered(name)
+
+
+def _lacking(out) -> None:
+    """Name, in the closing line, what this host turned out to refuse (learnt from the
+    first failure of each, not probed), and where to look next."""
+    if out.lost:
+        from nfsreset.engine import CAP_NAMES
+        note = (f"unavailable here: {', '.join(CAP_NAMES[c] for c in sorted(out.lost))} "
+                "(`nfsreset doctor` says what this host offers)")
+        out.reason = f"{out.reason}; {note}" if out.reason else note
 
 
 def _finish(out, json_out: bool) -> int:
@@ -199,7 +221,11 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
     state = _state(state_dir, dry_run)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
+        _check_pending(state, vip_)     # a deferral merges into it: a bad one fails now, not half-way
+        # No capability probe here (it would delay the first destroy): the engine
+        # starts from all rungs and drops one at its first refusal.
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)
+    _lacking(out)
     if not out.steps and out.code == 0:
         _say(f"no session on {vip_} port(s) {','.join(map(str, sorted(opts.ports)))}")
     return _finish(out, json_out)
@@ -214,17 +240,28 @@ TICKLE_DOC = """Make the clients of a VIP that just arrived here reconnect at on
     sends each known client tuple a tickle ACK: the client answers, this host has
     no such socket and resets it, and the client reconnects without waiting for
     its retransmission timer.
+
+    It paces itself: at most --rate ACKs per second and --max-packets in all
+    (defaults 25,000/s and 200,000: three rounds of the longest client list the
+    state dir keeps, 65,536 tuples). Client tuples read from the state dir are
+    checked one by one (family, scope, ports); refused ones are counted in one line.
     """
 
 
-def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, wait: float,
-           strategy: str, netns_name: str | None, dry_run: bool, json_out: bool) -> int:
+def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, rate: int,
+           max_packets: int, wait: float, strategy: str, netns_name: str | None, dry_run: bool,
+           json_out: bool) -> int:
+    from nfsreset import pace
     from nfsreset import plan as P
     from nfsreset.model import FlowKey, family_of
     vip_ = _vip(vip)
     ports = _ports(port)
     if rounds < 0 or rounds > 10:
         raise Fail(f"--rounds must be 0-10, not {rounds}")
+    for flag, value, (lo, hi) in (("--rate", rate, pace.RATE_RANGE),
+                                  ("--max-packets", max_packets, pace.MAX_PACKETS_RANGE)):
+        if not lo <= value <= hi:
+            raise Fail(f"{flag} must be {lo:,}-{hi:,}, not {value}")
     sessions = _clients(client, need_port=True)
     if state_dir is None and not sessions:
         raise Fail("give --state-dir DIR (client tuples recorded by the old owner) or --client ADDR:PORT")
@@ -244,13 +281,16 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
             known += state.read_clients(vip_)
         except StateError as e:
             raise Fail(str(e), e.exit_code) from None
-    opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds)
+    opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds,
+                     tickle_rate=rate, tickle_max_packets=max_packets)
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
+        _check_pending(state, vip_)     # before anything is done; the engine reads it again
         if wait and not _wait_usable(vip_, wait):
             raise Fail(f"{vip_} was not configured and usable here within {wait:g} s; nothing sent", 1)
         out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(P.Moment.POST_START, vip_,
                                                                       known_clients=known)
+    _lacking(out)
     if not known and out.code == 0:
         _say(f"no known client of {vip_} to tickle")
     return _finish(out, json_out)

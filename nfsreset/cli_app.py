@@ -15,6 +15,7 @@ import typer
 
 from nfsreset import cli
 from nfsreset.cli import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _netns, _ports, _state, _strategy, _vip
+from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 app = typer.Typer(
     add_completion=False,
@@ -105,6 +106,12 @@ def tickle(
     client: List[str] = typer.Option([], "--client", help="A client tuple ADDR:PORT to tickle (repeatable)."),
     port: List[int] = typer.Option([2049], "--port", help=PORT_HELP),
     rounds: int = typer.Option(3, "--rounds", help="Tickle rounds at 0, 0.6, 1.5 s, ... (stops early per client once it reconnected)."),
+    rate: int = typer.Option(TICKLE_RATE_PPS, "--rate", help="At most this many tickle ACKs per second "
+                             "(nfsreset.pace.TICKLE_RATE_PPS): a round of N tuples takes N/rate s, and the next "
+                             "round starts no earlier."),
+    max_packets: int = typer.Option(TICKLE_MAX_PACKETS, "--max-packets", help="At most this many tickle ACKs in "
+                                    "all rounds of this call (nfsreset.pace.TICKLE_MAX_PACKETS); the rest are not "
+                                    "sent, and the outcome says so."),
     wait: float = typer.Option(0.0, "--wait", help="First wait up to this many seconds for the VIP to be configured "
                                "and usable here (IPv6: DAD done). Start it in the background just before IPaddr2 "
                                "start: IPaddr2 announces an IPv6 VIP for ~0.8 s before a post-start hook could run."),
@@ -113,7 +120,8 @@ def tickle(
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; send nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
 ) -> int:
-    return cli.tickle(vip, state_dir, client, port, rounds, wait, strategy, netns_name, dry_run, json_out)
+    return cli.tickle(vip, state_dir, client, port, rounds, rate, max_packets, wait, strategy, netns_name, dry_run,
+                      json_out)
 
 
 # --- flows -----------------------------------------------------------------------------

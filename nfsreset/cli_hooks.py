@@ -10,6 +10,7 @@ the same message whichever front end parsed the line.
 from __future__ import annotations
 
 from nfsreset import cli
+from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 REQUIRED = object()
 
@@ -34,6 +35,8 @@ OPTIONS: dict[str, dict[str, tuple[str, object, object]]] = {
         "--client": ("client", [str], []),
         "--port": ("port", [int], [2049]),
         "--rounds": ("rounds", int, 3),
+        "--rate": ("rate", int, TICKLE_RATE_PPS),
+        "--max-packets": ("max_packets", int, TICKLE_MAX_PACKETS),
         "--wait": ("wait", float, 0.0),
         "--strategy": ("strategy", str, "auto"),
         "--netns": ("netns_name", str, None),

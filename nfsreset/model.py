@@ -138,3 +138,74 @@ class Flow:
     last_change: float | None = None
     snd_nxt: int | None = None
     rcv_nxt: int | None = None
+
+
+def client_address(text: object, vip: str | None = None) -> str:
+    """A session's client address from untrusted input (a state file), as canonical
+    text; ValueError says why it cannot be one. Tickles and RSTs are forged towards
+    it, so only a unicast address that can be a remote peer of `vip` passes: no zone
+    (`fe80::1%eth0`), no link-local, loopback, multicast, broadcast, unspecified or
+    reserved address, same family as the VIP and not the VIP itself. inet_pton, not
+    ipaddress: strict (no leading zeros, no blanks) and ~10x faster per record."""
+    if not isinstance(text, str):
+        raise ValueError(f"{_short(text)} is not an address string")
+    if "%" in text:
+        raise ValueError(f"{_short(text)} has a zone: scoped (link-local) addresses are refused")
+    import socket
+    try:
+        raw = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        try:
+            raw = socket.inet_pton(socket.AF_INET6, text)
+        except (OSError, ValueError):
+            raise ValueError(f"{_short(text)} is not an IP address") from None
+        if raw[:12] == b"\0" * 10 + b"\xff\xff":     # v4-mapped: what a dual-stack socket reports
+            raw = raw[12:]
+    except ValueError:       # embedded NUL
+        raise ValueError(f"{_short(text)} is not an IP address") from None
+    why = _not_unicast(raw)
+    ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    if why:
+        raise ValueError(f"{ip} is {why}")
+    if vip is not None:
+        if (":" in ip) != (":" in vip):
+            raise ValueError(f"{ip} is not of the VIP's family (IPv{6 if ':' in vip else 4})")
+        if ip == vip:
+            raise ValueError(f"{ip} is the VIP itself")
+    return ip
+
+
+def _not_unicast(raw: bytes) -> str:
+    """Why a packed address cannot be a remote unicast peer ('' if it can)."""
+    if len(raw) == 4:
+        a, b = raw[0], raw[1]
+        if raw == b"\0\0\0\0":
+            return "unspecified"
+        if a == 0:
+            return "in 0.0.0.0/8 (this network)"
+        if a == 127:
+            return "loopback"
+        if (a, b) == (169, 254):
+            return "link-local"
+        if 224 <= a <= 239:
+            return "multicast"
+        if raw == b"\xff\xff\xff\xff":
+            return "the broadcast address"
+        if a >= 240:
+            return "reserved (240.0.0.0/4)"
+        return ""
+    if raw == b"\0" * 16:
+        return "unspecified"
+    if raw == b"\0" * 15 + b"\1":
+        return "loopback"
+    if raw[0] == 0xFF:
+        return "multicast"
+    if raw[0] == 0xFE and raw[1] & 0xC0 == 0x80:
+        return "link-local"
+    return ""
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr() of untrusted input, bounded for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

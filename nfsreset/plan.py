@@ -20,6 +20,7 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 
 from nfsreset.model import Flow, FlowKey, key_order
+from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 # Tickle repeats (seconds after the first). The client answers at most one
 # invalid segment per 500 ms (tcp_invalid_ratelimit), so a tickle right after
@@ -64,6 +65,8 @@ class Options:
     force: bool = False                    # allow acting on a configured VIP for named sessions
     tickle_rounds: int = len(TICKLE_SCHEDULE)
     announce: bool = True                  # False while an IPv6 VIP is still in DAD
+    tickle_rate: int = TICKLE_RATE_PPS     # forged ACKs per second (nfsreset.pace)
+    tickle_max_packets: int = TICKLE_MAX_PACKETS   # forged ACKs per call, all rounds
 
 
 # --- actions -----------------------------------------------------------------
@@ -120,10 +123,13 @@ class Announce:
 @dataclasses.dataclass(frozen=True)
 class Tickle:
     """Tickle ACKs to these client tuples at TICKLE_SCHEDULE, stopping per tuple
-    once it has reconnected."""
+    once it has reconnected; at most `rate` per second and `max_packets` in all
+    (a round starts at its offset or when the previous one has been sent)."""
     vip: str
     keys: tuple[FlowKey, ...]
     schedule: tuple[float, ...] = TICKLE_SCHEDULE
+    rate: int = TICKLE_RATE_PPS
+    max_packets: int = TICKLE_MAX_PACKETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +184,90 @@ def may_touch(flow: Flow, local_addrs, opts: Options, vip_since=None,
     return opts.force and named_exactly(flow.key, opts)
 
 
+# --- pending files: sockets a hook saw while their VIP was away -----------------
+# The clock: the kernel stamps an address with its creation time (IFA_CACHEINFO
+# cstamp) in centiseconds of the jiffies clock since boot, 10 ms steps. That clock
+# runs at CLOCK_MONOTONIC's rate but not from its zero (0.27 s behind it on the
+# test machine), so a pending file's CLOCK_MONOTONIC write time cannot be compared
+# with cstamp to 10 ms without calibrating that offset. times(2) reads the same
+# jiffies counter, in 1/100 s from INITIAL_JIFFIES (2**32 - 300*HZ jiffies): a file
+# stamped with it is ordered against the address exactly, whatever the offset:
+# a jiffies count read at the write below the one the address was stamped with
+# means the write came first. Only the 10 ms steps of both stamps are lost.
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A pending file as read: the sockets (cookie -> 4-tuple) that a hook saw while
+    the VIP was away and could not end then, and the latest instant its write can
+    have happened, on the jiffies clock (centiseconds since boot, write_bound());
+    None if unknown. statedir refuses a file of another boot."""
+    cookies: Mapping[int, FlowKey]
+    written: float | None
+
+
+def honoured_pending(pending: Pending, vip: str, flows: Iterable[Flow], local_addrs,
+                     vip_arrival: float | None) -> tuple[frozenset[int], str]:
+    """Which cookies of a pending file name stale sockets, and why the others are
+    not honoured ('' if none was refused). vip_arrival: the earliest instant the VIP
+    can have arrived here, on the same clock as pending.written (arrival_bound()).
+
+    A cookie is unique for the life of a boot, so a record written while the VIP was
+    away names a socket that existed then: stale. One that may have been written
+    after the VIP arrived here proves nothing (a socket named there may be a live
+    session), nor does one whose write time or the VIP's arrival is unknown. A
+    cookie counts only for a socket with the very 4-tuple recorded next to it."""
+    by_cookie = {f.cookie: f for f in flows if f.cookie is not None and f.key.vip == vip}
+    named = frozenset(c for c, key in pending.cookies.items()
+                      if c in by_cookie and by_cookie[c].key == key)
+    mismatched = sum(1 for c, key in pending.cookies.items() if c in by_cookie and by_cookie[c].key != key)
+    why = f"{mismatched} cookie(s) name a socket of another 4-tuple" if mismatched else ""
+    if vip not in local_addrs or not named:
+        return named, why     # away: every socket on the VIP is stale anyway
+    if pending.written is None:
+        return frozenset(), "its write time is unknown"
+    if vip_arrival is None:
+        return frozenset(), f"the arrival time of {vip} is unknown"
+    if pending.written <= vip_arrival:
+        return named, why
+    after = (pending.written - vip_arrival) / 100
+    return frozenset(), (f"it may have been written after {vip} arrived here "
+                         f"({after:.2f} s: not before, to the kernel's 10 ms steps)")
+
+
+# Kernel HZ values (Kconfig choices across architectures), told apart by what
+# times(2) reads: 2**32/HZ - 300 s more than CLOCK_MONOTONIC, give or take the
+# jiffies clock's offset (under a second).
+_HZ_CANDIDATES = (100, 250, 300, 1000, 24, 32, 48, 64, 128, 200, 256, 500, 1024, 1200)
+
+
+def jiffies_zero(times_elapsed: float, mono_now: float) -> float | None:
+    """What times(2) reads at the jiffies clock's zero, in 1/100 s (INITIAL_JIFFIES
+    in centiseconds: 2**32 * 100 / HZ - 30000, not a whole number for every HZ),
+    from one reading of os.times().elapsed and CLOCK_MONOTONIC. None if no HZ fits
+    (a 32-bit clock_t, a time namespace with an offset...)."""
+    offset = times_elapsed - mono_now
+    hz = min(_HZ_CANDIDATES, key=lambda h: abs(offset - (2**32 / h - 300)))
+    if abs(offset - (2**32 / hz - 300)) > 3600:
+        return None
+    return 2**32 * 100 / hz - 30000
+
+
+def write_bound(ticks: int, zero: float) -> float:
+    """The latest instant, in jiffies centiseconds since boot, at which times(2)
+    can have read `ticks` (it reads floor(zero + jiffies_cs))."""
+    return ticks + 1 - zero
+
+
+def arrival_bound(cstamps: Iterable[int], now_ticks: int, zero: float) -> float | None:
+    """The earliest instant, in jiffies centiseconds since boot, at which an address
+    whose instances carry these cstamps arrived (an address on two devices has
+    been here since its first). cstamp is 32 bits and wraps after 497 days: each
+    is placed at the latest instant it can name before now. Read `now_ticks` after
+    the cstamps (an address added in between would look 497 days old)."""
+    now = now_ticks + 1 - zero        # the jiffies clock is below this now
+    ages = [(now - c) % 2**32 for c in cstamps]
+    return now - max(ages) if ages else None
 # --- the ladder ------------------------------------------------------------------
 def rungs(strategy: str, caps: Caps, vip_local: bool, tried: Iterable[str] = ()) -> list[str]:
     """Rungs to use, best first. 'rst' needs the VIP local (the RST must enter the
@@ -277,7 +367,8 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:
-            actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds)))
+            actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds), opts.tickle_rate,
+                                  opts.tickle_max_packets))
     return actions
 
 

@@ -245,18 +245,18 @@ class Metrics:
             return "\n".join(lines) + "\n"
 
     def count(self, outcome) -> None:
+        from nfsreset.engine import Kind
         with self.lock:
             for st in outcome.steps:
-                a = st.get("action")
-                if a == "destroy":
-                    self.ended["destroy"] = self.ended.get("destroy", 0) + st.get("destroyed", 0)
-                elif a == "rst":
-                    self.ended["rst"] = self.ended.get("rst", 0) + st.get("reset", 0)
-                elif a == "guard":
-                    self.ended["nft"] = self.ended.get("nft", 0) + st.get("added", 0)
-                    self.guard_elements += st.get("added", 0)
-                elif a == "tickle":
-                    self.tickles += st.get("sent", 0)
+                if st.kind is Kind.DESTROY:
+                    self.ended["destroy"] = self.ended.get("destroy", 0) + (st.destroyed or 0)
+                elif st.kind is Kind.RST:
+                    self.ended["rst"] = self.ended.get("rst", 0) + (st.reset or 0)
+                elif st.kind is Kind.GUARD:
+                    self.ended["nft"] = self.ended.get("nft", 0) + (st.added or 0)
+                    self.guard_elements += st.added or 0
+                elif st.kind is Kind.TICKLE:
+                    self.tickles += st.sent or 0
 
 
 # The metrics endpoint must never cost the daemon its descriptors or threads: one
@@ -445,8 +445,8 @@ class DaemonState(StateDir):
     (sort, JSON, fsync) cost 60 ms of a 10,000-session teardown, before
     the first destroy."""
 
-    def __init__(self, path: str, dry_run: bool = False):
-        super().__init__(path, dry_run=dry_run)
+    def __init__(self, path: str, dry_run: bool = False, log: Callable[[str], None] | None = None):
+        super().__init__(path, dry_run=dry_run, log=log)
         self.written: dict[str, tuple[frozenset[FlowKey], int, int]] = {}
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
@@ -719,10 +719,18 @@ class Daemon:
         writer by its pid and that pid's start time (read_live_table)."""
         doc = {"pid": os.getpid(), "started": _start_ticks(os.getpid()), "netns": self.netns_ino,
                "bpf": self.tracker is not None, "flows": rows}
-        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        # 0600: the rows hold the exact snd_nxt/rcv_nxt of live sessions, all a local
+        # user would need to inject into them. `nfsreset flows` reads it as root.
+        os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
         path = live_table_path(self.netns_ino)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        try:
+            os.unlink(tmp)     # one a killed run of this pid left
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)    # whatever the umask
             json.dump(doc, f)
         os.replace(tmp, path)
 
@@ -755,7 +763,7 @@ class Daemon:
         if self.cfg.netns:
             netns.enter_for_good(self.cfg.netns)
         self.netns_ino = netns.current_inode()
-        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run)
+        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log)
         ipr = self.open_rtnl()   # before the first read of presence: no event falls between
         if self.cfg.bpf:
             try:

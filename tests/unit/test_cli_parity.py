@@ -66,6 +66,9 @@ def test_parse_fills_defaults_and_repeats():
     assert got["state_dir"] == "/var/lib/nfsreset" and got["client"] == [] and got["json_out"] is False
     got = cli_hooks.parse("tickle", ["--vip", "2001:db8::10", "--wait", "1.5"])
     assert got["wait"] == 1.5 and got["rounds"] == 3 and got["state_dir"] is None
+    assert got["rate"] == 25_000 and got["max_packets"] == 200_000
+    got = cli_hooks.parse("tickle", ["--vip", "2001:db8::10", "--rate", "100", "--max-packets=7"])
+    assert got["rate"] == 100 and got["max_packets"] == 7
 
 
 def _run(*argv):
@@ -80,6 +83,11 @@ BAD = [
     (["kill", "--vip", "198.51.100.10", "--bogus"], "No such option: --bogus"),
     (["kill", "--vip", "198.51.100.10", "--force=yes"], "Option '--force' does not take a value."),
     (["tickle", "--vip", "198.51.100.10", "stray"], "Got unexpected extra argument (stray)"),
+    (["tickle", "--vip", "198.51.100.10", "--rate", "fast"], "Invalid value for '--rate': 'fast' is not a valid integer."),
+    (["tickle", "--vip", "198.51.100.10", "--rate", "0"], "--rate must be 1-1,000,000, not 0"),
+    (["tickle", "--vip", "198.51.100.10", "--max-packets", "0"], "--max-packets must be 1-10,000,000, not 0"),
+    (["tickle", "--vip", "198.51.100.10", "--max-packets", "10000001"],
+     "--max-packets must be 1-10,000,000, not 10000001"),
 ]
 
 
@@ -201,3 +209,12 @@ def test_typer_abort_is_reported_as_interrupted():
 def test_the_debug_variable_is_documented_in_help():
     res = _run("--help")
     assert res.returncode == 0 and "NFSRESET_DEBUG=1" in res.stdout
+
+
+def test_tickle_help_documents_the_pacing_bounds_and_their_defaults():
+    from nfsreset import pace
+    res = _run("tickle", "--help")
+    text = " ".join(res.stdout.split())
+    assert f"{pace.TICKLE_RATE_PPS:,}" in text and f"{pace.TICKLE_MAX_PACKETS:,}" in text
+    assert "--rate" in text and "--max-packets" in text and "per second" in text
+    assert f"defaults {pace.TICKLE_RATE_PPS:,}/s and {pace.TICKLE_MAX_PACKETS:,}" in " ".join(cli.TICKLE_DOC.split())
