@@ -34,6 +34,9 @@ pkgs=(
     # the lab's real NFS server (nfsreset lab --server ganesha); installing starts
     # no service here, the lab runs them in its own namespaces
     nfs-ganesha nfs-ganesha-vfs rpcbind
+    # nfsreset lab --mover pacemaker: a real cluster, run only inside the lab's
+    # namespaces (not pcs: it pulls in ruby and upgrades host packages)
+    corosync pacemaker pacemaker-cli-utils crmsh
 )
 missing=()
 for p in "${pkgs[@]}"; do
@@ -43,12 +46,33 @@ if [ "${#missing[@]}" -gt 0 ] && [ -z "${NFSRESET_SKIP_APT:-}" ]; then
     say "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null || die "apt-get update failed; check the network and /etc/apt/sources.list"
+    # Installing must start no service on this host (corosync's and pacemaker's
+    # postinst call invoke-rc.d start): a policy-rc.d saying "no" for the
+    # install, unless the host already has one of its own.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# setup.sh (nfsreset): no service starts during its install\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        own_policy=1
+        trap 'rm -f "$policy"' EXIT
+    fi
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
         || die "apt-get install failed for: ${missing[*]}"
+    if [ -n "$own_policy" ]; then rm -f "$policy"; trap - EXIT; fi
     # The exact headers of the running kernel are better than any other; take
     # them where Debian has them (a stock Debian kernel), silently skip where not.
     apt-get install -y -q --no-install-recommends "linux-headers-$(uname -r)" >/dev/null 2>&1 || true
 fi
+
+# The cluster packages are for the lab's namespaces only; say so if one runs in
+# this host's own PID namespace (a running lab's nodes have PID namespaces of their own).
+own_pidns=$(readlink /proc/self/ns/pid)
+for pid in $(pgrep -x corosync || true) $(pgrep -x pacemakerd || true); do
+    if [ "$(readlink "/proc/$pid/ns/pid" 2>/dev/null)" = "$own_pidns" ]; then
+        say "warning: $(cat "/proc/$pid/comm" 2>/dev/null) (pid $pid) runs on this host; the lab does not use it"
+    fi
+done
 
 # bcc finds headers through /lib/modules/$(uname -r)/{build,source}. On a kernel
 # without a headers package (custom or cloud kernels) point those at the nearest

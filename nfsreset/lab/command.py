@@ -49,7 +49,8 @@ def lab(
     family: str = typer.Option("both", "--family", help="4, 6 or both: which VIP (198.51.100.10, 2001:db8::10) to move."),
     cap: float = typer.Option(20.0, "--cap", help="Longest wait for the client after each move, in seconds; a longer stall shows as >CAP."),
     remedy: list[str] = typer.Option(["none"], "--remedy", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' is the baseline."),
-    mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside). Repeat or comma-separate to compare side by side."),
+    mover: list[str] = typer.Option(["ip"], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
+    crash: bool = typer.Option(False, "--crash", help="Pacemaker movers only: the failover is a crash of node1 (its cluster stack SIGKILLed, its VIP and link gone); node1 then rejoins and the failback is a planned move."),
     server: str = typer.Option("sim", "--server", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
     vers: list[str] = typer.Option([], "--vers", help="With --server ganesha: NFS version the client speaks, 3, 4.0 or 4.1 (repeat or comma-separate to compare; default 3). The sim server only echoes records."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
@@ -78,6 +79,15 @@ def lab(
     ocf:nfsreset:IPaddr2nfs (cli/ocf/nfsreset, running the real nfsreset; keep
     --remedy none, the agent is the remedy), side by side, with each agent's
     stop and start times.
+
+    --mover pacemaker,pacemaker-ocf runs a real two-node Corosync + Pacemaker
+    cluster (one node per head, seeded CIB, ~8 s cold start) and moves the VIP
+    as an operator does: crm_resource --move, then --clear. `pacemaker` is the
+    baseline (ocf:heartbeat:IPaddr2); `pacemaker-ocf` is the fix as deployed
+    (ocf:nfsreset:IPaddr2nfs): keep --remedy none with it, the agent is the
+    remedy. --remedy hooks|watch also work with `pacemaker` (hooks run when
+    the kernel shows the delete, not inside Pacemaker). --gap does not apply:
+    Pacemaker decides. Add --crash to make the failover a crash of node1.
 
     --server ganesha runs real NFS-Ganesha on both heads (each in its own mount
     and PID namespace, private /run and /var/lib/nfs, about 0.1-0.3 s to
@@ -116,14 +126,21 @@ def lab(
     unknown = [n for n in movers if n not in MOVERS]
     if unknown:
         _fail(f"unknown mover {unknown[0]!r}; known: {', '.join(MOVERS)}")
+    from nfsreset.lab.mover import PACEMAKER_MOVERS
     from nfsreset.lab.mover_ocf import AgentError, agent_path
 
+    if crash and any(n not in PACEMAKER_MOVERS for n in movers):
+        _fail(f"--crash needs a Pacemaker mover ({', '.join(PACEMAKER_MOVERS)}), not "
+              f"{next(n for n in movers if n not in PACEMAKER_MOVERS)!r}")
     for name in movers:
-        if name != "ip":
-            try:
+        try:
+            if name in PACEMAKER_MOVERS:
+                from nfsreset.lab.mover_pacemaker import check_installed
+                check_installed(name)
+            elif name != "ip":
                 agent_path(name)
-            except AgentError as e:
-                _fail(str(e))
+        except AgentError as e:
+            _fail(str(e))
     server = server.strip().lower()
     from nfsreset.lab.run import SERVERS, VERSIONS
 
@@ -163,7 +180,7 @@ def lab(
                         try:
                             results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
                                                    progress=progress, strategy=strategy, log=log, mover=how,
-                                                   server=server, vers=ver))
+                                                   server=server, vers=ver, crash=crash))
                         except Exception as e:
                             results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
                                                                server=server, vers=ver,

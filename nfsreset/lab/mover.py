@@ -41,7 +41,11 @@ MOVERS = {
     "ip": "ip addr del/add + send_arp/send_ua, timed like IPaddr2 (no agent)",
     "ipaddr2": "the real ocf:heartbeat:IPaddr2 agent: stop on the old owner, start on the new one",
     "ocf": "the real ocf:nfsreset:IPaddr2nfs agent (cli/ocf/nfsreset) with the real nfsreset",
+    # mover_pacemaker.py: a real Corosync + Pacemaker cluster, one node per head
+    "pacemaker": "a real Corosync + Pacemaker cluster moves an ocf:heartbeat:IPaddr2 VIP (crm_resource --move/--clear)",
+    "pacemaker-ocf": "the same cluster with the VIP as ocf:nfsreset:IPaddr2nfs (our agent)",
 }
+PACEMAKER_MOVERS = ("pacemaker", "pacemaker-ocf")
 
 
 @dataclasses.dataclass
@@ -157,8 +161,15 @@ def stop_process(proc: subprocess.Popen | None, terminate: bool = True, grace: f
 
 
 def make_mover(name: str, topo: Topology, vip: str, gap: float, workdir: str, state_dir: str,
-               ports: list[int], strategy: str | None, log: Callable[[str], None]):
-    """The mover called `name` (a key of MOVERS) for one lab run."""
+               ports: list[int], strategy: str | None, log: Callable[[str], None], crash: bool = False):
+    """The mover called `name` (a key of MOVERS) for one lab run; `crash` (Pacemaker
+    movers only): the failover is a crash of node1."""
+    if name in PACEMAKER_MOVERS:
+        from nfsreset.lab.mover_pacemaker import PacemakerMover
+        return PacemakerMover(topo, vip, name, state_dir, workdir=workdir, ports=ports, strategy=strategy,
+                              crash=crash, log=log)
+    if crash:
+        raise ValueError(f"crash needs a Pacemaker mover ({', '.join(PACEMAKER_MOVERS)}), not {name!r}")
     if name == "ip":
         return Mover(topo, vip, gap=gap, workdir=workdir, log=log)
     if name not in MOVERS:

@@ -69,6 +69,7 @@ class FamilyResult:
     server: str = "sim"                     # what the heads run: lab.run.SERVERS
     vers: str = "echo"                      # what the client speaks: lab.run.VERSIONS
     server_start_s: float | None = None     # heads launched -> both listening (Ganesha)
+    cluster: dict | None = None             # Pacemaker movers: {"crash", "cold_start_s", "rejoin_s"}
 
     @property
     def stale_after_failover(self) -> list[str]:
@@ -148,6 +149,11 @@ def _cells(run: FamilyResult) -> list[tuple[str, str]]:
     if run.mover != "ip" and fo and fb:
         rows.append(("stop / start fo", f"{_secs(fo.stop_s)} / {_secs(fo.start_s)}"))
         rows.append(("stop / start fb", f"{_secs(fb.stop_s)} / {_secs(fb.start_s)}"))
+    if run.cluster:
+        rows.append(("cluster start / rejoin", f"{_secs(run.cluster.get('cold_start_s'))} / "
+                                               f"{_secs(run.cluster.get('rejoin_s'))}"))
+        if run.cluster.get("crash"):
+            rows.append(("failover by", "crash of node1"))
     if run.remedy != "none" and run.hook_timings:
         slow = max(run.hook_timings, key=lambda h: h.seconds)
         rows.append(("slowest hook", f"{slow.seconds:.3f} s {slow.hook}@{slow.node or '-'}"))
@@ -162,6 +168,8 @@ MOVED_BY = {
     "ip": "VIP moved like IPaddr2 (del, {gap} s gap, add, DAD, announce)",
     "ipaddr2": "VIP moved by the real IPaddr2 agent (stop, {gap} s gap, start)",
     "ocf": "VIP moved by the real IPaddr2nfs agent with nfsreset (stop, {gap} s gap, start)",
+    "pacemaker": "VIP (ocf:heartbeat:IPaddr2) moved by Pacemaker: crm_resource --move, --clear",
+    "pacemaker-ocf": "VIP (ocf:nfsreset:IPaddr2nfs) moved by Pacemaker: crm_resource --move, --clear",
 }
 
 
@@ -272,6 +280,8 @@ def run_json(r: FamilyResult) -> dict:
         "client_port": r.client_port,
         "error": r.error,
         "first_start_s": _ms(r.first_start_s),
+        "cluster": ({k: (_ms(v) if isinstance(v, float) else v) for k, v in r.cluster.items()}
+                    if r.cluster else None),
         "failover": direction_json(r.failover),
         "failback": direction_json(r.failback),
         "hook_timings": [

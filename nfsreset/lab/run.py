@@ -140,9 +140,9 @@ class _Run:
     def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
                  progress: Progress, strategy: str | None, log: Callable[[str], None],
                  steady: float, settle: float, mover: str = "ip", server: str = "sim",
-                 vers: str = "echo") -> None:
+                 vers: str = "echo", crash: bool = False) -> None:
         self.family, self.cap, self.remedy, self.mover_name = family, cap, remedy, mover
-        self.server, self.vers = server, vers
+        self.server, self.vers, self.crash = server, vers, crash
         self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
         self.strategy, self.log = strategy, log
         self.steady, self.settle = steady, settle
@@ -205,7 +205,9 @@ class _Run:
                               ports=[PORT], nfsreset_argv=[sys.executable, "-m", "nfsreset"],
                               strategy=self.strategy, log=self.log)
         self.mover = make_mover(self.mover_name, self.topo, self.vip, self.gap, self.workdir, state_dir,
-                                [PORT], self.strategy, self.log)
+                                [PORT], self.strategy, self.log, crash=self.crash)
+        # Pacemaker movers: cold start, crash and rejoin figures, filled in as they happen.
+        self.result.cluster = getattr(self.mover, "figures", None)
 
     def start_servers(self) -> None:
         if self.server == "ganesha":
@@ -303,11 +305,12 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
             progress: Progress | None = None, strategy: str | None = None,
             log: Callable[[str], None] | None = None, steady: float = 1.0,
             settle: float = 0.5, mover: str = "ip", server: str = "sim",
-            vers: str | None = None) -> report.FamilyResult:
+            vers: str | None = None, crash: bool = False) -> report.FamilyResult:
     """Run the lab once for `family` (4 or 6) with `remedy`, the VIP moved by
     `mover` (mover.MOVERS), the heads running `server` (SERVERS) and the client
-    speaking `vers` (VERSIONS[server]; the first one by default); everything
-    removed afterwards.
+    speaking `vers` (VERSIONS[server]; the first one by default); `crash`: the
+    failover is a crash of node1 (Pacemaker movers only); everything removed
+    afterwards.
 
     Raises LabError / TopologyError when the lab itself cannot be built or the
     client never talks to the VIP; a failing remedy hook is recorded instead.
@@ -320,7 +323,7 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
     if vers not in VERSIONS[server]:
         raise ValueError(f"the {server} server speaks {', '.join(VERSIONS[server])}, not {vers!r}")
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
-               log or (lambda _m: None), steady, settle, mover, server, vers)
+               log or (lambda _m: None), steady, settle, mover, server, vers, crash)
     try:
         run.begin()
         run.result.failover = run.move("failover", "node1", "node2")

@@ -180,5 +180,5 @@ def test_unknown_mover_exits_2_before_building_anything():
     res = subprocess.run([NFSRESET, "lab", "--mover", "ipaddr2,teleport"], capture_output=True, text=True,
                          timeout=30)
     assert res.returncode == 2
-    assert res.stderr.strip() == "nfsreset lab: unknown mover 'teleport'; known: ip, ipaddr2, ocf"
+    assert res.stderr.strip() == "nfsreset lab: unknown mover 'teleport'; known: ip, ipaddr2, ocf, pacemaker, pacemaker-ocf"
     assert res.stdout == ""
