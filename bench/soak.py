@@ -31,7 +31,8 @@ with the fault that came before it; the soak goes on):
             so later moves are measured afresh)
   stale     no session on VIP:2049 left on the old owner (sock_diag dump in
             that node; --grace to go)
-  muted     the VIP is not in the new owner's nft quarantine set
+  qpresent  the VIP is not in the new owner's nft quarantine set (whether
+            such an element mutes the VIP shows in "reply")
   hooks     every hook exits 0 and prints no traceback (a state-file fault
             excuses a non-zero exit of that move's hooks: bad input is exit 2)
   daemon    both daemons still run, and neither logged a traceback or a
@@ -431,6 +432,9 @@ class Soak:
                "del_to_usable": round(times.t_usable - times.t_del, 4),
                "usable_to_first_reply": None if took is None else round(took, 4), "steady": steady,
                "elapsed": round(time.monotonic() - self.t0, 2)}
+        fault = self.recent_fault(i)
+        if fault is not None:
+            rec["after_fault"] = f"{fault['kind']}@{fault['move']}"
         self.moves.append(rec)
         if took is None:
             self.diagnose_hang(i, vip, old, new, times.t_del, steady)
@@ -505,7 +509,7 @@ class Soak:
             self.fail(i, "stale", f"{len(left)} session(s) left on {old} after {vip} moved to {new}: "
                       + ", ".join(f"{f.state} {f.key.client}:{f.key.cport}" for f in left[:5]), vip, old)
         if muted:
-            self.fail(i, "muted", f"{vip} is configured on {new} and in its nft quarantine set "
+            self.fail(i, "qpresent", f"{vip} is configured on {new} and in its nft quarantine set "
                       f"{self.a.grace:g} s after the move", vip, new)
 
     def check_daemons(self, i: int) -> None:
@@ -579,7 +583,7 @@ class Soak:
             if cp["stale_detail"][node]:
                 self.fail(i, "stale", f"checkpoint: {cp['stale_detail'][node]}", node=node)
             if cp["q_detail"][node]:
-                self.fail(i, "muted", f"checkpoint: present and quarantined: {cp['q_detail'][node]}", node=node)
+                self.fail(i, "qpresent", f"checkpoint: present and quarantined: {cp['q_detail'][node]}", node=node)
             mapped, kern = cp["bpf"][node]
             if mapped is None:
                 self.fail(i, "bpf", "checkpoint: no BPF flow table held by the daemon", node=node)
@@ -773,7 +777,7 @@ class Soak:
                 "failed_checks": dict(checks), "failures": self.failures,
                 "hook_exits": {f"{h} rc={rc}": n for (h, rc), n in sorted(self.hook_exits.items())},
                 "daemon_tracebacks": dict(self.daemon_tracebacks), "client_restarts": self.client_restarts,
-                "checkpoints": self.checkpoints, "left_behind": left}
+                "checkpoints": self.checkpoints, "left_behind": left, "move_records": self.moves}
 
     def print_summary(self, s: dict) -> None:
         say = self.say
@@ -789,7 +793,8 @@ class Soak:
         for node, g in s["rss"].items():
             spans = g["spans"]
             if not spans:
-                say(f"rss {node}: {g['daemons']} daemon(s); no span long enough to measure growth")
+                say(f"rss {node}: {g['daemons']} daemon(s); none lived past its warm-up (move {self.a.rss_from}, "
+                    f"or {self.a.rss_warmup} moves after a restart) long enough to measure growth")
                 continue
             first = spans[0]
             say(f"rss {node}: {g['daemons']} daemon(s); "
@@ -802,7 +807,7 @@ class Soak:
             + ", ".join(f"{k} {v['survived']}/{v['injected']}" for k, v in f["by_kind"].items()) + ")")
         say(f"non-zero hook exits: {s['hook_exits'] or 'none'}; daemon tracebacks: {s['daemon_tracebacks'] or 0}; "
             f"clients restarted after a hang: {s['client_restarts']}")
-        say(f"failed checks: {sum(s['failed_checks'].values())} {s['failed_checks'] or ''}; "
+        say(f"failed checks: {sum(s['failed_checks'].values())}{' ' + str(s['failed_checks']) if s['failed_checks'] else ''}; "
             f"left behind: {s['left_behind'] or 'nothing'}")
 
 
