@@ -80,8 +80,10 @@ def announcer_argv(vip: str, pidfile: str) -> tuple[list[str], bool]:
 
 class Mover:
     def __init__(self, topo: Topology, vip: str, gap: float = 1.0, workdir: str = "/tmp",
-                 usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None) -> None:
+                 usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None,
+                 nodad: bool = False) -> None:
         self.topo, self.vip, self.gap = topo, vip, gap
+        self.nodad = nodad     # IPv6 without DAD (usable at once): IPaddr2 nodad=true
         self.workdir, self.usable_timeout, self.log = workdir, usable_timeout, log
         self._background: list[subprocess.Popen] = []
 
@@ -91,7 +93,7 @@ class Mover:
         if pre_start:
             pre_start(node, self.vip)
         t0 = time.monotonic()
-        self.topo.add_addr(node, self.vip)          # with DAD for IPv6, like IPaddr2
+        self.topo.add_addr(node, self.vip, nodad=self.nodad)   # with DAD for IPv6 unless nodad
         times.t_add = time.monotonic()
         times.t_usable = self.topo.wait_usable(node, self.vip, timeout=self.usable_timeout)
         self._announce(node, times)
@@ -131,7 +133,8 @@ class Mover:
         proc = self.topo.popen(node, *argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.t_announced = time.monotonic()
         if background:
-            self._background.append(proc)
+            # Reap the finished ones as we go: a soak of 1,000 moves would keep 500 zombies.
+            self._background = [p for p in self._background if p.poll() is None] + [proc]
             return
         try:
             proc.wait(timeout=5.0)
