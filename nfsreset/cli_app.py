@@ -181,7 +181,7 @@ def tickle(
                                      help="A client tuple ADDR:PORT to tickle (repeatable)."),
     port: List[int] = typer.Option([2049], "--port", metavar="PORT", help=PORT_HELP),
     rounds: int = typer.Option(3, "--rounds", metavar="N", help="Tickle rounds at 0, 0.6, 1.5 s, ... (stops early per client once it reconnected)."),
-    rate: int = typer.Option(TICKLE_RATE_PPS, "--rate", metavar="N", help="At most this many tickle ACKs per second "
+    rate: int = typer.Option(TICKLE_RATE_PPS, "--rate", metavar="PPS", help="At most this many tickle ACKs per second "
                              "(nfsreset.pace.TICKLE_RATE_PPS): a round of N tuples takes N/rate s, and the next "
                              "round starts no earlier."),
     max_packets: int = typer.Option(TICKLE_MAX_PACKETS, "--max-packets", metavar="N", help="At most this many tickle ACKs in "

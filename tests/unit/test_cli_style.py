@@ -139,7 +139,7 @@ def test_metavars_name_the_thing(command):
     if command == "kill":
         assert "--client ADDR[:PORT]" in text and "--state-dir DIR" in text
     if command == "tickle":
-        assert "--client ADDR:PORT" in text and "--wait S" in text and "--rate N" in text
+        assert "--client ADDR:PORT" in text and "--wait S" in text and "--rate PPS" in text
     if command == "watch":
         assert "--metrics HOST:PORT" in text
 
