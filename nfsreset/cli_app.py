@@ -278,9 +278,10 @@ def flows(
 
 def flows_table(rows: list[dict], wide: bool, seqs: bool) -> list[str]:
     """The `flows` table, each column as wide as its widest cell. By default five
-    columns, within 80 characters for addresses up to 26 characters with their
-    port (`[2001:db8::100]:2049` is 20); --wide adds queues (and sequence numbers
-    when the BPF tracker knows them), as bcc's tools keep extended columns behind a flag."""
+    columns: within 80 while VIP:PORT and CLIENT:PORT take at most 26 characters
+    each (`[2001:db8::100]:65535` takes 21) and AGE at most 8. --wide adds the
+    queues (and sequence numbers when the BPF tracker knows them): bcc's tools too
+    keep extended columns behind a flag."""
     from nfsreset.model import format_endpoint
     cols = ["VIP", "CLIENT", "STATE", "AGE", "STALE"] + (["RECVQ", "SENDQ"] if wide else [])
     if wide and seqs:
