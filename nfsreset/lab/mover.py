@@ -17,7 +17,8 @@ Hooks are plain callables so this module knows nothing about remedies; each
 moment is stamped with CLOCK_MONOTONIC.
 
 This is the lab's default mover ("ip"). mover_ocf.AgentMover moves the VIP
-with the real resource agents instead ("ipaddr2", "ocf"); make_mover() picks.
+with the real resource agents instead ("ipaddr2", "ocf"), mover_pacemaker a real
+cluster; movers.make_mover() picks (not here: those modules import this one).
 """
 from __future__ import annotations
 
@@ -161,22 +162,3 @@ def stop_process(proc: subprocess.Popen | None, terminate: bool = True, grace: f
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=grace)
-
-
-def make_mover(name: str, topo: Topology, vip: str, gap: float, workdir: str, state_dir: str,
-               ports: list[int], strategy: str | None, log: Callable[[str], None], crash: bool = False):
-    """The mover called `name` (a key of MOVERS) for one lab run; `crash` (Pacemaker
-    movers only): the failover is a crash of node1."""
-    if name in PACEMAKER_MOVERS:
-        from nfsreset.lab.mover_pacemaker import PacemakerMover
-        return PacemakerMover(topo, vip, name, state_dir, workdir=workdir, ports=ports, strategy=strategy,
-                              crash=crash, log=log)
-    if crash:
-        raise ValueError(f"crash needs a Pacemaker mover ({', '.join(PACEMAKER_MOVERS)}), not {name!r}")
-    if name == "ip":
-        return Mover(topo, vip, gap=gap, workdir=workdir, log=log)
-    if name not in MOVERS:
-        raise ValueError(f"unknown mover {name!r}; known: {', '.join(MOVERS)}")
-    from nfsreset.lab.mover_ocf import AgentMover
-    return AgentMover(topo, vip, name, state_dir, gap=gap, workdir=workdir, ports=ports,
-                      strategy=strategy, log=log)

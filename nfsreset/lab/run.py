@@ -32,7 +32,8 @@ import time
 from typing import Callable
 
 from nfsreset.lab import ganesha, report
-from nfsreset.lab.mover import MoveTimes, make_mover, stop_process
+from nfsreset.lab.mover import MoveTimes, stop_process
+from nfsreset.lab.movers import make_mover
 from nfsreset.lab.remedies import LabContext, Remedy
 from nfsreset.lab.topology import VIP4, VIP6, Topology, TopologyError
 
