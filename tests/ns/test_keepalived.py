@@ -16,8 +16,8 @@ on /usr (read-only overlayfs; gone with the processes, the host's /usr is
 never written). So keepalived calls /usr/sbin/nfsreset-notify with no
 --nfsreset, the script its default /usr/bin/nfsreset, and that runs on
 /usr/bin/python3 with Debian's python3-pyroute2 and python3-typer, as on a
-head after `apt install`; the script gets the clean environment keepalived
-gives it on a head (no venv). A second case (slow) runs the checkout's
+head after `apt install`; the script's environment is systemd's PATH alone,
+as under keepalived.service (no venv). A second case (slow) runs the checkout's
 cli/keepalived/nfsreset-notify with the venv's nfsreset, the development path.
 
 With the notify script calling the real nfsreset, the old MASTER's BACKUP
