@@ -278,6 +278,9 @@ def test_the_heads_install_the_built_package(tmp_path, deb):
     assert [p["name"] for p in lab["client"]["provisioners"]] == ["client"]
     for machine in lab.values():
         assert all(f["disabled"] for f in machine["synced_folders"]), machine["synced_folders"]
+    # and Vagrant's validation of that (the file provisioner's source must exist)
+    res = _vagrant(tmp_path, "virtualbox", path_prefix=str(_fake_vboxmanage(tmp_path)), deb=deb)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_without_the_package_up_stops_before_any_vm(tmp_path):
