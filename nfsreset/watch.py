@@ -1,6 +1,6 @@
 """`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events say
 when to ask the kernel again: nfsreset.presence), tracks their sessions (BPF flow
-tracker, or sock_diag dumps without BPF) and acts as DESIGN §4 says, through the
+tracker, or sock_diag dumps without BPF) and acts as docs/design.md §4 says, through the
 same engine as the one-shot hooks.
 
 Threads: the main thread owns the rtnetlink event socket and dispatches; a worker per VIP
