@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import queue
+import re
 import select
 import selectors
 import signal
@@ -32,7 +33,21 @@ from nfsreset.model import Flow, FlowKey, norm_ip
 from nfsreset.statedir import StateDir
 
 RUN_DIR = "/run/nfsreset"
-AWAY_CHECK_S = 2.0        # dump period for VIPs that are away (catch late stragglers)
+
+
+def _test_seconds(name: str, default: float, lo: float = 0.05, hi: float = 60.0) -> float:
+    """A period shortened by tests only (read once, at import): anything but a
+    number in [lo, hi] leaves the default."""
+    try:
+        v = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return v if lo <= v <= hi else default
+
+
+# Dump period for VIPs that are away (catch late stragglers). NFSRESET_AWAY_CHECK_S
+# is for tests, which need several passes in a few seconds; not a setting.
+AWAY_CHECK_S = _test_seconds("NFSRESET_AWAY_CHECK_S", 2.0)
 STATE_FLUSH_S = 0.5       # client list written within this (issue: within 1 s)
 DUMP_PERIOD_S = 1.0       # without BPF: how often the table is rebuilt from dumps
 # Idle wakeups: the main loop wakes once per STATE_FLUSH_S and the BPF reader
@@ -55,6 +70,7 @@ class Config:
     metrics: tuple[str, int] | None = None
     dry_run: bool = False
     bpf: bool = True
+    log_level: str = "info"     # --quiet: notice (warnings, errors, start, stop), --verbose: debug
 
 
 class ConfigError(Exception):
@@ -196,6 +212,78 @@ def parse_metrics(text: str) -> tuple[str, int]:
     if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"--metrics wants HOST:PORT, not {text!r}")
     return host.strip("[]"), int(port)
+
+
+# -- the daemon's log ----------------------------------------------------------------------------
+# syslog priorities: what journald reads from a "<N>" prefix (sd-daemon(3)).
+# notice: start and stop (`ready` is the contract a starter waits for), shown by --quiet too.
+LEVELS = {"error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
+# How the engine and the state dir word what failed, was skipped or refused:
+# their lines come without a level (they are shared with the one-shot hooks).
+_WARNING_WORDS = (" failed: ", " failed (", " skipped: ", " survived: ", " not honoured: ", "cannot ",
+                  "could not ", " lost ", " unavailable ")
+_ERROR_WORDS = ("Traceback", "internal error")
+
+
+def level_of(line: str) -> str:
+    if any(w in line for w in _ERROR_WORDS):
+        return "error"
+    if any(w in line for w in _WARNING_WORDS) or line.startswith(("refused ", "ignored ", "kept ")):
+        return "warning"
+    return "info"
+
+
+def journal_stream(fd: int) -> bool:
+    """stderr is journald's stream: $JOURNAL_STREAM ("DEV:INODE", set by systemd
+    for a unit whose stderr is the journal) names this very descriptor. A child
+    whose stderr was redirected inherits the variable but not the stream."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(fd)
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (ValueError, OSError):
+        return False
+
+
+class Log:
+    """The daemon's log lines on stderr, one write each (two threads' lines
+    never run together). Under journald each line starts with "<N>", its
+    priority; elsewhere with an ISO 8601 time (ms, UTC offset) and a level.
+    Lines above `threshold` (--quiet: notice, --verbose: debug) are dropped.
+    Called with one argument (as the engine does), a line's level is read from
+    its wording (level_of)."""
+
+    def __init__(self, threshold: str = "info", stream=None, journal: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.max = LEVELS[threshold]
+        if journal is None:
+            try:
+                journal = journal_stream(self.stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                journal = False
+        self.journal = journal
+
+    def __call__(self, line: str, level: str | None = None) -> None:
+        level = level or level_of(line)
+        prio = LEVELS[level]
+        if prio > self.max:
+            return
+        line = " ".join(line.splitlines())
+        if self.journal:
+            text = f"<{prio}>nfsreset watch: {line}\n"
+        else:
+            import datetime
+            stamp = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+            text = f"{stamp} {level.upper()} nfsreset watch: {line}\n"
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):   # stderr gone (journald restarted): nothing to tell it
+            pass
+
+
+# A line said again with only its timing changed is the same news.
+_TIMING = re.compile(r" in [0-9.]+ ms\b")
 
 
 class Metrics:
@@ -497,15 +585,47 @@ class Daemon:
         self.teardowns = 0         # POST_STOP/AWAY runs in progress (under table_lock)
         self.quiet = threading.Event()   # set while teardowns == 0
         self.quiet.set()
+        # VIP -> what its teardown runs said since it left (timings cut): an AWAY
+        # pass that only does again what was said (re-quarantine, the same guard)
+        # is a per-pass detail (debug), not news. Cleared when it leaves or arrives.
+        self.said: dict[str, set[str]] = {}
+        self._leveled = isinstance(log, Log)
+
+    def say(self, line: str, level: str | None = None) -> None:
+        """A line of the daemon's own, at `level`; a plain one-argument log (tests,
+        benches) gets every line but debug ones."""
+        if self._leveled:
+            self.log(line, level)
+        elif level != "debug":
+            self.log(line)
+
+    def _once_log(self, vip: str, fresh: bool) -> tuple[Callable[[str], None], list[str]]:
+        """The engine's log for a teardown run of `vip`: a line already said since
+        the VIP left goes out as debug. fresh: this run starts the away period.
+        Also returns the list of lines that went out as news."""
+        if fresh:
+            self.said[vip] = set()
+        said = self.said.setdefault(vip, set())
+        news: list[str] = []
+
+        def log(line: str) -> None:
+            key = _TIMING.sub("", line)
+            if key in said:
+                self.say(line, "debug")
+            else:
+                said.add(key)
+                news.append(line)
+                self.log(line)
+        return log, news
 
     # -- engine glue -------------------------------------------------------------------------------
-    def engine(self, vip: str, announce: bool = True):
+    def engine(self, vip: str, announce: bool = True, log: Callable[[str], None] | None = None):
         from nfsreset.engine import Engine
         opts = P.Options(vips=frozenset({vip}), ports=self.cfg.ports, strategy=self.cfg.strategy,
                          announce=announce)
         # One libnftables context for the daemon's life, not one per action
         # (a netlink socket and a listing of /proc/self/fd each; FD_SETSIZE abort).
-        eng = Engine(opts, state=self.state, dry_run=self.cfg.dry_run, log=self.log, guard=self.guard)
+        eng = Engine(opts, state=self.state, dry_run=self.cfg.dry_run, log=log or self.log, guard=self.guard)
         eng.enrich = self.enrich
         return eng
 
@@ -526,7 +646,13 @@ class Daemon:
             return out
 
     def act(self, vip: str, moment: P.Moment, t_event: float, usable: bool = True) -> None:
-        eng = self.engine(vip, announce=usable)
+        news = None
+        log = None
+        if moment is P.Moment.POST_START:
+            self.said.pop(vip, None)
+        else:
+            log, news = self._once_log(vip, fresh=moment is P.Moment.POST_STOP)
+        eng = self.engine(vip, announce=usable, log=log)
         known: list[FlowKey] = []
         if moment is P.Moment.POST_START and self.state is not None:
             try:
@@ -551,8 +677,11 @@ class Daemon:
         self.metrics.observe(took)
         self.metrics.count(out)
         if out.steps or out.code:
-            self.log(f"{vip} {moment.value}: done {took * 1000:.1f} ms after the event"
-                     + (f"; exit {out.code}: {out.reason}" if out.code else ""))
+            line = (f"{vip} {moment.value}: done {took * 1000:.1f} ms after the event"
+                    + (f"; exit {out.code}: {out.reason}" if out.code else ""))
+            # An AWAY pass that said nothing new is a per-pass detail.
+            quiet = moment is P.Moment.AWAY and not news and not out.code
+            self.say(line, "debug" if quiet else ("warning" if out.code else "info"))
 
     def worker(self, vip: str) -> None:
         q = self.queues[vip]
@@ -564,7 +693,7 @@ class Daemon:
             try:
                 self.act(vip, moment, t_event, usable)
             except Exception as e:
-                self.log(f"{vip} {moment.value} failed: {type(e).__name__}: {e}")
+                self.say(f"{vip} {moment.value} failed: {type(e).__name__}: {e}", "error")
 
     # -- presence ------------------------------------------------------------------------------------
     def refresh(self, vips, now: float) -> None:
@@ -847,6 +976,8 @@ class Daemon:
                     if away:
                         with self.table_lock:
                             seen = {k.vip for (_, k) in self.table} & away
+                        self.say(f"away check: {', '.join(sorted(away))} away; sessions left on "
+                                 f"{', '.join(sorted(seen)) or 'none'}", "debug")
                         for vip in seen:
                             self.queues[vip].put((P.Moment.AWAY, now, True))
                     next_away = now + AWAY_CHECK_S
@@ -890,7 +1021,7 @@ class Daemon:
         except OSError:
             pass
         ipr.close()
-        self.log("stopped" + "".join(f"; {d}" for d in done))
+        self.say("stopped" + "".join(f"; {d}" for d in done), "notice")
 
 
 def live_table_path(netns_ino: int | None) -> str:
@@ -1029,16 +1160,12 @@ def _trim_heap() -> None:
 
 
 def run_daemon(cfg: Config, metrics_sock=None) -> int:
-    def log(line: str) -> None:
-        # One write per line: print() writes the text and the newline apart, and
-        # lines of two threads ran together ("...arrivednfsreset watch: ...").
-        sys.stderr.write(f"nfsreset watch: {line}\n")
-        sys.stderr.flush()
+    log = Log(cfg.log_level)
 
     d = Daemon(cfg, log, metrics_sock)
 
     def on_signal(signum, _frame):
-        log(f"signal {signal.Signals(signum).name}: shutting down")
+        log(f"signal {signal.Signals(signum).name}: shutting down", "notice")
         d.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -1047,6 +1174,6 @@ def run_daemon(cfg: Config, metrics_sock=None) -> int:
     def ready():
         log(f"ready: watching {', '.join(sorted(cfg.vips))} port(s) {','.join(map(str, sorted(cfg.ports)))}"
             f" with {'BPF' if d.tracker else 'sock_diag dumps'}"
-            + (" (dry run)" if cfg.dry_run else ""))
+            + (" (dry run)" if cfg.dry_run else ""), "notice")
 
     return d.run(ready)
