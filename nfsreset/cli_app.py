@@ -174,7 +174,9 @@ def flows(
         summary.setdefault(v, {"sessions": 0, "stale": 0, "configured": v in local})
     source = f"watch pid {live['pid']}" if live else "sock_diag dump"
     if json_out:
-        print(json.dumps({"source": source, "sessions": rows, "vips": summary}))
+        # The last move report per VIP (`watch` only: a dump cannot know it).
+        moves = {v: m for v, m in (live or {}).get("moves", {}).items() if not vips or v in vips}
+        print(json.dumps({"source": source, "sessions": rows, "vips": summary, "moves": moves}))
     else:
         from nfsreset.model import format_endpoint
         seqs = live is not None and live.get("bpf")

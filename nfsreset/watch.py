@@ -10,6 +10,7 @@ main thread entered before it started them (threads inherit it at creation).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import errno
@@ -29,7 +30,8 @@ from collections.abc import Callable
 from nfsreset import plan as P
 from nfsreset import presence as PR
 from nfsreset import addrs as A
-from nfsreset.model import Flow, FlowKey, norm_ip
+from nfsreset.model import Flow, FlowKey, format_endpoint, norm_ip
+from nfsreset.movereport import MOVE_REPORT_BOUND_S as _BOUND
 from nfsreset.statedir import StateDir
 
 RUN_DIR = "/run/nfsreset"
@@ -54,6 +56,14 @@ DUMP_PERIOD_S = 1.0       # without BPF: how often the table is rebuilt from dum
 # once per BPF_POLL_MS (events wake it at once); VIP workers sleep on their
 # queue. Only shutdown waits for these timeouts.
 BPF_POLL_MS = 500
+# Without BPF, while a move report is open, new connections are seen by dumps
+# this often (the report's times are then this coarse); with BPF they carry the
+# kernel's time of the socket's birth.
+MOVE_DUMP_PERIOD_S = 0.05
+# The move report's bound (nfsreset.movereport.MOVE_REPORT_BOUND_S); NFSRESET_MOVE_REPORT_BOUND_S
+# is for tests, which keep a client stuck for a few seconds only; not a setting.
+MOVE_REPORT_BOUND_S = _test_seconds("NFSRESET_MOVE_REPORT_BOUND_S", _BOUND, lo=0.5, hi=600.0)
+RECENT_OPENS = 4096   # new connections remembered for a report opened just after them
 # While a teardown runs, the BPF reader leaves the close events it causes in the
 # ring buffer (at most this long): both are Python threads, and reading 10,000
 # events during 10,000 destroys took half the GIL (destroy step 84 -> 55 ms).
@@ -289,6 +299,7 @@ _TIMING = re.compile(r" in [0-9.]+ ms\b")
 class Metrics:
     """Prometheus text exposition, kept by hand (no client library on Debian's python)."""
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+    RETURN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -299,6 +310,17 @@ class Metrics:
         self.events = 0
         self.hist = [0] * (len(self.BUCKETS) + 1)
         self.hist_sum = 0.0
+        self.returns = [0] * (len(self.RETURN_BUCKETS) + 1)
+        self.returns_sum = 0.0
+        self.not_back = 0
+
+    def observe_move(self, report) -> None:
+        """A closed move report: each client's time to return, and those not back."""
+        with self.lock:
+            for seconds in report.back.values():
+                self.returns_sum += seconds
+                self.returns[next((i for i, b in enumerate(self.RETURN_BUCKETS) if seconds <= b), -1)] += 1
+            self.not_back += len(report.missing)
 
     def observe(self, seconds: float) -> None:
         with self.lock:
@@ -330,6 +352,20 @@ class Metrics:
             acc += self.hist[-1]
             lines += [f'nfsreset_action_seconds_bucket{{le="+Inf"}} {acc}',
                       f"nfsreset_action_seconds_sum {self.hist_sum:.6f}", f"nfsreset_action_seconds_count {acc}"]
+            lines += ["# HELP nfsreset_client_return_seconds From a VIP usable here to each known client's "
+                      "first new connection (move report).",
+                      "# TYPE nfsreset_client_return_seconds histogram"]
+            acc = 0
+            for b, n in zip(self.RETURN_BUCKETS, self.returns):
+                acc += n
+                lines.append(f'nfsreset_client_return_seconds_bucket{{le="{b}"}} {acc}')
+            acc += self.returns[-1]
+            lines += [f'nfsreset_client_return_seconds_bucket{{le="+Inf"}} {acc}',
+                      f"nfsreset_client_return_seconds_sum {self.returns_sum:.6f}",
+                      f"nfsreset_client_return_seconds_count {acc}",
+                      "# HELP nfsreset_clients_not_back_total Known clients not back within the move report's bound.",
+                      "# TYPE nfsreset_clients_not_back_total counter",
+                      f"nfsreset_clients_not_back_total {self.not_back}"]
             return "\n".join(lines) + "\n"
 
     def count(self, outcome) -> None:
@@ -590,6 +626,13 @@ class Daemon:
         # is a per-pass detail (debug), not news. Cleared when it leaves or arrives.
         self.said: dict[str, set[str]] = {}
         self._leveled = isinstance(log, Log)
+        # Move reports (nfsreset.movereport): the open one per VIP, the last closed
+        # one (for `nfsreset flows --json`), and recent new connections (a report
+        # opened just after one still counts it). Under moves_lock.
+        self.moves: dict = {}
+        self.last_move: dict[str, dict] = {}
+        self.recent_opens: collections.deque = collections.deque(maxlen=RECENT_OPENS)
+        self.moves_lock = threading.Lock()
 
     def say(self, line: str, level: str | None = None) -> None:
         """A line of the daemon's own, at `level`; a plain one-argument log (tests,
@@ -728,16 +771,20 @@ class Daemon:
                 self.old_cookies[vip] = frozenset()
                 self.log(f"{vip}: cannot list its sockets at arrival ({type(e).__name__}: {e})")
             self.log(f"{vip} arrived" + ("" if now_p.usable else " (tentative: waiting for DAD)"))
+            if now_p.usable:
+                self.open_move(vip, now)
             # While IPv6 DAD runs: end the old sockets and lift the quarantine at
             # once (IPaddr2 announces from the VIP right after DAD); announce and
             # tickle only once the address is usable.
             self.queues[vip].put((P.Moment.POST_START, now, now_p.usable))
         elif change == PR.USABLE:
             self.log(f"{vip} usable (DAD done)")
+            self.open_move(vip, now)
             self.queues[vip].put((P.Moment.POST_START, now, True))
         elif change == PR.LEFT:
             self.present[vip] = False
             self.log(f"{vip} left")
+            self.close_move(vip, now, cut=True)
             self.queues[vip].put((P.Moment.POST_STOP, now, True))
 
     def handle_rtnl(self, msgs) -> None:
@@ -783,6 +830,8 @@ class Daemon:
             self.version += 1
             if here:
                 self.dirty.add(f.key.vip)
+        if ev.kind == "open" and f.first_seen is not None:
+            self.new_connection(f.key, f.first_seen)
         if not here and ev.kind != "close" and f.key.vip in self.cfg.vips:
             # A session on a VIP that is away: a straggler. End it now.
             self.queues[f.key.vip].put((P.Moment.AWAY, time.monotonic(), True))
@@ -810,10 +859,76 @@ class Daemon:
                 prev = old.get(k)
                 self.table[k] = prev if prev is not None and prev.state == f.state else \
                     dataclasses.replace(f, netns=self.netns_ino, first_seen=prev.first_seen if prev else None)
+            new: list[FlowKey] = []
+            if self.tracker is None and self.moves:   # the fallback's new connections (move reports)
+                for (ns, k), f in self.table.items():
+                    prev = old.get((ns, k))
+                    if f.state == "ESTABLISHED" and (prev is None or prev.cookie != f.cookie):
+                        new.append(k)
             # Without BPF this runs every second: only a real change counts.
             if self.table.keys() != old.keys() or any(old[k] is not f for k, f in self.table.items()):
                 self.version += 1
                 self.dirty |= {v for v, p in self.present.items() if p}
+        now = time.monotonic()
+        for k in new:   # without BPF, a connection's birth is known to within a dump period
+            self.new_connection(k, now)
+
+    # -- move reports --------------------------------------------------------------------------------
+    def open_move(self, vip: str, usable_at: float) -> None:
+        """Follow the VIP's known clients (the state dir's list, as the tickle
+        reads it) from usable_at until each is back (nfsreset.movereport)."""
+        from nfsreset.movereport import Move, Tuple
+        keys: list[FlowKey] = []
+        if self.state is not None:
+            try:
+                keys = self.state.read_clients(vip)
+            except Exception as e:   # no report then; the tickle says what is wrong with the file
+                self.say(f"no move report for {vip}: cannot read its client list ({e})", "warning")
+                return
+        move = Move(vip, usable_at, {Tuple(k.client, k.cport, k.vport) for k in keys}, bound_s=MOVE_REPORT_BOUND_S)
+        since = self.since.get(vip, usable_at)   # connections since the address arrived are new
+        with self.moves_lock:
+            self.moves[vip] = move
+            for k, at in self.recent_opens:
+                if k.vip == vip and at >= since:
+                    move.seen(k.client, k.cport, k.vport, max(at, usable_at))
+        self.say(f"move report of {vip}: following {move.expected} known client tuple(s)", "debug")
+
+    def new_connection(self, key: FlowKey, at: float) -> None:
+        if key.vip not in self.cfg.vips:
+            return
+        with self.moves_lock:
+            self.recent_opens.append((key, at))
+            move = self.moves.get(key.vip)
+            back = move.seen(key.client, key.cport, key.vport, at) if move is not None else None
+        if back is not None:
+            self.say(f"{format_endpoint(back.client, back.cport)} back on {key.vip} "
+                     f"{at - move.usable_at:.3f} s after usable", "debug")
+
+    def finish_moves(self, now: float) -> None:
+        with self.moves_lock:
+            due = [v for v, m in self.moves.items() if m.due(now)]
+        for vip in due:
+            self.close_move(vip, now)
+
+    def close_move(self, vip: str, now: float, cut: bool = False) -> None:
+        """Write the report: one line, the histogram, the live table's `moves`.
+        cut: the VIP left before the report was due."""
+        with self.moves_lock:
+            move = self.moves.pop(vip, None)
+        if move is None:
+            return
+        old = self.old_cookies.get(vip, frozenset())
+        with self.table_lock:
+            stale = sum(1 for (_, k), f in self.table.items()
+                        if k.vip == vip and f.cookie in old and f.state not in ("TIME_WAIT", "CLOSE"))
+        report = move.report(now, stale_left=stale)
+        self.metrics.observe_move(report)
+        line = report.line() + (" (it left before the report was due)" if cut else "")
+        self.say(line, "info" if report.complete and not stale else "warning")
+        with self.table_lock:
+            self.last_move[vip] = report.as_json() | {"cut": cut}
+            self.version += 1
 
     def flush_state(self) -> None:
         """Keep each local VIP's client list current (the peer tickles them), and
@@ -851,7 +966,7 @@ class Daemon:
         Written when the table changes, never as a heartbeat: readers tell a live
         writer by its pid and that pid's start time (read_live_table)."""
         doc = {"pid": os.getpid(), "started": _start_ticks(os.getpid()), "netns": self.netns_ino,
-               "bpf": self.tracker is not None, "flows": rows}
+               "bpf": self.tracker is not None, "flows": rows, "moves": dict(self.last_move)}
         # 0600: the rows hold the exact snd_nxt/rcv_nxt of live sessions, all a local
         # user would need to inject into them. `nfsreset flows` reads it as root.
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
@@ -947,13 +1062,17 @@ class Daemon:
             self.dirty |= {v for v, p in self.present.items() if p}
         self.flush_state()
         on_ready()
-        next_flush = next_away = next_dump = time.monotonic()
+        next_flush = next_away = last_dump = time.monotonic()
         try:
             while not self.stop.is_set():
                 # Sleep until the next timer is due (a flush within STATE_FLUSH_S of
                 # a change), at most STATE_FLUSH_S: SIGTERM is seen at that pace.
+                # Without BPF: dumps every DUMP_PERIOD_S, or MOVE_DUMP_PERIOD_S from the
+                # moment a move report opens (not from the next slow dump on).
+                next_dump = last_dump + (MOVE_DUMP_PERIOD_S if self.moves else DUMP_PERIOD_S)
                 due = min(next_flush, next_away, next_dump if self.tracker is None else next_flush)
-                wait = min(max(due - time.monotonic(), 0.0), STATE_FLUSH_S)
+                # An open move report closes within MOVE_DUMP_PERIOD_S of its last client back.
+                wait = min(max(due - time.monotonic(), 0.0), MOVE_DUMP_PERIOD_S if self.moves else STATE_FLUSH_S)
                 r, _, _ = select.select([ipr], [], [], wait)
                 if r:
                     msgs, lost = read_rtnl(ipr)
@@ -963,9 +1082,11 @@ class Daemon:
                         self.log(f"address events lost ({lost}); reading presence again")
                         self.refresh(self.cfg.vips, time.monotonic())
                 now = time.monotonic()
-                if self.tracker is None and now >= next_dump:
+                if self.tracker is None and now >= last_dump + (MOVE_DUMP_PERIOD_S if self.moves else DUMP_PERIOD_S):
                     self.reconcile()
-                    next_dump = now + DUMP_PERIOD_S
+                    last_dump = now
+                if self.moves:
+                    self.finish_moves(now)
                 if now >= next_flush:
                     self.flush_state()
                     next_flush = now + STATE_FLUSH_S
