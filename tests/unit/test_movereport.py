@@ -56,3 +56,18 @@ def test_no_client_known_reports_at_once_and_many_missing_are_cut():
     v6 = Move("2001:db8::10", 0.0, [Tuple("2001:db8::20", 871, 2049)])
     v6.seen("2001:db8::20", 871, 2049, 0.5)
     assert "slowest [2001:db8::20]:871 0.500 s" in v6.report(0.5).line()
+
+
+def test_the_report_feeds_the_prometheus_histogram():
+    from nfsreset.watch import Metrics
+    m = Move(VIP, 0.0, [Tuple(A, 871, 2049), Tuple(B, 700, 2049)], bound_s=1.0)
+    m.seen(A, 871, 2049, 0.02)
+    metrics = Metrics()
+    metrics.observe_move(m.report(1.0))
+    text = metrics.render()
+    assert "# TYPE nfsreset_client_return_seconds histogram" in text
+    assert 'nfsreset_client_return_seconds_bucket{le="0.01"} 0' in text
+    assert 'nfsreset_client_return_seconds_bucket{le="0.025"} 1' in text
+    assert 'nfsreset_client_return_seconds_bucket{le="+Inf"} 1' in text
+    assert "nfsreset_client_return_seconds_count 1" in text
+    assert "nfsreset_clients_not_back_total 1" in text
