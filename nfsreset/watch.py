@@ -784,7 +784,7 @@ class Daemon:
         elif change == PR.LEFT:
             self.present[vip] = False
             self.log(f"{vip} left")
-            self.close_move(vip, now, cut=True)
+            self.close_move(vip, now, cut="it left before the report was due")
             self.queues[vip].put((P.Moment.POST_STOP, now, True))
 
     def handle_rtnl(self, msgs) -> None:
@@ -911,9 +911,9 @@ class Daemon:
         for vip in due:
             self.close_move(vip, now)
 
-    def close_move(self, vip: str, now: float, cut: bool = False) -> None:
+    def close_move(self, vip: str, now: float, cut: str | None = None) -> None:
         """Write the report: one line, the histogram, the live table's `moves`.
-        cut: the VIP left before the report was due."""
+        cut: why it is written before it was due (the VIP left, we stop)."""
         with self.moves_lock:
             move = self.moves.pop(vip, None)
         if move is None:
@@ -924,10 +924,10 @@ class Daemon:
                         if k.vip == vip and f.cookie in old and f.state not in ("TIME_WAIT", "CLOSE"))
         report = move.report(now, stale_left=stale)
         self.metrics.observe_move(report)
-        line = report.line() + (" (it left before the report was due)" if cut else "")
+        line = report.line() + (f" ({cut})" if cut else "")
         self.say(line, "info" if report.complete and not stale else "warning")
         with self.table_lock:
-            self.last_move[vip] = report.as_json() | {"cut": cut}
+            self.last_move[vip] = report.as_json() | {"cut": cut is not None}
             self.version += 1
 
     def flush_state(self) -> None:
@@ -1118,6 +1118,8 @@ class Daemon:
 
     def shutdown(self, ipr, threads) -> None:
         self.stop.set()
+        for vip in sorted(self.moves):   # what was seen so far is still worth a line
+            self.close_move(vip, time.monotonic(), cut="stopped before the report was due")
         for q in self.queues.values():
             q.put(None)
         for t in threads:
