@@ -98,6 +98,12 @@ class Move:
         self.waiting: set[Tuple] = set(clients)
         self.expected = len(self.waiting)
         self.back: dict[Tuple, float] = {}
+        # (client, vport) -> its waiting tuples: a connection from a new port finds
+        # them without a scan of every waiting tuple (65,536 at most).
+        # An insertion-ordered dict per address: the lowest port first, in O(1).
+        self.by_addr: dict[tuple[str, int], dict[Tuple, None]] = {}
+        for t in sorted(self.waiting, key=lambda t: (t.client, t.vport, t.cport)):
+            self.by_addr.setdefault((t.client, t.vport), {})[t] = None
 
     def seen(self, client: str, cport: int, vport: int, at: float) -> Tuple | None:
         """A new connection from client:cport to the VIP's vport at `at`. Returns
@@ -106,11 +112,12 @@ class Move:
         if at < self.usable_at or not self.waiting:
             return None
         t = Tuple(client, cport, vport)
-        if t not in self.waiting:
-            same = sorted(w for w in self.waiting if w.client == client and w.vport == vport)
-            if not same:
-                return None
-            t = same[0]
+        pool = self.by_addr.get((client, vport))
+        if not pool:
+            return None
+        if t not in pool:
+            t = next(iter(pool))
+        del pool[t]
         self.waiting.discard(t)
         self.back[t] = at - self.usable_at
         return t
