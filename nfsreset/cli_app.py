@@ -265,7 +265,9 @@ def flows(
         summary.setdefault(v, {"sessions": 0, "stale": 0, "configured": v in local})
     source = f"watch pid {live['pid']}" if live else "sock_diag dump"
     if json_out:
-        print(json.dumps({"source": source, "sessions": rows, "vips": summary}))
+        # The last move report per VIP (`watch` only: a dump cannot know it).
+        moves = {v: m for v, m in (live or {}).get("moves", {}).items() if not vips or v in vips}
+        print(json.dumps({"source": source, "sessions": rows, "vips": summary, "moves": moves}))
     else:
         for line in flows_table(rows, wide, seqs=bool(live is not None and live.get("bpf"))):
             print(line)
@@ -367,6 +369,8 @@ def watch(
                                          "netns, metrics; command-line options win."),
     no_bpf: bool = typer.Option(False, "--no-bpf", help="Do not load the BPF flow tracker; use sock_diag dumps."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Log what would be done; change nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings, errors, start and stop."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log per-pass details too (debug)."),
 ) -> int:
     """Run as a daemon: act the moment a VIP leaves or arrives.
 
@@ -398,7 +402,10 @@ def watch(
             raise Fail("--state-dir: '' is not a directory (an empty path)")
         cfg = Config(vips=vips, ports=ports, state_dir=sdir, strategy=strat,
                      netns=netns_name if netns_name is not None else doc.get("netns"),
-                     metrics=mtarget, dry_run=dry_run, bpf=not no_bpf)
+                     metrics=mtarget, dry_run=dry_run, bpf=not no_bpf,
+                     log_level="notice" if quiet else "debug" if verbose else "info")
+        if quiet and verbose:
+            raise Fail("--quiet and --verbose contradict each other; give one")
     except ConfigError as e:
         raise Fail(str(e)) from None
     _netns(cfg.netns)

@@ -414,3 +414,108 @@ def test_real_cycle_on_ganesha_ends_its_socket_and_the_nfs_client_is_back(topo, 
             client.kill()
             client.wait(timeout=5)
             run_agent(topo, tmp_path, "stop", **params)
+
+
+# -- what reaches Pacemaker's log -----------------------------------------------------------
+def ha_log_lines(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(level, message) of the agent's nfsreset lines in an HA_LOGFILE
+    ("<date> <tag>:    INFO: nfsreset kill (post-stop) VIP: ...")."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        _, sep, rest = line.partition(":    ")
+        level, _, msg = rest.partition(": ")
+        if sep and msg.startswith("nfsreset"):
+            out.append((level, msg))
+    return out
+
+
+def test_every_action_of_a_stop_and_a_start_reaches_the_log_once(topo, tmp_path, listener):
+    """Each step nfsreset took is one ocf_log line at its level (before, only
+    the last line of each call was logged: post-stop's record and quarantine,
+    pre-start's steps before its last were lost); the background tickle's lines
+    too, logged by the wrapper as the tickle exits; nothing twice."""
+    hlog = tmp_path / "ha.log"
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state",
+              "HA_LOGFILE": hlog}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=15)
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        hlog.unlink()
+        res, _ = run_agent(topo, tmp_path, "stop", **params)
+        assert res.returncode == 0, res.stderr
+        stop_lines = ha_log_lines(hlog)
+        status.unlink()
+        hlog.unlink()
+        res, _ = run_agent(topo, tmp_path, "start", **params)
+        assert res.returncode == 0, res.stderr
+        assert wait_for(status.exists, timeout=15)
+        start_lines = ha_log_lines(hlog)
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)
+    print("\nstop:", *stop_lines, "start:", *start_lines, sep="\n  ")
+    post = f"nfsreset kill (post-stop) {VIP4}: "
+    expected_stop = [("INFO", post + "recorded 1 client tuple(s)"),
+                     ("INFO", post + f"quarantined {VIP4}"),
+                     ("INFO", post + "destroyed 1 of 1 session(s)")]
+    pre = f"nfsreset kill (pre-start) {VIP4}: "
+    tickle = f"nfsreset tickle (post-start) {VIP4}: "
+    expected_start = [("INFO", pre + f"lifted the quarantine of {VIP4}"),
+                      ("INFO", tickle + f"announced {VIP4}"),
+                      ("INFO", tickle + "tickled 1 client tuple(s)")]
+    for lines, expected in ((stop_lines, expected_stop), (start_lines, expected_start)):
+        for level, prefix in expected:
+            hits = [lv for lv, msg in lines if msg.startswith(prefix)]
+            assert hits == [level], (prefix, lines)
+        # no line that is not one of these actions, none twice
+        assert len(lines) == len(expected), lines
+
+
+FAILING = r"""#!/bin/sh
+# Says what the engine says when a step fails (its wording), then exits 1 as it does.
+case " $* " in *" post-stop "*)
+    echo "nfsreset kill: recorded 2 client tuple(s) of VIP in /state"
+    echo "nfsreset kill: quarantine of VIP failed: nft said no (OSError); going on without nftables"
+    echo "nfsreset kill: destroyed 2 of 2 session(s) on VIP in 1.0 ms: 198.51.100.100:700 ESTABLISHED"
+    echo "nfsreset kill: failed: quarantine; unavailable here: nftables" >&2
+    exit 1 ;;
+esac
+case " $* " in *" tickle "*)
+    echo "nfsreset tickle: tickle of 2 client tuple(s) of VIP skipped: raw sockets unavailable here (EPERM)"
+    echo "nfsreset tickle: failed: tickle" >&2
+    exit 1 ;;
+esac
+exit 0
+"""
+
+
+def test_failed_and_skipped_steps_are_warnings_with_their_reason_once(topo, tmp_path):
+    """A failed step is one WARNING line with its reason; the run's closing line
+    (exit 1: "failed: ...") is not a second one; done steps stay INFO."""
+    fake = tmp_path / "failing-nfsreset"
+    fake.write_text(FAILING)
+    fake.chmod(0o755)
+    hlog = tmp_path / "ha.log"
+    params = {"nfsreset_bin": fake, "HA_LOGFILE": hlog}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=15)
+    res, _ = run_agent(topo, tmp_path, "stop", **params)
+    assert res.returncode == 0, res.stderr
+    lines = ha_log_lines(hlog)
+    post = f"nfsreset kill (post-stop) {VIP4}: "
+    tickle = f"nfsreset tickle (post-start) {VIP4}: "
+    assert lines == [
+        ("INFO", f"nfsreset kill (pre-start) {VIP4}: done"),
+        ("WARNING", tickle + "tickle of 2 client tuple(s) of VIP skipped: raw sockets unavailable here (EPERM)"),
+        ("INFO", post + "recorded 2 client tuple(s) of VIP in /state"),
+        ("WARNING", post + "quarantine of VIP failed: nft said no (OSError); going on without nftables"),
+        ("INFO", post + "destroyed 2 of 2 session(s) on VIP in 1.0 ms: 198.51.100.100:700 ESTABLISHED"),
+    ], lines
