@@ -153,7 +153,9 @@ def test_netns_parameter_is_passed_on(topo, tmp_path, stub):
                    str(AGENT), "start", check=False, timeout=60)
     assert res.returncode == 0, res.stderr
     assert topo.has_addr("node2", VIP4) and not topo.has_addr("node1", VIP4, usable=False)
-    assert wait_for(lambda: len(calls(tmp_path)) >= 2)
+    # The stub's --wait looks for the VIP in node1 (it ignores --netns): it gives up
+    # after ~5 s and only then logs the tickle, so wait longer than that.
+    assert wait_for(lambda: len(calls(tmp_path)) >= 2, timeout=15)
     assert all(f"--netns {ns}" in line for line in calls(tmp_path))
     topo.run("node1", *agent_env(tmp_path, VIP4, nfsreset_bin=stub, network_namespace=ns),
              str(AGENT), "stop", timeout=60)
