@@ -87,6 +87,9 @@ def kill(
                                             help="Where the VIP's client tuples are recorded for the node that takes it over."),
     strategy: str = typer.Option("auto", "--strategy",
                                  help="auto: destroy, else exact RST, else nft guard. Or force one: destroy|rst|nft."),
+    store: str = typer.Option("auto", "--store", help="Where client lists travel: dir (the state dir), attrd "
+                              "(also Pacemaker's attribute daemon: every node's list is read), auto (attrd if it "
+                              "runs here, else dir)."),
     moment: str = typer.Option("post-stop", "--moment",
                                help="post-stop (the VIP just left: record clients, quarantine, end sessions) or "
                                     "pre-start (the VIP is about to arrive: only end sessions left from its last stay)."),
@@ -96,7 +99,7 @@ def kill(
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; change nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
 ) -> int:
-    return cli.kill(vip, client, port, state_dir, strategy, moment, force, netns_name, dry_run, json_out)
+    return cli.kill(vip, client, port, state_dir, strategy, moment, force, netns_name, dry_run, json_out, store)
 
 
 @app.command(help=cli.TICKLE_DOC)
@@ -116,12 +119,15 @@ def tickle(
                                "and usable here (IPv6: DAD done). Start it in the background just before IPaddr2 "
                                "start: IPaddr2 announces an IPv6 VIP for ~0.8 s before a post-start hook could run."),
     strategy: str = typer.Option("auto", "--strategy", help="How to end sockets left from the VIP's last stay here."),
+    store: str = typer.Option("auto", "--store", help="Where client lists travel: dir (the state dir), attrd "
+                              "(also Pacemaker's attribute daemon: every node's list is read), auto (attrd if it "
+                              "runs here, else dir)."),
     netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; send nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
 ) -> int:
     return cli.tickle(vip, state_dir, client, port, rounds, rate, max_packets, wait, strategy, netns_name, dry_run,
-                      json_out)
+                      json_out, store)
 
 
 # --- flows -----------------------------------------------------------------------------
