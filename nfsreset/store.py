@@ -7,7 +7,9 @@ Backends:
             attribute per VIP per node (`-p`: kept in attrd's memory, never
             written into the CIB, so a change costs no CIB rewrite or
             transition), named nfsreset-clients-<vip>. The owner publishes its
-            list; the new owner reads every node's value (`--query --all-nodes`)
+            list under each OTHER node's name (attrd forgets a lost node's own
+            values: kept under the peer's name the list survives the owner's
+            crash); the new owner reads every node's value (`--query --all-nodes`)
             and tickles their union with the local dir's. The dir is written
             too: pending sockets live there, and it outlives a restart of the
             whole cluster (private attributes do not).
@@ -50,6 +52,7 @@ MAX_PLAIN_BYTES = MAX_CLIENTS_PER_VIP * 52
 ATTRD_TIMEOUT_S = 5.0
 ATTRD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
+_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _QUERY_RE = re.compile(r'^name="([^"]*)" host="([^"]*)" value="([^"]*)"$')
 
 
@@ -160,13 +163,37 @@ class Attrd:
             raise StateError(f"attrd_updater {argv[0]} exited {res.returncode}: {msg}")
         return res.stdout
 
-    def publish(self, vip: str, keys) -> int:
+    def peers(self) -> list[str]:
+        """The other cluster members (crm_node -l, minus crm_node -n)."""
+        try:
+            res = subprocess.run(["crm_node", "-n"], capture_output=True, text=True, timeout=self.timeout,
+                                 stdin=subprocess.DEVNULL, env={**os.environ, "PATH": ATTRD_PATH})
+            me = res.stdout.strip()
+            res = subprocess.run(["crm_node", "-l"], capture_output=True, text=True, timeout=self.timeout,
+                                 stdin=subprocess.DEVNULL, env={**os.environ, "PATH": ATTRD_PATH})
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise StateError(f"crm_node: {e}") from None
+        out = []
+        for line in res.stdout.splitlines()[:256]:
+            f = line.split()
+            if len(f) >= 3 and f[2] == "member" and f[1] != me and _NODE_RE.match(f[1]):
+                out.append(f[1])
+        return out
+
+    def publish(self, vip: str, keys, peers: list[str] | None = None) -> int:
+        """Publish under each other node's name: attrd drops a node's own values
+        when the node is lost, so a list kept under the peer's name is still
+        there for the peer after this node crashes (measured: bench_attrd.py)."""
         value, n = encode(keys)
         total = len({(k.vport, k.client, k.cport) for k in keys})
         if n < total:
             self.log(f"published {n:,} of {total:,} client tuple(s) of {vip} to attrd: the value is capped "
                      f"at {MAX_VALUE_CHARS:,} characters (one command-line argument)")
-        self._run("--private", "--name", attr_name(vip), "--update", value)
+        targets = self.peers() if peers is None else peers
+        if not targets:
+            raise StateError(f"no other cluster member to publish the clients of {vip} for (crm_node -l)")
+        for node in targets:
+            self._run("--private", "--name", attr_name(vip), "--node", node, "--update", value)
         return n
 
     def values(self, vip: str) -> dict[str, str]:
@@ -206,14 +233,18 @@ class AttrdStateDir(StateDir):
             n = 0
         if not keys:
             return n       # nothing found (kernel nfsd closed its sockets): keep what was published
+        peers = self.attrd.peers()
         if self.merge_own:
+            # What this node published for its peers (the agent's stop, before
+            # the address went) plus what is found now.
             try:
-                own = self.attrd._run("--query", "--name", attr_name(vip))
-                for value in parse_query(own, attr_name(vip)).values():
-                    keys.update(decode(value, vip, f"attrd {attr_name(vip)} of this node", self.log))
+                values = self.attrd.values(vip)
+                for host in peers:
+                    if host in values:
+                        keys.update(decode(values[host], vip, f"attrd {attr_name(vip)} for node {host}", self.log))
             except StateError as e:
                 self.log(f"{e}; publishing what is found now only")
-        return max(n, self.attrd.publish(vip, keys))
+        return max(n, self.attrd.publish(vip, keys, peers))
 
     def read_clients(self, vip: str) -> list[FlowKey]:
         out: dict[FlowKey, None] = {}
