@@ -238,6 +238,9 @@ def watch(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Serve Prometheus text metrics on HOST:PORT."),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with vips, ports, state_dir, strategy, "
                                          "netns, metrics; command-line options win."),
+    store: Optional[str] = typer.Option(None, "--store", help="Client lists also through Pacemaker's attrd "
+                                        "(attrd), only the state dir (dir), or attrd if it runs here (auto, "
+                                        "the default)."),
     no_bpf: bool = typer.Option(False, "--no-bpf", help="Do not load the BPF flow tracker; use sock_diag dumps."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Log what would be done; change nothing."),
 ) -> int:
@@ -271,7 +274,11 @@ def watch(
             raise Fail("--state-dir: '' is not a directory (an empty path)")
         cfg = Config(vips=vips, ports=ports, state_dir=sdir, strategy=strat,
                      netns=netns_name if netns_name is not None else doc.get("netns"),
-                     metrics=mtarget, dry_run=dry_run, bpf=not no_bpf)
+                     metrics=mtarget, dry_run=dry_run, bpf=not no_bpf,
+                     store=store if store is not None else doc.get("store", "auto"))
+        from nfsreset.store import BACKENDS
+        if cfg.store not in BACKENDS:
+            raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {cfg.store!r}")
     except ConfigError as e:
         raise Fail(str(e)) from None
     _netns(cfg.netns)

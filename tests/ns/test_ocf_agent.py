@@ -188,6 +188,8 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip, 
     res, _ = run_agent(topo, tmp_path, "stop", ip=vip, nfsreset_bin=stub)
     assert res.returncode == 0, res.stderr
     assert not topo.has_addr("node1", vip, usable=False)
+    # the post-stop kill runs after stop returned (Pacemaker waits for stop)
+    assert wait_for(lambda: len(calls(tmp_path)) >= 3), calls(tmp_path)
     post_stop = calls(tmp_path)[2]
     assert post_stop.startswith("kill vip=absent kill --vip " + vip + " --store auto --moment post-stop")
     # the clients were recorded while the address was still there
@@ -385,6 +387,9 @@ def test_real_cycle_ends_sessions_and_leaves_the_vip_usable(topo, tmp_path, list
         assert res.returncode == 0, res.stderr
         print(res.stderr)
         assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
+        poststop = tmp_path / "rsctmp" / "nfsreset-vip1.poststop"
+        assert wait_for(poststop.exists, timeout=10)
+        assert poststop.read_text().startswith("rc=0 "), poststop.read_text()
         # the agent's post-stop kill left no session on the departed VIP
         assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
         status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
@@ -421,6 +426,7 @@ def test_a_failed_tickle_does_not_leave_the_vip_quarantined(topo, tmp_path, list
     keeper.kill()
     keeper.wait(timeout=5)
     assert res.returncode == 0, res.stderr
+    assert wait_for((tmp_path / "rsctmp" / "nfsreset-vip1.poststop").exists, timeout=10)
     table = quarantined(topo, "node1")
     if VIP4 not in table:
         pytest.skip("this nfsreset did not quarantine the VIP (no nft?): nothing to lift")
@@ -456,6 +462,7 @@ def test_real_cycle_on_ganesha_ends_its_socket_and_the_nfs_client_is_back(topo, 
             res, _ = run_agent(topo, tmp_path, "stop", **params)
             assert res.returncode == 0, res.stderr
             assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
+            assert wait_for((tmp_path / "rsctmp" / "nfsreset-vip1.poststop").exists, timeout=10)
             # Ganesha's own socket on the departed VIP is gone (it shows as ::ffff:VIP)
             assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
             res, _ = run_agent(topo, tmp_path, "start", **params)
