@@ -204,25 +204,39 @@ def flows(
 def doctor(
     netns_name: Optional[str] = typer.Option(None, "--netns", help=NETNS_HELP),
     json_out: bool = typer.Option(False, "--json", help="One JSON object with every check and strategy."),
+    vip: List[str] = typer.Option([], "--vip", help="Also say whose client list of this VIP is visible "
+                                  "from here (repeatable)."),
+    store: str = typer.Option("auto", "--store", help="The client-list store to describe: auto|dir|attrd."),
 ) -> int:
     """Say what this kernel and host offer, and which strategies follow.
 
     Checks BTF, tracefs, bcc and the BPF flow tracker, SOCK_DESTROY (by destroying
-    a loopback connection of its own), raw sockets, nftables and kernel headers.
-    Exit 1 when no strategy to end stale sessions is available.
+    a loopback connection of its own), raw sockets, nftables and kernel headers,
+    and which client-list store is active (dir or Pacemaker's attrd) and whose
+    lists are visible from here. Exit 1 when no strategy to end stale sessions
+    is available.
     """
     from nfsreset.doctor import checks, strategies
+    from nfsreset.store import describe
+    vips = [_vip(v) for v in vip]
     with _in_netns(netns_name):
         results = checks()
+    store_info = describe(store, vips)      # attrd's IPC is in the cluster's namespace, not --netns
     strat = strategies(results)
     if json_out:
-        print(json.dumps({"checks": results, "strategies": strat}))
+        print(json.dumps({"checks": results, "strategies": strat, "store": store_info}))
     else:
         for name, r in results.items():
             print(f"{'ok' if r['ok'] else '--':<3} {name:<14} {r['why']}")
         print()
         for name, r in strat.items():
             print(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} {r['why']}")
+        print()
+        print(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} {store_info['backend']}: "
+              f"{store_info['why']}")
+        for v, row in store_info.get("vips", {}).items():
+            seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
+            print(f"    {v}: {seen or 'no node has published a list'}")
     return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
 
 

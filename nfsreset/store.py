@@ -9,7 +9,7 @@ Backends:
             transition), named nfsreset-clients-<vip>. The owner publishes its
             list under each OTHER node's name (attrd forgets a lost node's own
             values: kept under the peer's name the list survives the owner's
-            crash); the new owner reads every node's value (`--query --all-nodes`)
+            crash); the new owner reads every node's value (`--query --all`)
             and tickles their union with the local dir's. The dir is written
             too: pending sockets live there, and it outlives a restart of the
             whole cluster (private attributes do not).
@@ -122,7 +122,7 @@ def decode(value: str, vip: str, where: str, log: Callable[[str], None],
 
 
 def parse_query(text: str, name: str) -> dict[str, str]:
-    """host -> value from `attrd_updater --query --all-nodes` output (lines
+    """host -> value from `attrd_updater --query --all` output (lines
     `name="N" host="H" value="V"`); lines of other names or another shape are skipped."""
     out: dict[str, str] = {}
     for line in text.splitlines()[:1024]:       # a cluster has at most a few dozen nodes
@@ -197,9 +197,16 @@ class Attrd:
         return n
 
     def values(self, vip: str) -> dict[str, str]:
-        """host -> published value, every node's (this one's too)."""
+        """host -> published value, every node's (this one's too). An attribute
+        nobody has set yet is no list, not an error (attrd_updater exits non-zero
+        with "Could not query value")."""
         name = attr_name(vip)
-        return parse_query(self._run("--query", "--all-nodes", "--name", name), name)
+        try:
+            return parse_query(self._run("--query", "--all", "--name", name), name)
+        except StateError as e:
+            if "Could not query value" in str(e):
+                return {}
+            raise
 
     def read(self, vip: str, max_entries: int = MAX_CLIENTS_PER_VIP) -> list[FlowKey]:
         """The union of every node's published list (each validated; a bad node's
@@ -254,7 +261,7 @@ class AttrdStateDir(StateDir):
                 out.update(dict.fromkeys(read(vip)))
             except StateError as e:    # one source failing must not lose the other
                 errors.append(e)
-        if errors and not out:
+        if len(errors) == 2:     # neither source could be read
             raise errors[0]
         for e in errors:
             self.log(str(e))
@@ -274,3 +281,46 @@ def open_store(backend: str, path: str, **kw) -> StateDir:
     """A StateDir (dir) or AttrdStateDir (attrd) at `path`."""
     cls = AttrdStateDir if choose(backend) == "attrd" else StateDir
     return cls(path, **kw)
+
+
+def describe(backend: str = "auto", vips=(), log: Callable[[str], None] | None = None) -> dict:
+    """For `doctor`: which backend is active here, the peers it publishes for,
+    and per VIP which nodes' lists are visible from here (and how many tuples)."""
+    notes: list[str] = []
+    say = log if log is not None else notes.append
+    try:
+        active = choose(backend)
+    except StateError as e:
+        return {"backend": None, "ok": False, "why": str(e)}
+    out: dict = {"backend": active, "asked": backend, "attrd_running": attrd_present(), "vips": {}}
+    if active == "dir":
+        out["ok"] = True
+        out["why"] = ("state dir only: failovers need it on storage both heads share; "
+                      "failbacks work with a local one" + ("" if backend == "dir" else
+                                                           " (no Pacemaker attribute daemon reachable here)"))
+        return out
+    a = Attrd(log=say)
+    try:
+        out["peers"] = a.peers()
+    except StateError as e:
+        out.update(ok=False, why=f"attrd backend, but the cluster's members are unknown: {e}")
+        return out
+    out["ok"] = bool(out["peers"])
+    out["why"] = (f"attrd: lists are published for {', '.join(out['peers'])}" if out["peers"]
+                  else "attrd: no other cluster member online to publish for")
+    for vip in vips:
+        try:
+            values = a.values(vip)
+        except StateError as e:
+            out["vips"][vip] = {"error": str(e)}
+            continue
+        row = {}
+        for host, value in values.items():
+            try:
+                row[host] = len(decode(value, vip, f"attrd {attr_name(vip)} of node {host}", say))
+            except StateError as e:
+                row[host] = f"refused: {e}"
+        out["vips"][vip] = row
+    if notes:
+        out["notes"] = notes
+    return out
