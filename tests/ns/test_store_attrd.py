@@ -130,3 +130,56 @@ def test_failover_with_one_state_dir_per_head_is_tickled_through_attrd():
     # races IPaddr2's start); the issue's 0.05 s is not held under that load.
     assert fo["usable_to_first_reply"] is not None and fo["usable_to_first_reply"] <= 0.3, fo
     assert fb["usable_to_first_reply"] is not None and fb["usable_to_first_reply"] <= 0.3, fb
+
+
+def test_watch_publishes_a_new_session_to_the_peer_within_1_s(cluster, tmp_path):
+    """`nfsreset watch --store attrd` on node1 (inside the node: attrd's IPC is
+    an abstract socket of the netns plus files in the node's /dev/shm): a new
+    client session is in node2's attrd, under node2's name, within 1 s."""
+    import time
+    from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines
+    topo = cluster.topo
+    topo.add_addr("node1", VIP4, nodad=True)
+    lst = topo.popen("node1", "python3", "-c",
+                     "import socket,time; s=socket.create_server(('',2049)); s.settimeout(0.5); h=[]\n"
+                     "print('listening', flush=True)\nend=time.monotonic()+60\n"
+                     "while time.monotonic()<end:\n    try: h.append(s.accept()[0])\n    except OSError: pass",
+                     stdout=subprocess.PIPE, text=True)
+    procs = [lst]
+    try:
+        assert lst.stdout.readline().strip() == "listening"
+        pid = str(cluster.nodes["node1"].init_pid)
+        watch = subprocess.Popen(["nsenter", "-t", pid, "-n", "-m", "-u", "-p", "--", NFSRESET, "watch",
+                                  "--vip", VIP4, "--state-dir", str(tmp_path / "state"), "--store", "attrd"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        procs.insert(0, watch)
+        err = StderrLines(watch)
+        assert err.wait_for(r"\bready\b", READY_TIMEOUT_S) is not None, err.text()
+        assert "attrd backend" in err.text(), err.text()
+        client = topo.popen("client", "python3", "-c",
+                            "import socket,time; s=socket.create_connection(('%s',2049),3); "
+                            "print(s.getsockname()[1], flush=True); time.sleep(30)" % VIP4,
+                            stdout=subprocess.PIPE, text=True)
+        procs.append(client)
+        cport = int(client.stdout.readline())
+        t0 = time.monotonic()
+        code = f"""
+from nfsreset.store import Attrd
+print(sorted(k.cport for k in Attrd().read("{VIP4}")))
+"""
+        seen = None
+        while time.monotonic() - t0 < 3.0:
+            if str(cport) in py(cluster, "node2", code).stdout:
+                seen = time.monotonic() - t0
+                break
+        print(f"\nwatch: new session -> in node2's attrd after {seen} s")
+        assert seen is not None and seen <= 1.0, (seen, err.text()[-2000:])
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
