@@ -145,6 +145,10 @@ def kill(
                                             help="Where the VIP's client tuples are recorded for the node that takes it over."),
     strategy: str = typer.Option("auto", "--strategy", metavar="NAME",
                                  help="auto: destroy, else exact RST, else nft guard. Or force one: destroy|rst|nft."),
+    store: str = typer.Option("auto", "--store", metavar="NAME",
+                              help="Where client lists travel: dir (the state dir), attrd "
+                              "(also Pacemaker's attribute daemon: every node's list is read), auto (attrd if it "
+                              "runs here, else dir)."),
     moment: str = typer.Option("post-stop", "--moment", metavar="MOMENT",
                                help="post-stop (the VIP just left: record clients, quarantine, end sessions) or "
                                     "pre-start (the VIP is about to arrive: only end sessions left from its last stay)."),
@@ -154,7 +158,7 @@ def kill(
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; change nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
 ) -> int:
-    return cli.kill(vip, client, port, state_dir, strategy, moment, force, netns_name, dry_run, json_out)
+    return cli.kill(vip, client, port, state_dir, strategy, moment, force, netns_name, dry_run, json_out, store)
 
 
 TICKLE_EXAMPLES = """examples:
@@ -192,12 +196,16 @@ def tickle(
                                "start: IPaddr2 announces an IPv6 VIP for ~0.8 s before a post-start hook could run."),
     strategy: str = typer.Option("auto", "--strategy", metavar="NAME",
                                  help="How to end sockets left from the VIP's last stay here: auto|destroy|rst|nft."),
+    store: str = typer.Option("auto", "--store", metavar="NAME",
+                              help="Where client lists travel: dir (the state dir), attrd "
+                              "(also Pacemaker's attribute daemon: every node's list is read), auto (attrd if it "
+                              "runs here, else dir)."),
     netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; send nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
 ) -> int:
     return cli.tickle(vip, state_dir, client, port, rounds, rate, max_packets, wait, strategy, netns_name, dry_run,
-                      json_out)
+                      json_out, store)
 
 
 # --- flows -----------------------------------------------------------------------------
@@ -317,25 +325,39 @@ DOCTOR_EXAMPLES = """examples:
 def doctor(
     netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
     json_out: bool = typer.Option(False, "--json", help="One JSON object with every check and strategy."),
+    vip: List[str] = typer.Option([], "--vip", metavar="VIP", help="Also say whose client list of this VIP is visible "
+                                  "from here (repeatable)."),
+    store: str = typer.Option("auto", "--store", metavar="NAME", help="The client-list store to describe: auto|dir|attrd."),
 ) -> int:
     """Say what this kernel and host offer, and which strategies follow.
 
     Checks BTF, tracefs, bcc and the BPF flow tracker, SOCK_DESTROY (by destroying
-    a loopback connection of its own), raw sockets, nftables and kernel headers.
-    Exit 1 when no strategy to end stale sessions is available.
+    a loopback connection of its own), raw sockets, nftables and kernel headers,
+    and which client-list store is active (dir or Pacemaker's attrd) and whose
+    lists are visible from here. Exit 1 when no strategy to end stale sessions
+    is available.
     """
     from nfsreset.doctor import checks, strategies
+    from nfsreset.store import describe
+    vips = [_vip(v) for v in vip]
     with _in_netns(netns_name):
         results = checks()
+    store_info = describe(store, vips)      # attrd's IPC is in the cluster's namespace, not --netns
     strat = strategies(results)
     if json_out:
-        print(json.dumps({"checks": results, "strategies": strat}))
+        print(json.dumps({"checks": results, "strategies": strat, "store": store_info}))
     else:
         for name, r in results.items():
             print(f"{'ok' if r['ok'] else '--':<3} {name:<14} {r['why']}")
         print()
         for name, r in strat.items():
             print(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} {r['why']}")
+        print()
+        print(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} {store_info['backend']}: "
+              f"{store_info['why']}")
+        for v, row in store_info.get("vips", {}).items():
+            seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
+            print(f"    {v}: {seen or 'no node has published a list'}")
     return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
 
 
@@ -367,6 +389,9 @@ def watch(
                                           help="Serve Prometheus text metrics on HOST:PORT."),
     config: Optional[str] = typer.Option(None, "--config", metavar="FILE", help="TOML file with vips, ports, state_dir, strategy, "
                                          "netns, metrics; command-line options win."),
+    store: Optional[str] = typer.Option(None, "--store", metavar="NAME", help="Client lists also through Pacemaker's attrd "
+                                        "(attrd), only the state dir (dir), or attrd if it runs here (auto, "
+                                        "the default)."),
     no_bpf: bool = typer.Option(False, "--no-bpf", help="Do not load the BPF flow tracker; use sock_diag dumps."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Log what would be done; change nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings, errors, start and stop."),
@@ -403,9 +428,13 @@ def watch(
         cfg = Config(vips=vips, ports=ports, state_dir=sdir, strategy=strat,
                      netns=netns_name if netns_name is not None else doc.get("netns"),
                      metrics=mtarget, dry_run=dry_run, bpf=not no_bpf,
-                     log_level="notice" if quiet else "debug" if verbose else "info")
+                     log_level="notice" if quiet else "debug" if verbose else "info",
+                     store=store if store is not None else doc.get("store", "auto"))
         if quiet and verbose:
             raise Fail("--quiet and --verbose contradict each other; give one")
+        from nfsreset.store import BACKENDS
+        if cfg.store not in BACKENDS:
+            raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {cfg.store!r}")
     except ConfigError as e:
         raise Fail(str(e)) from None
     _netns(cfg.netns)

@@ -122,15 +122,19 @@ def _need_root(what: str) -> None:
         raise Fail(f"needs root ({what}); run with sudo or use --dry-run")
 
 
-def _state(path: str | None, dry_run: bool = False):
-    """The state dir, made if missing; a dry run makes nothing (a missing dir reads as empty)."""
+def _state(path: str | None, dry_run: bool = False, store: str = "dir"):
+    """The state dir, made if missing; a dry run makes nothing (a missing dir reads as empty).
+    store: dir, attrd (client lists also through Pacemaker's attrd) or auto (attrd if it runs)."""
     if path is None:
         return None
     if not path:
         raise Fail("--state-dir: '' is not a directory (an empty path)")
-    from nfsreset.statedir import StateDir, StateError
+    from nfsreset.statedir import StateError
+    from nfsreset.store import BACKENDS, open_store
+    if store not in BACKENDS:
+        raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {store!r}")
     try:
-        return StateDir(path, dry_run=dry_run, log=_say)
+        return open_store(store, path, dry_run=dry_run, log=_say)
     except StateError as e:
         raise Fail(str(e), e.exit_code) from None
     except OSError as e:
@@ -200,7 +204,8 @@ KILL_DOC = """End every session on a VIP that is no longer (or not yet) configur
 
 
 def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, strategy: str,
-         moment: str, force: bool, netns_name: str | None, dry_run: bool, json_out: bool) -> int:
+         moment: str, force: bool, netns_name: str | None, dry_run: bool, json_out: bool,
+         store: str = "auto") -> int:
     from nfsreset import plan as P
     vip_ = _vip(vip)
     opts = P.Options(vips=frozenset({vip_}), ports=_ports(port), strategy=_strategy(strategy),
@@ -211,7 +216,9 @@ def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, st
     if not dry_run:
         _need_root("it destroys sockets and changes nftables")
     _netns(netns_name)
-    state = _state(state_dir, dry_run)
+    state = _state(state_dir, dry_run, store)
+    if moment == "post-stop" and state is not None:
+        state.merge_own = True    # add to what the agent's stop published (attrd), never replace it
     from nfsreset.engine import Engine
     with _in_netns(netns_name):
         # No pending-file check here: a teardown must never wait on it (only a
@@ -244,7 +251,7 @@ TICKLE_DOC = """Make the clients of a VIP that just arrived here reconnect at on
 
 def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, rate: int,
            max_packets: int, wait: float, strategy: str, netns_name: str | None, dry_run: bool,
-           json_out: bool) -> int:
+           json_out: bool, store: str = "auto") -> int:
     from nfsreset import pace
     from nfsreset import plan as P
     from nfsreset.model import FlowKey, family_of
@@ -267,7 +274,7 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
     if not dry_run:
         _need_root("it sends raw packets and changes nftables")
     _netns(netns_name)
-    state = _state(state_dir, dry_run)
+    state = _state(state_dir, dry_run, store)
     known = [FlowKey(vip_, p, s.client, s.cport) for s in sessions for p in ports]
     if state is not None:
         from nfsreset.statedir import StateError

@@ -28,6 +28,7 @@ OPTIONS: dict[str, dict[str, tuple[str, object, object]]] = {
         "--netns": ("netns_name", str, None),
         "--dry-run": ("dry_run", bool, False),
         "--json": ("json_out", bool, False),
+        "--store": ("store", str, "auto"),
     },
     "tickle": {
         "--vip": ("vip", str, REQUIRED),
@@ -42,6 +43,7 @@ OPTIONS: dict[str, dict[str, tuple[str, object, object]]] = {
         "--netns": ("netns_name", str, None),
         "--dry-run": ("dry_run", bool, False),
         "--json": ("json_out", bool, False),
+        "--store": ("store", str, "auto"),
     },
 }
 

@@ -361,8 +361,11 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     actions += _end(stale, vip, opts, caps, True, tried)
     if tried:
         return actions
+    # A tuple with a live socket here (made since the VIP arrived) is a client
+    # that already reconnected: a tickle would only disturb it.
+    live = {f.key for f in mine} - {f.key for f in stale}
     keys = tuple(sorted({k for k in known_clients
-                         if k.vip == vip and k.vport in opts.ports
+                         if k.vip == vip and k.vport in opts.ports and k not in live
                          and (not opts.clients or any(s.matches(k) for s in opts.clients))}, key=key_order))
     if caps.raw and opts.announce:
         actions.append(Announce(vip))

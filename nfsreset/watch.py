@@ -32,7 +32,7 @@ from nfsreset import presence as PR
 from nfsreset import addrs as A
 from nfsreset.model import Flow, FlowKey, format_endpoint, norm_ip
 from nfsreset.movereport import MOVE_REPORT_BOUND_S as _BOUND
-from nfsreset.statedir import StateDir
+from nfsreset.statedir import StateDir, StateError
 
 RUN_DIR = "/run/nfsreset"
 
@@ -83,13 +83,14 @@ class Config:
     dry_run: bool = False
     bpf: bool = True
     log_level: str = "info"     # --quiet: notice (warnings, errors, start, stop), --verbose: debug
+    store: str = "auto"
 
 
 class ConfigError(Exception):
     pass
 
 
-CONFIG_KEYS = ("vips", "ports", "state_dir", "strategy", "netns", "metrics")
+CONFIG_KEYS = ("vips", "ports", "state_dir", "strategy", "netns", "metrics", "store")
 CONFIG_MAX_BYTES = 1 << 20
 
 
@@ -158,6 +159,12 @@ def check_config(doc: dict) -> dict:
         out["ports"] = ports
     if "state_dir" in doc:
         out["state_dir"] = _text(doc, "state_dir", "a directory path")
+    if "store" in doc:
+        from nfsreset.store import BACKENDS
+        store = _text(doc, "store", f"one of {'|'.join(BACKENDS)}")
+        if store not in BACKENDS:
+            raise ValueError(f"store = {_toml(store)}: expected one of {'|'.join(BACKENDS)}")
+        out["store"] = store
     if "strategy" in doc:
         strategy = _text(doc, "strategy", f"one of {'|'.join(P.STRATEGIES)}")
         if strategy not in P.STRATEGIES:
@@ -571,9 +578,69 @@ class DaemonState(StateDir):
     (sort, JSON, fsync) cost 60 ms of a 10,000-session teardown, before
     the first destroy."""
 
-    def __init__(self, path: str, dry_run: bool = False, log: Callable[[str], None] | None = None):
+    def __init__(self, path: str, dry_run: bool = False, log: Callable[[str], None] | None = None,
+                 store: str = "dir"):
         super().__init__(path, dry_run=dry_run, log=log)
         self.written: dict[str, tuple[frozenset[FlowKey], int, int]] = {}
+        # attrd: each changed list is also published through Pacemaker's attrd, by
+        # a thread of its own (an attrd_updater exec per peer, ~20 ms each, must
+        # not hold up the loop that reacts to a VIP leaving); only the newest list
+        # of a VIP is published, and one that did not change is not published again.
+        from nfsreset import store as S
+        self.backend = S.choose(store)
+        self.attrd = S.Attrd(log=self.log) if self.backend == "attrd" else None
+        self._to_publish: dict[str, frozenset[FlowKey]] = {}
+        self._published: dict[str, frozenset[FlowKey]] = {}
+        self._publish_cv = threading.Condition()
+        self._publisher: threading.Thread | None = None
+        self._stop_publisher = False
+
+    def _publish_loop(self) -> None:
+        while True:
+            with self._publish_cv:
+                while not self._to_publish and not self._stop_publisher:
+                    self._publish_cv.wait()
+                if self._stop_publisher and not self._to_publish:
+                    return
+                vip, keys = self._to_publish.popitem()
+            try:
+                self.attrd.publish(vip, keys)
+                self._published[vip] = keys
+            except Exception as e:   # attrd down or refusing: the dir still has the list
+                self.log(f"publishing the clients of {vip} to attrd failed: {e}")
+
+    def publish(self, vip: str, keys: frozenset[FlowKey]) -> None:
+        if self.attrd is None or not keys or self._published.get(vip) == keys:
+            return
+        with self._publish_cv:
+            self._to_publish[vip] = keys
+            if self._publisher is None:
+                self._publisher = threading.Thread(target=self._publish_loop, name="attrd-publish", daemon=True)
+                self._publisher.start()
+            self._publish_cv.notify()
+
+    def close_publisher(self, timeout: float = 5.0) -> None:
+        with self._publish_cv:
+            self._stop_publisher = True
+            self._publish_cv.notify()
+        if self._publisher is not None:
+            self._publisher.join(timeout)
+
+    def read_clients(self, vip: str) -> list[FlowKey]:
+        """The dir's list, plus every node's list in attrd (attrd backend)."""
+        out: dict[FlowKey, None] = {}
+        try:
+            out.update(dict.fromkeys(super().read_clients(vip)))
+        except StateError as e:
+            if self.attrd is None:
+                raise
+            self.log(str(e))
+        if self.attrd is not None:
+            try:
+                out.update(dict.fromkeys(self.attrd.read(vip, self.max_entries)))
+            except StateError as e:
+                self.log(str(e))
+        return list(out)[: self.max_entries]
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
         try:
@@ -584,6 +651,7 @@ class DaemonState(StateDir):
 
     def write_clients(self, vip: str, keys) -> int:
         keys = frozenset(keys)
+        self.publish(vip, keys)
         last = self.written.get(vip)
         if keys and last is not None and last[0] == keys and last[1:] == self._stamp(vip):
             return min(len(keys), self.max_entries)
@@ -1016,7 +1084,9 @@ class Daemon:
         if self.cfg.netns:
             netns.enter_for_good(self.cfg.netns)
         self.netns_ino = netns.current_inode()
-        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log)
+        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log, store=self.cfg.store)
+        self.log(f"client lists: {self.state.backend} backend"
+                 + (" (Pacemaker's attrd, and the state dir)" if self.state.backend == "attrd" else ""))
         ipr = self.open_rtnl()   # before the first read of presence: no event falls between
         if self.cfg.bpf:
             try:
@@ -1128,6 +1198,8 @@ class Daemon:
             q.put(None)
         for t in threads:
             t.join(timeout=3)
+        if self.state is not None:
+            self.state.close_publisher()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.tracker is not None:
