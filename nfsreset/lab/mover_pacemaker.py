@@ -62,23 +62,28 @@ def check_installed(mover: str) -> None:
 class PacemakerMover(Mover):
     """Same interface as mover.Mover; see the module docstring."""
 
-    def __init__(self, topo: Topology, vip: str, mover: str, state_dir: str, workdir: str = "/tmp",
+    def __init__(self, topo: Topology, vip: str, mover: str, state_dir: "str | dict[str, str]", workdir: str = "/tmp",
                  ports: list[int] | None = None, strategy: str | None = None, crash: bool = False,
                  usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None) -> None:
         super().__init__(topo, vip, gap=0.0, workdir=workdir, usable_timeout=usable_timeout, log=log)
         check_installed(mover)
         self.name, self.crash = mover, crash
         params: dict[str, str] = {}
+        per_node: dict[str, dict[str, str]] = {}
         agent_src = None
         if mover == "pacemaker-ocf":
             agent_src = str(REPO_AGENT)
-            params = {"nfsreset_bin": nfsreset_bin(workdir), "nfsreset_state_dir": state_dir,
+            params = {"nfsreset_bin": nfsreset_bin(workdir),
                       "nfsreset_port": " ".join(str(p) for p in (ports or [2049]))}
+            if isinstance(state_dir, dict):   # one per head: a node-rule set each
+                per_node = {node: {"nfsreset_state_dir": d} for node, d in state_dir.items()}
+            else:
+                params["nfsreset_state_dir"] = state_dir
             if strategy:
                 params["nfsreset_strategy"] = strategy
         self.monitor = AddrMonitor(topo, ("node1", "node2"), vip)
         self.cluster = Cluster(topo, workdir, primitive_xml(vip, "ipaddr2" if mover == "pacemaker" else "ocf",
-                                                            params), agent_src=agent_src, log=log)
+                                                            params, per_node), agent_src=agent_src, log=log)
         # Figures for the report (report.FamilyResult.cluster).
         self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None}
 

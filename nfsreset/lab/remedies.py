@@ -41,6 +41,12 @@ class LabContext:
     nfsreset_argv: list[str] = dataclasses.field(default_factory=lambda: [sys.executable, "-m", "nfsreset"])
     strategy: str | None = None      # passed through from `nfsreset lab --strategy`
     log: Callable[[str], None] = lambda _msg: None
+    # one state dir per head ({node: dir}, as deployed); empty: state_dir is shared
+    state_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def state_dir_for(self, node: str) -> str:
+        """The state dir `node` uses: its own (per-head lab) or the shared one."""
+        return self.state_dirs.get(node, self.state_dir)
 
     def ns(self, node: str) -> str:
         """Name of `node`'s network namespace (for --netns style options)."""

@@ -18,13 +18,13 @@ class Watch(Remedy):
     def setup(self, lab: LabContext) -> None:
         self.procs: dict[str, subprocess.Popen] = {}
         self.ready: dict[str, threading.Event] = {}
-        args = ["watch", "--vip", lab.vip, "--state-dir", lab.state_dir]
+        args = ["watch", "--vip", lab.vip]
         for p in lab.ports:
             args += ["--port", str(p)]
         if lab.strategy:
             args += ["--strategy", lab.strategy]
         for node in ("node1", "node2"):
-            proc = lab.topo.popen(node, *lab.nfsreset_argv, *args, stdout=subprocess.DEVNULL,
+            proc = lab.topo.popen(node, *lab.nfsreset_argv, *args, "--state-dir", lab.state_dir_for(node), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, bufsize=1)
             self.procs[node] = proc
             self.ready[node] = threading.Event()
