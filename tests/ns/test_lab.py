@@ -90,6 +90,7 @@ def test_baseline_failover_recovers_failback_stalls_on_stale_socket():
     (["--cap", "0"], "nfsreset lab: --cap must be a positive number"),
     (["--cap", "-2"], "nfsreset lab: --cap must be a positive number"),
     (["--remedy", "none", "--remedy", "no-such-remedy"], "nfsreset lab: unknown remedy 'no-such-remedy'"),
+    (["--state", "both"], "nfsreset lab: --state must be per-head or shared, not 'both'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_builds_nothing(args, message):
     before = ours(os.getpid())
