@@ -129,10 +129,12 @@ def lab(
 
     --state per-head (the default) gives each head its own nfsreset state
     dir, as on two real machines: a head knows only the clients it served
-    itself. nfsreset still fixes the failback (node1 kills its own stale
-    sockets), but at failover the new owner has no client list to prompt, so
-    the client reconnects on its own retransmit timer (IPv6: ~1.4 s after
-    usable here, against ~0.02 s with --state shared, one dir both heads see).
+    itself. nfsreset still fixes the failback (the old owner recorded its
+    clients when it gave the VIP up and prompts them when it gets it back),
+    but at failover the new owner has no client list to prompt, so the client
+    reconnects on its own retransmit timer (IPv6: median 1.4 s after usable
+    over 5 runs here, 0.06-1.7 s, against ~0.03 s with --state shared, one dir
+    both heads see; docs/lab.md has the figures).
 
     Name any of --server/--mover/--remedy/--vers/--crash and the others take
     the lab's plain defaults: --server sim (a Python server that keeps its
