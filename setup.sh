@@ -27,6 +27,9 @@ pkgs=(
     # front doors (cli/) and their checks in the test suite; keepalived only
     # for tests/ns/test_keepalived.py (its service stays off: no keepalived.conf)
     resource-agents shellcheck libxml2-utils vagrant vagrant-libvirt keepalived
+    # the .deb's own Python dependencies on /usr/bin/python3 (the venv has
+    # PyPI's): tests/ns/test_keepalived.py runs the packaged nfsreset on them
+    python3-pyroute2 python3-typer
     # tests/ns/test_systemd_package.py boots systemd in a container (it may
     # upgrade systemd to the same version); packaging/build-deb.sh installs
     # its own build dependencies

@@ -9,7 +9,7 @@ the same message whichever front end parsed the line.
 """
 from __future__ import annotations
 
-from nfsreset import cli
+from nfsreset import cli_common as common
 from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 REQUIRED = object()
@@ -28,6 +28,7 @@ OPTIONS: dict[str, dict[str, tuple[str, object, object]]] = {
         "--netns": ("netns_name", str, None),
         "--dry-run": ("dry_run", bool, False),
         "--json": ("json_out", bool, False),
+        "--store": ("store", str, "auto"),
     },
     "tickle": {
         "--vip": ("vip", str, REQUIRED),
@@ -42,6 +43,7 @@ OPTIONS: dict[str, dict[str, tuple[str, object, object]]] = {
         "--netns": ("netns_name", str, None),
         "--dry-run": ("dry_run", bool, False),
         "--json": ("json_out", bool, False),
+        "--store": ("store", str, "auto"),
     },
 }
 
@@ -49,7 +51,7 @@ _TYPE_WORD = {int: "integer", float: "float"}
 
 
 def parse(command: str, argv: list[str]) -> dict:
-    """argv (after the command name) -> keyword arguments of cli.<command>(). Raises cli.Fail."""
+    """argv (after the command name) -> keyword arguments of cli_common.<command>(). Raises common.Fail."""
     table = OPTIONS[command]
     given: dict[str, object] = {}
     extra: list[str] = []
@@ -62,11 +64,11 @@ def parse(command: str, argv: list[str]) -> dict:
             continue
         flag, eq, inline = arg.partition("=")
         if flag not in table:
-            raise cli.Fail(f"No such option: {flag}")
+            raise common.Fail(f"No such option: {flag}")
         name, kind, _default = table[flag]
         if kind is bool:
             if eq:
-                raise cli.Fail(f"Option '{flag}' does not take a value.")
+                raise common.Fail(f"Option '{flag}' does not take a value.")
             given[name] = True
             continue
         if eq:
@@ -75,24 +77,24 @@ def parse(command: str, argv: list[str]) -> dict:
             text = argv[i]
             i += 1
         else:
-            raise cli.Fail(f"Option '{flag}' requires an argument.")
+            raise common.Fail(f"Option '{flag}' requires an argument.")
         item = kind[0] if isinstance(kind, list) else kind
         try:
             value = item(text)
         except ValueError:
-            raise cli.Fail(f"Invalid value for '{flag}': {text!r} is not a valid {_TYPE_WORD[item]}.") from None
+            raise common.Fail(f"Invalid value for '{flag}': {text!r} is not a valid {_TYPE_WORD[item]}.") from None
         if isinstance(kind, list):
             given.setdefault(name, []).append(value)
         else:
             given[name] = value
     if extra:
-        raise cli.Fail(f"Got unexpected extra argument{'s' if len(extra) > 1 else ''} ({' '.join(extra)})")
+        raise common.Fail(f"Got unexpected extra argument{'s' if len(extra) > 1 else ''} ({' '.join(extra)})")
     out = {}
     for flag, (name, _kind, default) in table.items():
         if name in given:
             out[name] = given[name]
         elif default is REQUIRED:
-            raise cli.Fail(f"Missing option '{flag}'.")
+            raise common.Fail(f"Missing option '{flag}'.")
         else:
             out[name] = list(default) if isinstance(default, list) else default
     return out
@@ -101,11 +103,11 @@ def parse(command: str, argv: list[str]) -> dict:
 def run(command: str, argv: list[str]) -> int:
     """Parse and run one hook command; the exit code (errors already printed)."""
     try:
-        return getattr(cli, command)(**parse(command, argv))
-    except cli.Fail as e:
-        cli.fail_exit(e)
+        return getattr(common, command)(**parse(command, argv))
+    except common.Fail as e:
+        common.fail_exit(e)
     except KeyboardInterrupt:
-        cli.interrupted()
+        common.interrupted()
     except Exception as e:
-        cli.internal_error(e)
+        common.internal_error(e)
     return 2  # not reached: every handler exits

@@ -88,7 +88,7 @@ def checks() -> dict[str, dict]:
 
 
 def strategies(c: dict[str, dict]) -> dict[str, dict]:
-    """Which rungs of the ladder (DESIGN §3) follow from the checks."""
+    """Which rungs of the ladder (docs/design.md §3) follow from the checks."""
     def s(ok, yes, no):
         return {"ok": ok, "why": yes if ok else no}
     return {

@@ -31,7 +31,7 @@ STRATEGIES = ("auto", "destroy", "rst", "nft")
 
 
 class Moment(enum.Enum):
-    """When in a VIP's move we are acting (DESIGN.md §4)."""
+    """When in a VIP's move we are acting (docs/design.md §4)."""
     POST_STOP = "post-stop"    # the VIP has just left this host
     PRE_START = "pre-start"    # the VIP is about to arrive here
     POST_START = "post-start"  # the VIP has arrived here
@@ -165,7 +165,7 @@ def named_exactly(key: FlowKey, opts: Options) -> bool:
 def is_stale(flow: Flow, local_addrs: frozenset[str] | set[str],
              vip_since: Mapping[str, float] | None = None,
              old_cookies: frozenset[int] = frozenset()) -> bool:
-    """DESIGN §3: local address not configured here, or the socket existed while
+    """docs/design.md §3: local address not configured here, or the socket existed while
     it was not: first seen before the address arrived, or seen by a hook while
     the address was away (its cookie recorded as pending). Unknown age = live."""
     if flow.key.vip not in local_addrs:
@@ -312,7 +312,7 @@ def plan(moment: Moment, vip: str, flows: Iterable[Flow], local_addrs: frozenset
          caps: Caps, opts: Options, *, vip_since: Mapping[str, float] | None = None,
          known_clients: Iterable[FlowKey] = (), tried: Iterable[str] = (),
          old_cookies: frozenset[int] = frozenset()) -> list[Action]:
-    """Ordered actions for `vip` at `moment` (DESIGN §4).
+    """Ordered actions for `vip` at `moment` (docs/design.md §4).
 
     flows: sockets seen here (any VIP; filtered here). known_clients: client
     tuples from the state dir (for the tickle). tried: rungs already used this
@@ -361,8 +361,11 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     actions += _end(stale, vip, opts, caps, True, tried)
     if tried:
         return actions
+    # A tuple with a live socket here (made since the VIP arrived) is a client
+    # that already reconnected: a tickle would only disturb it.
+    live = {f.key for f in mine} - {f.key for f in stale}
     keys = tuple(sorted({k for k in known_clients
-                         if k.vip == vip and k.vport in opts.ports
+                         if k.vip == vip and k.vport in opts.ports and k not in live
                          and (not opts.clients or any(s.matches(k) for s in opts.clients))}, key=key_order))
     if caps.raw and opts.announce:
         actions.append(Announce(vip))

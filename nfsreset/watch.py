@@ -1,6 +1,6 @@
 """`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events say
 when to ask the kernel again: nfsreset.presence), tracks their sessions (BPF flow
-tracker, or sock_diag dumps without BPF) and acts as DESIGN §4 says, through the
+tracker, or sock_diag dumps without BPF) and acts as docs/design.md §4 says, through the
 same engine as the one-shot hooks.
 
 Threads: the main thread owns the rtnetlink event socket and dispatches; a worker per VIP
@@ -10,12 +10,14 @@ main thread entered before it started them (threads inherit it at creation).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import errno
 import json
 import os
 import queue
+import re
 import select
 import selectors
 import signal
@@ -28,17 +30,42 @@ from collections.abc import Callable
 from nfsreset import plan as P
 from nfsreset import presence as PR
 from nfsreset import addrs as A
-from nfsreset.model import Flow, FlowKey, norm_ip
-from nfsreset.statedir import StateDir
+from nfsreset.model import Flow, FlowKey, format_endpoint, norm_ip
+from nfsreset.movereport import MOVE_REPORT_BOUND_S as _BOUND
+from nfsreset.statedir import StateDir, StateError
 
 RUN_DIR = "/run/nfsreset"
-AWAY_CHECK_S = 2.0        # dump period for VIPs that are away (catch late stragglers)
+
+
+def _test_seconds(name: str, default: float, lo: float = 0.05, hi: float = 60.0) -> float:
+    """A period shortened by tests only (read once, at import): anything but a
+    number in [lo, hi] leaves the default."""
+    try:
+        v = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return v if lo <= v <= hi else default
+
+
+# Dump period for VIPs that are away (catch late stragglers). NFSRESET_AWAY_CHECK_S
+# is for tests, which need several passes in a few seconds; not a setting.
+AWAY_CHECK_S = _test_seconds("NFSRESET_AWAY_CHECK_S", 2.0)
 STATE_FLUSH_S = 0.5       # client list written within this (issue: within 1 s)
 DUMP_PERIOD_S = 1.0       # without BPF: how often the table is rebuilt from dumps
 # Idle wakeups: the main loop wakes once per STATE_FLUSH_S and the BPF reader
 # once per BPF_POLL_MS (events wake it at once); VIP workers sleep on their
 # queue. Only shutdown waits for these timeouts.
 BPF_POLL_MS = 500
+# Without BPF, while a move report is open, new connections are seen by dumps
+# this often (the report's times are then this coarse); with BPF they carry the
+# kernel's time of the socket's birth.
+MOVE_DUMP_PERIOD_S = 0.05
+# The move report's bound (nfsreset.movereport.MOVE_REPORT_BOUND_S); NFSRESET_MOVE_REPORT_BOUND_S
+# is for tests, which keep a client stuck for a few seconds only; not a setting.
+MOVE_REPORT_BOUND_S = _test_seconds("NFSRESET_MOVE_REPORT_BOUND_S", _BOUND, lo=0.5, hi=600.0)
+# New connections remembered for a report opened just after them: reading a list
+# of 65,536 clients takes ~0.5 s, while the tickle brings back ~25,000 a second.
+RECENT_OPENS = 65536
 # While a teardown runs, the BPF reader leaves the close events it causes in the
 # ring buffer (at most this long): both are Python threads, and reading 10,000
 # events during 10,000 destroys took half the GIL (destroy step 84 -> 55 ms).
@@ -55,13 +82,15 @@ class Config:
     metrics: tuple[str, int] | None = None
     dry_run: bool = False
     bpf: bool = True
+    log_level: str = "info"     # --quiet: notice (warnings, errors, start, stop), --verbose: debug
+    store: str = "auto"
 
 
 class ConfigError(Exception):
     pass
 
 
-CONFIG_KEYS = ("vips", "ports", "state_dir", "strategy", "netns", "metrics")
+CONFIG_KEYS = ("vips", "ports", "state_dir", "strategy", "netns", "metrics", "store")
 CONFIG_MAX_BYTES = 1 << 20
 
 
@@ -130,6 +159,12 @@ def check_config(doc: dict) -> dict:
         out["ports"] = ports
     if "state_dir" in doc:
         out["state_dir"] = _text(doc, "state_dir", "a directory path")
+    if "store" in doc:
+        from nfsreset.store import BACKENDS
+        store = _text(doc, "store", f"one of {'|'.join(BACKENDS)}")
+        if store not in BACKENDS:
+            raise ValueError(f"store = {_toml(store)}: expected one of {'|'.join(BACKENDS)}")
+        out["store"] = store
     if "strategy" in doc:
         strategy = _text(doc, "strategy", f"one of {'|'.join(P.STRATEGIES)}")
         if strategy not in P.STRATEGIES:
@@ -198,9 +233,82 @@ def parse_metrics(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# -- the daemon's log ----------------------------------------------------------------------------
+# syslog priorities: what journald reads from a "<N>" prefix (sd-daemon(3)).
+# notice: start and stop (`ready` is the contract a starter waits for), shown by --quiet too.
+LEVELS = {"error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
+# How the engine and the state dir word what failed, was skipped or refused:
+# their lines come without a level (they are shared with the one-shot hooks).
+_WARNING_WORDS = (" failed: ", " failed (", " skipped: ", " survived: ", " not honoured: ", "cannot ",
+                  "could not ", " lost ", " unavailable ")
+_ERROR_WORDS = ("Traceback", "internal error")
+
+
+def level_of(line: str) -> str:
+    if any(w in line for w in _ERROR_WORDS):
+        return "error"
+    if any(w in line for w in _WARNING_WORDS) or line.startswith(("refused ", "ignored ", "kept ")):
+        return "warning"
+    return "info"
+
+
+def journal_stream(fd: int) -> bool:
+    """stderr is journald's stream: $JOURNAL_STREAM ("DEV:INODE", set by systemd
+    for a unit whose stderr is the journal) names this very descriptor. A child
+    whose stderr was redirected inherits the variable but not the stream."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(fd)
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (ValueError, OSError):
+        return False
+
+
+class Log:
+    """The daemon's log lines on stderr, one write each (two threads' lines
+    never run together). Under journald each line starts with "<N>", its
+    priority; elsewhere with an ISO 8601 time (ms, UTC offset) and a level.
+    Lines above `threshold` (--quiet: notice, --verbose: debug) are dropped.
+    Called with one argument (as the engine does), a line's level is read from
+    its wording (level_of)."""
+
+    def __init__(self, threshold: str = "info", stream=None, journal: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.max = LEVELS[threshold]
+        if journal is None:
+            try:
+                journal = journal_stream(self.stream.fileno())
+            except (AttributeError, OSError, ValueError):
+                journal = False
+        self.journal = journal
+
+    def __call__(self, line: str, level: str | None = None) -> None:
+        level = level or level_of(line)
+        prio = LEVELS[level]
+        if prio > self.max:
+            return
+        line = " ".join(line.splitlines())
+        if self.journal:
+            text = f"<{prio}>nfsreset watch: {line}\n"
+        else:
+            import datetime
+            stamp = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+            text = f"{stamp} {level.upper()} nfsreset watch: {line}\n"
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):   # stderr gone (journald restarted): nothing to tell it
+            pass
+
+
+# A line said again with only its timing changed is the same news.
+_TIMING = re.compile(r" in [0-9.]+ ms\b")
+
+
 class Metrics:
     """Prometheus text exposition, kept by hand (no client library on Debian's python)."""
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+    RETURN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -211,6 +319,17 @@ class Metrics:
         self.events = 0
         self.hist = [0] * (len(self.BUCKETS) + 1)
         self.hist_sum = 0.0
+        self.returns = [0] * (len(self.RETURN_BUCKETS) + 1)
+        self.returns_sum = 0.0
+        self.not_back = 0
+
+    def observe_move(self, report) -> None:
+        """A closed move report: each client's time to return, and those not back."""
+        with self.lock:
+            for seconds in report.back.values():
+                self.returns_sum += seconds
+                self.returns[next((i for i, b in enumerate(self.RETURN_BUCKETS) if seconds <= b), -1)] += 1
+            self.not_back += len(report.missing)
 
     def observe(self, seconds: float) -> None:
         with self.lock:
@@ -242,6 +361,20 @@ class Metrics:
             acc += self.hist[-1]
             lines += [f'nfsreset_action_seconds_bucket{{le="+Inf"}} {acc}',
                       f"nfsreset_action_seconds_sum {self.hist_sum:.6f}", f"nfsreset_action_seconds_count {acc}"]
+            lines += ["# HELP nfsreset_client_return_seconds From a VIP usable here to each known client's "
+                      "first new connection (move report).",
+                      "# TYPE nfsreset_client_return_seconds histogram"]
+            acc = 0
+            for b, n in zip(self.RETURN_BUCKETS, self.returns):
+                acc += n
+                lines.append(f'nfsreset_client_return_seconds_bucket{{le="{b}"}} {acc}')
+            acc += self.returns[-1]
+            lines += [f'nfsreset_client_return_seconds_bucket{{le="+Inf"}} {acc}',
+                      f"nfsreset_client_return_seconds_sum {self.returns_sum:.6f}",
+                      f"nfsreset_client_return_seconds_count {acc}",
+                      "# HELP nfsreset_clients_not_back_total Known clients not back within the move report's bound.",
+                      "# TYPE nfsreset_clients_not_back_total counter",
+                      f"nfsreset_clients_not_back_total {self.not_back}"]
             return "\n".join(lines) + "\n"
 
     def count(self, outcome) -> None:
@@ -445,9 +578,69 @@ class DaemonState(StateDir):
     (sort, JSON, fsync) cost 60 ms of a 10,000-session teardown, before
     the first destroy."""
 
-    def __init__(self, path: str, dry_run: bool = False, log: Callable[[str], None] | None = None):
+    def __init__(self, path: str, dry_run: bool = False, log: Callable[[str], None] | None = None,
+                 store: str = "dir"):
         super().__init__(path, dry_run=dry_run, log=log)
         self.written: dict[str, tuple[frozenset[FlowKey], int, int]] = {}
+        # attrd: each changed list is also published through Pacemaker's attrd, by
+        # a thread of its own (an attrd_updater exec per peer, ~20 ms each, must
+        # not hold up the loop that reacts to a VIP leaving); only the newest list
+        # of a VIP is published, and one that did not change is not published again.
+        from nfsreset import store as S
+        self.backend = S.choose(store)
+        self.attrd = S.Attrd(log=self.log) if self.backend == "attrd" else None
+        self._to_publish: dict[str, frozenset[FlowKey]] = {}
+        self._published: dict[str, frozenset[FlowKey]] = {}
+        self._publish_cv = threading.Condition()
+        self._publisher: threading.Thread | None = None
+        self._stop_publisher = False
+
+    def _publish_loop(self) -> None:
+        while True:
+            with self._publish_cv:
+                while not self._to_publish and not self._stop_publisher:
+                    self._publish_cv.wait()
+                if self._stop_publisher and not self._to_publish:
+                    return
+                vip, keys = self._to_publish.popitem()
+            try:
+                self.attrd.publish(vip, keys)
+                self._published[vip] = keys
+            except Exception as e:   # attrd down or refusing: the dir still has the list
+                self.log(f"publishing the clients of {vip} to attrd failed: {e}")
+
+    def publish(self, vip: str, keys: frozenset[FlowKey]) -> None:
+        if self.attrd is None or not keys or self._published.get(vip) == keys:
+            return
+        with self._publish_cv:
+            self._to_publish[vip] = keys
+            if self._publisher is None:
+                self._publisher = threading.Thread(target=self._publish_loop, name="attrd-publish", daemon=True)
+                self._publisher.start()
+            self._publish_cv.notify()
+
+    def close_publisher(self, timeout: float = 5.0) -> None:
+        with self._publish_cv:
+            self._stop_publisher = True
+            self._publish_cv.notify()
+        if self._publisher is not None:
+            self._publisher.join(timeout)
+
+    def read_clients(self, vip: str) -> list[FlowKey]:
+        """The dir's list, plus every node's list in attrd (attrd backend)."""
+        out: dict[FlowKey, None] = {}
+        try:
+            out.update(dict.fromkeys(super().read_clients(vip)))
+        except StateError as e:
+            if self.attrd is None:
+                raise
+            self.log(str(e))
+        if self.attrd is not None:
+            try:
+                out.update(dict.fromkeys(self.attrd.read(vip, self.max_entries)))
+            except StateError as e:
+                self.log(str(e))
+        return list(out)[: self.max_entries]
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
         try:
@@ -458,6 +651,7 @@ class DaemonState(StateDir):
 
     def write_clients(self, vip: str, keys) -> int:
         keys = frozenset(keys)
+        self.publish(vip, keys)
         last = self.written.get(vip)
         if keys and last is not None and last[0] == keys and last[1:] == self._stamp(vip):
             return min(len(keys), self.max_entries)
@@ -497,15 +691,54 @@ class Daemon:
         self.teardowns = 0         # POST_STOP/AWAY runs in progress (under table_lock)
         self.quiet = threading.Event()   # set while teardowns == 0
         self.quiet.set()
+        # VIP -> what its teardown runs said since it left (timings cut): an AWAY
+        # pass that only does again what was said (re-quarantine, the same guard)
+        # is a per-pass detail (debug), not news. Cleared when it leaves or arrives.
+        self.said: dict[str, set[str]] = {}
+        self._leveled = isinstance(log, Log)
+        # Move reports (nfsreset.movereport): the open one per VIP, the last closed
+        # one (for `nfsreset flows --json`), and recent new connections (a report
+        # opened just after one still counts it). Under moves_lock.
+        self.moves: dict = {}
+        self.last_move: dict[str, dict] = {}
+        self.recent_opens: collections.deque = collections.deque(maxlen=RECENT_OPENS)
+        self.moves_lock = threading.Lock()
+
+    def say(self, line: str, level: str | None = None) -> None:
+        """A line of the daemon's own, at `level`; a plain one-argument log (tests,
+        benches) gets every line but debug ones."""
+        if self._leveled:
+            self.log(line, level)
+        elif level != "debug":
+            self.log(line)
+
+    def _once_log(self, vip: str, fresh: bool) -> tuple[Callable[[str], None], list[str]]:
+        """The engine's log for a teardown run of `vip`: a line already said since
+        the VIP left goes out as debug. fresh: this run starts the away period.
+        Also returns the list of lines that went out as news."""
+        if fresh:
+            self.said[vip] = set()
+        said = self.said.setdefault(vip, set())
+        news: list[str] = []
+
+        def log(line: str) -> None:
+            key = _TIMING.sub("", line)
+            if key in said:
+                self.say(line, "debug")
+            else:
+                said.add(key)
+                news.append(line)
+                self.log(line)
+        return log, news
 
     # -- engine glue -------------------------------------------------------------------------------
-    def engine(self, vip: str, announce: bool = True):
+    def engine(self, vip: str, announce: bool = True, log: Callable[[str], None] | None = None):
         from nfsreset.engine import Engine
         opts = P.Options(vips=frozenset({vip}), ports=self.cfg.ports, strategy=self.cfg.strategy,
                          announce=announce)
         # One libnftables context for the daemon's life, not one per action
         # (a netlink socket and a listing of /proc/self/fd each; FD_SETSIZE abort).
-        eng = Engine(opts, state=self.state, dry_run=self.cfg.dry_run, log=self.log, guard=self.guard)
+        eng = Engine(opts, state=self.state, dry_run=self.cfg.dry_run, log=log or self.log, guard=self.guard)
         eng.enrich = self.enrich
         return eng
 
@@ -526,7 +759,13 @@ class Daemon:
             return out
 
     def act(self, vip: str, moment: P.Moment, t_event: float, usable: bool = True) -> None:
-        eng = self.engine(vip, announce=usable)
+        news = None
+        log = None
+        if moment is P.Moment.POST_START:
+            self.said.pop(vip, None)
+        else:
+            log, news = self._once_log(vip, fresh=moment is P.Moment.POST_STOP)
+        eng = self.engine(vip, announce=usable, log=log)
         known: list[FlowKey] = []
         if moment is P.Moment.POST_START and self.state is not None:
             try:
@@ -551,8 +790,11 @@ class Daemon:
         self.metrics.observe(took)
         self.metrics.count(out)
         if out.steps or out.code:
-            self.log(f"{vip} {moment.value}: done {took * 1000:.1f} ms after the event"
-                     + (f"; exit {out.code}: {out.reason}" if out.code else ""))
+            line = (f"{vip} {moment.value}: done {took * 1000:.1f} ms after the event"
+                    + (f"; exit {out.code}: {out.reason}" if out.code else ""))
+            # An AWAY pass that said nothing new is a per-pass detail.
+            quiet = moment is P.Moment.AWAY and not news and not out.code
+            self.say(line, "debug" if quiet else ("warning" if out.code else "info"))
 
     def worker(self, vip: str) -> None:
         q = self.queues[vip]
@@ -564,7 +806,7 @@ class Daemon:
             try:
                 self.act(vip, moment, t_event, usable)
             except Exception as e:
-                self.log(f"{vip} {moment.value} failed: {type(e).__name__}: {e}")
+                self.say(f"{vip} {moment.value} failed: {type(e).__name__}: {e}", "error")
 
     # -- presence ------------------------------------------------------------------------------------
     def refresh(self, vips, now: float) -> None:
@@ -603,12 +845,18 @@ class Daemon:
             # once (IPaddr2 announces from the VIP right after DAD); announce and
             # tickle only once the address is usable.
             self.queues[vip].put((P.Moment.POST_START, now, now_p.usable))
+            # After the worker has its order (the report's reading of the list must
+            # not delay the tickle); connections meanwhile are replayed from recent_opens.
+            if now_p.usable:
+                self.open_move(vip, now)
         elif change == PR.USABLE:
             self.log(f"{vip} usable (DAD done)")
             self.queues[vip].put((P.Moment.POST_START, now, True))
+            self.open_move(vip, now)
         elif change == PR.LEFT:
             self.present[vip] = False
             self.log(f"{vip} left")
+            self.close_move(vip, now, cut="it left before the report was due")
             self.queues[vip].put((P.Moment.POST_STOP, now, True))
 
     def handle_rtnl(self, msgs) -> None:
@@ -654,6 +902,8 @@ class Daemon:
             self.version += 1
             if here:
                 self.dirty.add(f.key.vip)
+        if ev.kind == "open" and f.first_seen is not None:
+            self.new_connection(f.key, f.first_seen)
         if not here and ev.kind != "close" and f.key.vip in self.cfg.vips:
             # A session on a VIP that is away: a straggler. End it now.
             self.queues[f.key.vip].put((P.Moment.AWAY, time.monotonic(), True))
@@ -681,10 +931,76 @@ class Daemon:
                 prev = old.get(k)
                 self.table[k] = prev if prev is not None and prev.state == f.state else \
                     dataclasses.replace(f, netns=self.netns_ino, first_seen=prev.first_seen if prev else None)
+            new: list[FlowKey] = []
+            if self.tracker is None and self.moves:   # the fallback's new connections (move reports)
+                for (ns, k), f in self.table.items():
+                    prev = old.get((ns, k))
+                    if f.state == "ESTABLISHED" and (prev is None or prev.cookie != f.cookie):
+                        new.append(k)
             # Without BPF this runs every second: only a real change counts.
             if self.table.keys() != old.keys() or any(old[k] is not f for k, f in self.table.items()):
                 self.version += 1
                 self.dirty |= {v for v, p in self.present.items() if p}
+        now = time.monotonic()
+        for k in new:   # without BPF, a connection's birth is known to within a dump period
+            self.new_connection(k, now)
+
+    # -- move reports --------------------------------------------------------------------------------
+    def open_move(self, vip: str, usable_at: float) -> None:
+        """Follow the VIP's known clients (the state dir's list, as the tickle
+        reads it) from usable_at until each is back (nfsreset.movereport)."""
+        from nfsreset.movereport import Move, Tuple
+        keys: list[FlowKey] = []
+        if self.state is not None:
+            try:
+                keys = self.state.read_clients(vip)
+            except Exception as e:   # no report then; the tickle says what is wrong with the file
+                self.say(f"no move report for {vip}: cannot read its client list ({e})", "warning")
+                return
+        move = Move(vip, usable_at, {Tuple(k.client, k.cport, k.vport) for k in keys}, bound_s=MOVE_REPORT_BOUND_S)
+        since = self.since.get(vip, usable_at)   # connections since the address arrived are new
+        with self.moves_lock:
+            self.moves[vip] = move
+            for k, at in self.recent_opens:
+                if k.vip == vip and at >= since:
+                    move.seen(k.client, k.cport, k.vport, max(at, usable_at))
+        self.say(f"move report of {vip}: following {move.expected} known client tuple(s)", "debug")
+
+    def new_connection(self, key: FlowKey, at: float) -> None:
+        if key.vip not in self.cfg.vips:
+            return
+        with self.moves_lock:
+            self.recent_opens.append((key, at))
+            move = self.moves.get(key.vip)
+            back = move.seen(key.client, key.cport, key.vport, at) if move is not None else None
+        if back is not None:
+            self.say(f"{format_endpoint(back.client, back.cport)} back on {key.vip} "
+                     f"{at - move.usable_at:.3f} s after usable", "debug")
+
+    def finish_moves(self, now: float) -> None:
+        with self.moves_lock:
+            due = [v for v, m in self.moves.items() if m.due(now)]
+        for vip in due:
+            self.close_move(vip, now)
+
+    def close_move(self, vip: str, now: float, cut: str | None = None) -> None:
+        """Write the report: one line, the histogram, the live table's `moves`.
+        cut: why it is written before it was due (the VIP left, we stop)."""
+        with self.moves_lock:
+            move = self.moves.pop(vip, None)
+        if move is None:
+            return
+        old = self.old_cookies.get(vip, frozenset())
+        with self.table_lock:
+            stale = sum(1 for (_, k), f in self.table.items()
+                        if k.vip == vip and f.cookie in old and f.state not in ("TIME_WAIT", "CLOSE"))
+        report = move.report(now, stale_left=stale)
+        self.metrics.observe_move(report)
+        line = report.line() + (f" ({cut})" if cut else "")
+        self.say(line, "info" if report.complete and not stale else "warning")
+        with self.table_lock:
+            self.last_move[vip] = report.as_json() | {"cut": cut is not None}
+            self.version += 1
 
     def flush_state(self) -> None:
         """Keep each local VIP's client list current (the peer tickles them), and
@@ -722,7 +1038,7 @@ class Daemon:
         Written when the table changes, never as a heartbeat: readers tell a live
         writer by its pid and that pid's start time (read_live_table)."""
         doc = {"pid": os.getpid(), "started": _start_ticks(os.getpid()), "netns": self.netns_ino,
-               "bpf": self.tracker is not None, "flows": rows}
+               "bpf": self.tracker is not None, "flows": rows, "moves": dict(self.last_move)}
         # 0600: the rows hold the exact snd_nxt/rcv_nxt of live sessions, all a local
         # user would need to inject into them. `nfsreset flows` reads it as root.
         os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
@@ -768,7 +1084,9 @@ class Daemon:
         if self.cfg.netns:
             netns.enter_for_good(self.cfg.netns)
         self.netns_ino = netns.current_inode()
-        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log)
+        self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log, store=self.cfg.store)
+        self.log(f"client lists: {self.state.backend} backend"
+                 + (" (Pacemaker's attrd, and the state dir)" if self.state.backend == "attrd" else ""))
         ipr = self.open_rtnl()   # before the first read of presence: no event falls between
         if self.cfg.bpf:
             try:
@@ -818,13 +1136,17 @@ class Daemon:
             self.dirty |= {v for v, p in self.present.items() if p}
         self.flush_state()
         on_ready()
-        next_flush = next_away = next_dump = time.monotonic()
+        next_flush = next_away = last_dump = time.monotonic()
         try:
             while not self.stop.is_set():
                 # Sleep until the next timer is due (a flush within STATE_FLUSH_S of
                 # a change), at most STATE_FLUSH_S: SIGTERM is seen at that pace.
+                # Without BPF: dumps every DUMP_PERIOD_S, or MOVE_DUMP_PERIOD_S from the
+                # moment a move report opens (not from the next slow dump on).
+                next_dump = last_dump + (MOVE_DUMP_PERIOD_S if self.moves else DUMP_PERIOD_S)
                 due = min(next_flush, next_away, next_dump if self.tracker is None else next_flush)
-                wait = min(max(due - time.monotonic(), 0.0), STATE_FLUSH_S)
+                # An open move report closes within MOVE_DUMP_PERIOD_S of its last client back.
+                wait = min(max(due - time.monotonic(), 0.0), MOVE_DUMP_PERIOD_S if self.moves else STATE_FLUSH_S)
                 r, _, _ = select.select([ipr], [], [], wait)
                 if r:
                     msgs, lost = read_rtnl(ipr)
@@ -834,9 +1156,11 @@ class Daemon:
                         self.log(f"address events lost ({lost}); reading presence again")
                         self.refresh(self.cfg.vips, time.monotonic())
                 now = time.monotonic()
-                if self.tracker is None and now >= next_dump:
+                if self.tracker is None and now >= last_dump + (MOVE_DUMP_PERIOD_S if self.moves else DUMP_PERIOD_S):
                     self.reconcile()
-                    next_dump = now + DUMP_PERIOD_S
+                    last_dump = now
+                if self.moves:
+                    self.finish_moves(now)
                 if now >= next_flush:
                     self.flush_state()
                     next_flush = now + STATE_FLUSH_S
@@ -847,6 +1171,8 @@ class Daemon:
                     if away:
                         with self.table_lock:
                             seen = {k.vip for (_, k) in self.table} & away
+                        self.say(f"away check: {', '.join(sorted(away))} away; sessions left on "
+                                 f"{', '.join(sorted(seen)) or 'none'}", "debug")
                         for vip in seen:
                             self.queues[vip].put((P.Moment.AWAY, now, True))
                     next_away = now + AWAY_CHECK_S
@@ -866,10 +1192,14 @@ class Daemon:
 
     def shutdown(self, ipr, threads) -> None:
         self.stop.set()
+        for vip in sorted(self.moves):   # what was seen so far is still worth a line
+            self.close_move(vip, time.monotonic(), cut="stopped before the report was due")
         for q in self.queues.values():
             q.put(None)
         for t in threads:
             t.join(timeout=3)
+        if self.state is not None:
+            self.state.close_publisher()
         if self.metrics_server is not None:
             self.metrics_server.close()
         if self.tracker is not None:
@@ -890,7 +1220,7 @@ class Daemon:
         except OSError:
             pass
         ipr.close()
-        self.log("stopped" + "".join(f"; {d}" for d in done))
+        self.say("stopped" + "".join(f"; {d}" for d in done), "notice")
 
 
 def live_table_path(netns_ino: int | None) -> str:
@@ -1029,16 +1359,12 @@ def _trim_heap() -> None:
 
 
 def run_daemon(cfg: Config, metrics_sock=None) -> int:
-    def log(line: str) -> None:
-        # One write per line: print() writes the text and the newline apart, and
-        # lines of two threads ran together ("...arrivednfsreset watch: ...").
-        sys.stderr.write(f"nfsreset watch: {line}\n")
-        sys.stderr.flush()
+    log = Log(cfg.log_level)
 
     d = Daemon(cfg, log, metrics_sock)
 
     def on_signal(signum, _frame):
-        log(f"signal {signal.Signals(signum).name}: shutting down")
+        log(f"signal {signal.Signals(signum).name}: shutting down", "notice")
         d.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -1047,6 +1373,6 @@ def run_daemon(cfg: Config, metrics_sock=None) -> int:
     def ready():
         log(f"ready: watching {', '.join(sorted(cfg.vips))} port(s) {','.join(map(str, sorted(cfg.ports)))}"
             f" with {'BPF' if d.tracker else 'sock_diag dumps'}"
-            + (" (dry run)" if cfg.dry_run else ""))
+            + (" (dry run)" if cfg.dry_run else ""), "notice")
 
     return d.run(ready)

@@ -58,7 +58,7 @@ case $rounds in '' | *[!0-9]*) echo "ROUNDS must be a number" >&2; exit 2 ;; esa
 
 on() { local host=$1; shift; vagrant ssh "$host" -c "sudo sh -c '$*'" -- -q 2>/dev/null; }
 
-bin=/usr/local/bin/nfsreset
+bin=/usr/bin/nfsreset   # the package's
 [ $with = no ] && bin=/bin/false
 echo "grp-$v: nfsreset_bin=$bin"
 on "$home" "crm_resource -r vip-$v -p nfsreset_bin -v $bin >/dev/null && crm_resource --wait --timeout=60s"
@@ -85,5 +85,5 @@ echo "stalls on /mnt/$v (longest gap between completed writes after each move; n
 printf '%s\n' "${moves[@]}" >"/tmp/move-vip-$v.moves"
 stalls "/tmp/move-vip-$v.moves" "/tmp/move-vip-$v.log" "$settle"
 
-[ $with = no ] && on "$home" "crm_resource -r vip-$v -p nfsreset_bin -v /usr/local/bin/nfsreset >/dev/null"
+[ $with = no ] && on "$home" "crm_resource -r vip-$v -p nfsreset_bin -v /usr/bin/nfsreset >/dev/null"
 exit 0

@@ -87,7 +87,7 @@ logging {{
 # reaping (bash's SIGCHLD handler collects orphans such as send_arp too).
 NODE_INIT = r"""
 set -eu
-root=$1 node=$2 agent=$3
+root=$1 node=$2 agent=$3 private=$4
 mount -t tmpfs -o mode=0755 nfsr-run /run
 mount -t tmpfs -o mode=1777 nfsr-shm /dev/shm
 mount --bind "$root/etc-corosync" /etc/corosync
@@ -101,6 +101,10 @@ for p in "$root"/resource.d/*/; do
 done
 [ -n "$agent" ] && mount --bind "$agent" "$root/resource.d/nfsreset/IPaddr2nfs"
 mount --rbind "$root/resource.d" /usr/lib/ocf/resource.d
+for p in $private; do     # a per-node directory over a shared path (one state dir per head)
+    mkdir -p "$root/private$p"
+    mount --bind "$root/private$p" "$p"
+done
 mkdir -p /run/resource-agents /run/crm
 hostname "$node"
 corosync -f &
@@ -221,8 +225,13 @@ class Cluster:
     """Two cluster nodes in the heads of `topo`; `stop()` leaves nothing behind."""
 
     def __init__(self, topo: Topology, workdir: str, primitive: str, agent_src: str | None = None,
-                 log: Callable[[str], None] = lambda _m: None) -> None:
+                 log: Callable[[str], None] = lambda _m: None, private_dirs: tuple[str, ...] = ()) -> None:
+        """private_dirs: existing directories each node sees as its own (a per-node
+        directory bind-mounted over them inside the node), e.g. the state dir."""
         self.topo, self.workdir, self.agent_src, self.log = topo, workdir, agent_src, log
+        if any(not os.path.isabs(d) or any(c.isspace() for c in d) for d in private_dirs):
+            raise ClusterError(f"private_dirs must be absolute paths without blanks: {private_dirs}")
+        self.private_dirs = private_dirs
         self.cib = cib_xml(primitive)
         self.nodes = {n: Node(n, os.path.join(workdir, f"pcmk-{n}")) for n in NODES}
         self._ops_seen: dict[str, int] = {n: 0 for n in NODES}
@@ -288,7 +297,7 @@ class Cluster:
                "NFSRESET_LAB": str(os.getpid())}
         argv = self.topo.exec_argv(name, "unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child", "--mount-proc",
                                    "--propagation", "private", "bash", "-c", NODE_INIT, "nfsr-node-init",
-                                   node.root, name, self.agent_src or "")
+                                   node.root, name, self.agent_src or "", " ".join(self.private_dirs))
         # --kill-child: should unshare itself be killed, the node dies with it.
         with open(node.stderr_path, "a") as err:
             node.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err,

@@ -93,17 +93,17 @@ def resolve_defaults(server: str | None, mover: list[str], remedy: list[str], ve
 
 
 def lab(
-    family: str = typer.Option("both", "--family", help="4, 6 or both: which VIP (198.51.100.10, 2001:db8::10) to move."),
-    cap: float = typer.Option(20.0, "--cap", help="Longest wait for the client after each move, in seconds; a longer stall shows as >CAP."),
-    remedy: list[str] = typer.Option([], "--remedy", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' (default) is the baseline."),
-    mover: list[str] = typer.Option([], "--mover", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
+    family: str = typer.Option("both", "--family", metavar="FAMILY", help="4, 6 or both: which VIP (198.51.100.10, 2001:db8::10) to move."),
+    cap: float = typer.Option(20.0, "--cap", metavar="S", help="Longest wait for the client after each move, in seconds; a longer stall shows as >CAP."),
+    remedy: list[str] = typer.Option([], "--remedy", metavar="NAME", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' (default) is the baseline."),
+    mover: list[str] = typer.Option([], "--mover", metavar="NAME", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
     crash: bool = typer.Option(False, "--crash", help="Pacemaker movers only: the failover is a crash of node1 (its cluster stack SIGKILLed, its VIP and link gone); node1 then rejoins and the failback is a planned move."),
-    server: Optional[str] = typer.Option(None, "--server", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
-    vers: list[str] = typer.Option([], "--vers", help="With --server ganesha: NFS version the client speaks, 3, 4.0 or 4.1 (repeat or comma-separate to compare; default 3). The sim server only echoes records."),
-    state: str = typer.Option("per-head", "--state", help="Where nfsreset keeps its client list on the heads: per-head (one state dir each, as on two real machines) or shared (one dir both heads see)."),
-    user_timeout: float = typer.Option(180.0, "--user-timeout", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
-    gap: float = typer.Option(1.0, "--gap", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="Passed to remedies that use nfsreset (destroy, rst, guard) and to the ocf mover's agent (nfsreset_strategy)."),
+    server: Optional[str] = typer.Option(None, "--server", metavar="NAME", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
+    vers: list[str] = typer.Option([], "--vers", metavar="VERSION", help="With --server ganesha: NFS version the client speaks, 3, 4.0 or 4.1 (repeat or comma-separate to compare; default 3). The sim server only echoes records."),
+    state: str = typer.Option("per-head", "--state", metavar="WHERE", help="Where nfsreset keeps its client list on the heads: per-head (one state dir each, as on two real machines) or shared (one dir both heads see)."),
+    user_timeout: float = typer.Option(180.0, "--user-timeout", metavar="S", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
+    gap: float = typer.Option(1.0, "--gap", metavar="S", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", metavar="NAME", help="Passed to remedies that use nfsreset (auto, destroy, rst or nft) and to the ocf mover's agent (nfsreset_strategy)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step of the lab on stderr."),
 ) -> None:
@@ -174,6 +174,10 @@ def lab(
         _fail(f"--gap must be between 0 and 60 seconds, not {gap:g}")
     if not (math.isfinite(user_timeout) and user_timeout >= 1):
         _fail(f"--user-timeout must be at least 1 second, not {user_timeout:g}")
+    from nfsreset.plan import STRATEGIES
+
+    if strategy is not None and strategy not in STRATEGIES:
+        _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     from nfsreset.lab.remedies import load_plugins
 
     known = load_plugins()

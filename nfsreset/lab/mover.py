@@ -17,7 +17,8 @@ Hooks are plain callables so this module knows nothing about remedies; each
 moment is stamped with CLOCK_MONOTONIC.
 
 This is the lab's default mover ("ip"). mover_ocf.AgentMover moves the VIP
-with the real resource agents instead ("ipaddr2", "ocf"); make_mover() picks.
+with the real resource agents instead ("ipaddr2", "ocf"), mover_pacemaker a real
+cluster; movers.make_mover() picks (not here: those modules import this one).
 """
 from __future__ import annotations
 
@@ -80,8 +81,10 @@ def announcer_argv(vip: str, pidfile: str) -> tuple[list[str], bool]:
 
 class Mover:
     def __init__(self, topo: Topology, vip: str, gap: float = 1.0, workdir: str = "/tmp",
-                 usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None) -> None:
+                 usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None,
+                 nodad: bool = False) -> None:
         self.topo, self.vip, self.gap = topo, vip, gap
+        self.nodad = nodad     # IPv6 without DAD (usable at once): IPaddr2 nodad=true
         self.workdir, self.usable_timeout, self.log = workdir, usable_timeout, log
         self._background: list[subprocess.Popen] = []
 
@@ -91,7 +94,7 @@ class Mover:
         if pre_start:
             pre_start(node, self.vip)
         t0 = time.monotonic()
-        self.topo.add_addr(node, self.vip)          # with DAD for IPv6, like IPaddr2
+        self.topo.add_addr(node, self.vip, nodad=self.nodad)   # with DAD for IPv6 unless nodad
         times.t_add = time.monotonic()
         times.t_usable = self.topo.wait_usable(node, self.vip, timeout=self.usable_timeout)
         self._announce(node, times)
@@ -131,7 +134,8 @@ class Mover:
         proc = self.topo.popen(node, *argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.t_announced = time.monotonic()
         if background:
-            self._background.append(proc)
+            # Reap the finished ones as we go: a soak of 1,000 moves would keep 500 zombies.
+            self._background = [p for p in self._background if p.poll() is None] + [proc]
             return
         try:
             proc.wait(timeout=5.0)
@@ -158,23 +162,3 @@ def stop_process(proc: subprocess.Popen | None, terminate: bool = True, grace: f
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=grace)
-
-
-def make_mover(name: str, topo: Topology, vip: str, gap: float, workdir: str, state_dir: "str | dict[str, str]",
-               ports: list[int], strategy: str | None, log: Callable[[str], None], crash: bool = False):
-    """The mover called `name` (a key of MOVERS) for one lab run; `crash` (Pacemaker
-    movers only): the failover is a crash of node1; `state_dir`: one dir both
-    heads see, or {node: dir}, one per head."""
-    if name in PACEMAKER_MOVERS:
-        from nfsreset.lab.mover_pacemaker import PacemakerMover
-        return PacemakerMover(topo, vip, name, state_dir, workdir=workdir, ports=ports, strategy=strategy,
-                              crash=crash, log=log)
-    if crash:
-        raise ValueError(f"crash needs a Pacemaker mover ({', '.join(PACEMAKER_MOVERS)}), not {name!r}")
-    if name == "ip":
-        return Mover(topo, vip, gap=gap, workdir=workdir, log=log)
-    if name not in MOVERS:
-        raise ValueError(f"unknown mover {name!r}; known: {', '.join(MOVERS)}")
-    from nfsreset.lab.mover_ocf import AgentMover
-    return AgentMover(topo, vip, name, state_dir, gap=gap, workdir=workdir, ports=ports,
-                      strategy=strategy, log=log)

@@ -64,7 +64,8 @@ class PacemakerMover(Mover):
 
     def __init__(self, topo: Topology, vip: str, mover: str, state_dir: "str | dict[str, str]", workdir: str = "/tmp",
                  ports: list[int] | None = None, strategy: str | None = None, crash: bool = False,
-                 usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None) -> None:
+                 usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None,
+                 per_head_state: bool | None = None) -> None:
         super().__init__(topo, vip, gap=0.0, workdir=workdir, usable_timeout=usable_timeout, log=log)
         check_installed(mover)
         self.name, self.crash = mover, crash
@@ -82,8 +83,16 @@ class PacemakerMover(Mover):
             if strategy:
                 params["nfsreset_strategy"] = strategy
         self.monitor = AddrMonitor(topo, ("node1", "node2"), vip)
+        # One state dir per head (no shared storage, as on most real clusters):
+        # `nfsreset lab --state per-head` passes {node: dir} (rule sets above);
+        # NFSRESET_LAB_STATE=per-head, for a shared `state_dir`, makes each node
+        # see its own directory at that path instead (bind mount in the node).
+        if per_head_state is None:
+            per_head_state = os.environ.get("NFSRESET_LAB_STATE") == "per-head"
+        self.per_head_state = per_head_state
         self.cluster = Cluster(topo, workdir, primitive_xml(vip, "ipaddr2" if mover == "pacemaker" else "ocf",
-                                                            params, per_node), agent_src=agent_src, log=log)
+                                                            params, per_node), agent_src=agent_src, log=log,
+                               private_dirs=(state_dir,) if per_head_state and isinstance(state_dir, str) else ())
         # Figures for the report (report.FamilyResult.cluster).
         self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None}
 

@@ -41,6 +41,13 @@ class LabContext:
     nfsreset_argv: list[str] = dataclasses.field(default_factory=lambda: [sys.executable, "-m", "nfsreset"])
     strategy: str | None = None      # passed through from `nfsreset lab --strategy`
     log: Callable[[str], None] = lambda _msg: None
+    # Every VIP of the cluster, for a remedy that watches them all at once (the
+    # watch daemon); empty: just `vip`. Hooks act on `vip`, one resource each.
+    vips: tuple[str, ...] = ()
+
+    @property
+    def all_vips(self) -> tuple[str, ...]:
+        return self.vips or (self.vip,)
     # one state dir per head ({node: dir}, as deployed); empty: state_dir is shared
     state_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
 

@@ -32,7 +32,8 @@ import time
 from typing import Callable
 
 from nfsreset.lab import ganesha, report
-from nfsreset.lab.mover import MoveTimes, make_mover, stop_process
+from nfsreset.lab.mover import MoveTimes, stop_process
+from nfsreset.lab.movers import make_mover
 from nfsreset.lab.remedies import LabContext, Remedy
 from nfsreset.lab.topology import VIP4, VIP6, Topology, TopologyError
 
@@ -137,6 +138,62 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def start_servers(topo: Topology, workdir: str, port: int = PORT, nodes: tuple[str, ...] = ("node1", "node2"),
+                  duration: float = 3600.0) -> list[subprocess.Popen]:
+    """The lab server (nfsd-like) on each of `nodes`, listening on `port` for at
+    most `duration` s; logs in `workdir`. Waits (bounded) until all listen; on
+    failure stops what it started."""
+    servers: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for node in nodes:
+            path = os.path.join(workdir, f"server-{node}.log")
+            logs.append(path)
+            with open(path, "w") as out:
+                servers.append(topo.popen(
+                    node, sys.executable, "-m", "nfsreset.lab.server", "--port", str(port),
+                    "--duration", f"{duration:g}", stdout=out, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if all('"listening"' in _read(p) for p in logs):
+                return servers
+            if any(s.poll() is not None for s in servers):
+                break
+            time.sleep(0.02)
+        raise LabError("lab server did not start: " + " | ".join(_read(p).strip()[-300:] for p in logs))
+    except BaseException:
+        for proc in servers:
+            with contextlib.suppress(Exception):
+                stop_process(proc)
+        raise
+
+
+def start_client(topo: Topology, vip: str, workdir: str, port: int = PORT, user_timeout: float = 180.0,
+                 duration: float = 600.0, extra: tuple[str, ...] = (), name: str = "client",
+                 timeout: float = 10.0, wait_reply: bool = True) -> tuple[subprocess.Popen, ClientLog]:
+    """The lab client (Linux NFS client-like) in the client namespace, talking to
+    `vip`; returns once it got its first reply (bounded by `timeout`; at once
+    without `wait_reply`). `duration` bounds its life even if nobody stops it;
+    `extra` goes to its command line. On failure stops it and raises LabError."""
+    with open(os.path.join(workdir, f"{name}.err"), "w") as err:
+        proc = topo.popen(
+            "client", sys.executable, "-m", "nfsreset.lab.client", "--server", vip,
+            "--port", str(port), "--user-timeout", f"{user_timeout:g}", "--duration", f"{duration:g}",
+            *extra, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    try:
+        log = ClientLog(proc)
+        deadline = time.monotonic() + timeout
+        while wait_reply and log.first_reply_after(0.0) is None:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise LabError(f"client got no reply from {vip}: {log.events()[-3:]}")
+            time.sleep(0.02)
+        return proc, log
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stop_process(proc)
+        raise
+
+
 class _Run:
     """State of one run_lab() call; split out so each step reads as a method."""
 
@@ -229,39 +286,14 @@ class _Run:
             self.result.server_start_s = time.monotonic() - t
             self.log(f"Ganesha listening on both heads after {self.result.server_start_s:.3f} s")
             return
-        logs = []
-        for node in ("node1", "node2"):
-            path = os.path.join(self.workdir, f"server-{node}.log")
-            logs.append(path)
-            with open(path, "w") as out:
-                self.servers.append(self.topo.popen(
-                    node, sys.executable, "-m", "nfsreset.lab.server", "--port", str(PORT),
-                    stdout=out, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline:
-            if all('"listening"' in _read(p) for p in logs):
-                return
-            if any(s.poll() is not None for s in self.servers):
-                break
-            time.sleep(0.02)
-        raise LabError("lab server did not start: " + " | ".join(_read(p).strip()[-300:] for p in logs))
+        self.servers = start_servers(self.topo, self.workdir)
 
     def start_client(self) -> None:
-        err = open(os.path.join(self.workdir, "client.err"), "w")
         # --duration bounds the client even if we are killed without cleanup.
         duration = 60 + 3 * (self.cap + self.gap + 10)
-        self.client = self.topo.popen(
-            "client", sys.executable, "-m", "nfsreset.lab.client", "--server", self.vip,
-            "--port", str(PORT), "--user-timeout", f"{self.user_timeout:g}",
-            "--duration", f"{duration:g}", "--vers", self.vers, "--export", self.export_dir or "/",
-            stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-        err.close()
-        self.client_log = ClientLog(self.client)
-        deadline = time.monotonic() + 10.0
-        while self.client_log.first_reply_after(0.0) is None:
-            if time.monotonic() > deadline or self.client.poll() is not None:
-                raise LabError(f"client got no reply from {self.vip}: {self.client_log.events()[-3:]}")
-            time.sleep(0.02)
+        self.client, self.client_log = start_client(
+            self.topo, self.vip, self.workdir, user_timeout=self.user_timeout, duration=duration,
+            extra=("--vers", self.vers, "--export", self.export_dir or "/"))
         self.result.client_port = self.client_log.port()
         self.progress("steady traffic", None, None)
         time.sleep(self.steady)
@@ -345,4 +377,5 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
         run.teardown()
 
 
-__all__ = ["run_lab", "SERVERS", "VERSIONS", "STATES", "vip_sockets", "LabError", "TopologyError", "ClientLog"]
+__all__ = ["run_lab", "SERVERS", "VERSIONS", "STATES", "vip_sockets", "start_servers", "start_client",
+           "LabError", "TopologyError", "ClientLog"]

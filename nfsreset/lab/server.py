@@ -8,7 +8,7 @@ which is echoed back).
 What matters for the lab is what it does NOT do: it never looks at addresses,
 so deleting the VIP leaves every accepted socket open and ESTABLISHED. That is
 a userspace server such as NFS-Ganesha, or a kernel nfsd older than 4.5 (newer
-nfsd aborts sockets whose local address goes away, see DESIGN §1). A socket is
+nfsd aborts sockets whose local address goes away, see docs/design.md §1). A socket is
 closed only when the peer closes it or the kernel reports it dead.
 
 One JSON line per event on stdout (listening, accept, close), line-buffered.

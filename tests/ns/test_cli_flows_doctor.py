@@ -27,6 +27,12 @@ def outside(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([NFSRESET, *argv], capture_output=True, text=True, timeout=60)
 
 
+def column(stdout: str, row: str, name: str) -> str:
+    """The cell of column `name` in a row of the `flows` table (cells hold no blanks)."""
+    header = stdout.splitlines()[0].split()
+    return row.split()[header.index(name)]
+
+
 @pytest.mark.parametrize("fam", [4, 6])
 def test_flows_exit_1_and_stale_line_only_while_the_vip_is_away(scene, fam):
     vip = VIP_OF[fam]
@@ -40,7 +46,7 @@ def test_flows_exit_1_and_stale_line_only_while_the_vip_is_away(scene, fam):
     res = outside("flows", "--netns", node1)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [ln for ln in res.stdout.splitlines() if session.match(ln)]
-    assert len(rows) == 1 and rows[0].split()[6] == "-", res.stdout
+    assert len(rows) == 1 and column(res.stdout, rows[0], "STALE") == "-", res.stdout
     assert f"# {vip}: 1 session(s), 0 stale; configured here" in res.stdout
     doc = json.loads(scene.nfsreset("node1", "flows", "--vip", vip, "--json").stdout)
     assert doc["vips"] == {vip: {"sessions": 1, "stale": 0, "configured": True}}
@@ -51,7 +57,7 @@ def test_flows_exit_1_and_stale_line_only_while_the_vip_is_away(scene, fam):
     res = outside("flows", "--netns", node1)
     assert res.returncode == 1, res.stdout + res.stderr
     rows = [ln for ln in res.stdout.splitlines() if session.match(ln)]
-    assert len(rows) == 1 and rows[0].split()[6] == "STALE", res.stdout
+    assert len(rows) == 1 and column(res.stdout, rows[0], "STALE") == "STALE", res.stdout
     assert f"# {vip}: 1 session(s), 1 stale; NOT configured here" in res.stdout
     res = scene.nfsreset("node1", "flows", "--vip", vip, "--json")
     assert res.returncode == 1
@@ -70,6 +76,34 @@ def test_flows_exit_1_and_stale_line_only_while_the_vip_is_away(scene, fam):
     doc = json.loads(res.stdout)
     assert doc["sessions"] == []
     assert doc["vips"] == {"203.0.113.9": {"sessions": 0, "stale": 0, "configured": False}}
+
+
+def test_flows_table_fits_80_columns_with_ipv6_and_wide_adds_the_queues(scene):
+    # 2001:db8::10 (VIP) and 2001:db8::100 (client), five-digit client ports: the
+    # default table was 101 columns wide.
+    vip = VIP6
+    node1 = scene.topo.ns("node1")
+    scene.topo.add_addr("node1", vip, nodad=True)
+    clients = [scene.connect(vip, p) for p in (46002, 65001)]
+    assert all(c.echo() for c in clients)
+    scene.topo.del_addr("node1", vip)     # one row each, STALE: the widest cells
+    res = outside("flows", "--netns", node1)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["VIP", "CLIENT", "STATE", "AGE", "STALE"], res.stdout
+    rows = [ln for ln in lines if ln.startswith(f"[{vip}]:2049 ")]
+    assert sorted(column(res.stdout, r, "CLIENT") for r in rows) == sorted(c.endpoint for c in clients)
+    assert all(column(res.stdout, r, "STALE") == "STALE" for r in rows)
+    assert max(len(ln) for ln in lines) <= 80, res.stdout
+    wide = outside("flows", "--netns", node1, "-w")
+    assert wide.returncode == 1, wide.stdout + wide.stderr
+    assert wide.stdout.splitlines()[0].split()[:7] == ["VIP", "CLIENT", "STATE", "AGE", "STALE", "RECVQ", "SENDQ"]
+    for r in (ln for ln in wide.stdout.splitlines() if ln.startswith(f"[{vip}]:2049 ")):
+        assert column(wide.stdout, r, "RECVQ").isdigit() and column(wide.stdout, r, "SENDQ").isdigit(), r
+    assert outside("flows", "--netns", node1, "--wide").stdout == wide.stdout
+    # --json is the same whether or not --wide
+    plain, extended = (json.loads(outside("flows", "--netns", node1, *a, "--json").stdout) for a in ([], ["-w"]))
+    assert plain == extended and {"recvq", "sendq", "snd_nxt", "rcv_nxt", "age_s"} <= set(plain["sessions"][0])
 
 
 @pytest.mark.bpf   # the bpf-tracker check compiles and loads flowtrack.c

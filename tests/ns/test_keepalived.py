@@ -1,4 +1,5 @@
-"""Real keepalived moving the lab's VIPs, with cli/keepalived/nfsreset-notify.
+"""Real keepalived moving the lab's VIPs, with the nfsreset-notify script as the
+Debian package installs it.
 
 keepalived (Debian's) runs VRRP on node1 and node2 over the lab bridge, one
 instance for 198.51.100.10 and one for 2001:db8::10 (unicast peers, the
@@ -7,6 +8,17 @@ log under tmp_path. node1 has priority 150, node2 100; a track_file lowers
 node1 by 100 (failover to node2) and raises it back (failback, node1
 preempts). An nfsd-like lab server runs on both nodes, a Linux-NFS-like lab
 client talks to each VIP, and `ip monitor` times the address changes.
+
+The main case runs the package: the .deb (built by packaging/build-deb.sh
+when dist/ has none up to date) is unpacked with dpkg-deb -x, and each
+keepalived runs in a mount namespace of its own where that tree is overlaid
+on /usr (read-only overlayfs; gone with the processes, the host's /usr is
+never written). So keepalived calls /usr/sbin/nfsreset-notify with no
+--nfsreset, the script its default /usr/bin/nfsreset, and that runs on
+/usr/bin/python3 with Debian's python3-pyroute2 and python3-typer, as on a
+head after `apt install`; the script's environment is systemd's PATH alone,
+as under keepalived.service (no venv). A second case (slow) runs the checkout's
+cli/keepalived/nfsreset-notify with the venv's nfsreset, the development path.
 
 With the notify script calling the real nfsreset, the old MASTER's BACKUP
 transition runs `nfsreset kill --moment post-stop` (its session on the VIP is
@@ -18,7 +30,7 @@ timeout in real life).
 
 VRRP runs version 3 with advert_int 0.5 s: only how soon an election ends,
 which the stall does not count (it is measured from the address change).
-~25 s for both tests.
+~12 s per case (plus ~8 s once when the package has to be built).
 """
 from __future__ import annotations
 
@@ -35,6 +47,7 @@ from nfsreset.lab import report
 from nfsreset.lab.mover_ocf import AddrMonitor
 from nfsreset.lab.run import ClientLog
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6
+from tests import debpkg
 from tests.ns.scene import wait_for
 
 pytestmark = pytest.mark.netns
@@ -46,12 +59,47 @@ KEEPALIVED = shutil.which("keepalived")
 VIPS = (VIP4, VIP6)
 CAP = 4.0                 # baseline failback: no reply within this = stalled
 ELECTION_TIMEOUT = 8.0    # an election with advert_int 0.5 ends within ~2 s
+# The package's tree over the host's /usr, for the command after it only (the
+# mount namespace is private: nothing propagates back to the host).
+OVERLAY = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           'mount -t overlay nfsreset-pkg -o "lowerdir=$0:/usr" /usr && exec "$@"']
+# The environment keepalived's scripts see on a head: systemd's PATH, no venv.
+HEAD_ENV = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
 
 if KEEPALIVED is None:
     pytest.skip("keepalived not installed (apt-get install keepalived)", allow_module_level=True)
 
 
-def config(tmp: pathlib.Path, node: str, peer: str, priority: int, notify: bool) -> str:
+@pytest.fixture(scope="module")
+def package_usr(tmp_path_factory) -> pathlib.Path:
+    """The built .deb's /usr, unpacked; checked to be what runs under OVERLAY."""
+    usr = debpkg.unpack(debpkg.built_deb(), tmp_path_factory.mktemp("deb")) / "usr"
+    # What the package's postinst does (py3compile): hooks start from .pyc.
+    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", str(usr / "lib" / "python3" / "dist-packages")],
+                   check=True, capture_output=True, timeout=120)
+    # The packaged script is the checkout's with its nfsreset pointed at /usr/bin.
+    packaged = (usr / "sbin" / "nfsreset-notify").read_text().splitlines()
+    checkout = NOTIFY.read_text().splitlines()
+    assert [(a, b) for a, b in zip(packaged, checkout) if a != b] == [("NFSRESET=/usr/bin/nfsreset", "NFSRESET=nfsreset")]
+    assert len(packaged) == len(checkout)
+    probe = ("import sys, nfsreset, pyroute2, typer; "
+             "print(sys.executable, nfsreset.__file__, pyroute2.__file__, typer.__file__)")
+    res = subprocess.run([*OVERLAY, str(usr), *HEAD_ENV, "sh", "-c",
+                          'head -n 1 /usr/bin/nfsreset && exec /usr/bin/python3 -c "$0"', probe],
+                         capture_output=True, text=True, timeout=30, cwd="/")   # -c puts cwd on sys.path
+    assert res.returncode == 0, res.stderr
+    shebang, found = res.stdout.splitlines()
+    assert shebang == "#!/usr/bin/python3"
+    # The package's nfsreset, Debian's pyroute2 and typer (setup.sh installs
+    # python3-pyroute2; the host has no nfsreset of its own in /usr).
+    assert found.split() == ["/usr/bin/python3", "/usr/lib/python3/dist-packages/nfsreset/__init__.py",
+                             "/usr/lib/python3/dist-packages/pyroute2/__init__.py",
+                             "/usr/lib/python3/dist-packages/typer/__init__.py"], res.stdout
+    return usr
+
+
+def config(tmp: pathlib.Path, node: str, peer: str, priority: int, notify: bool,
+           nfsreset: pathlib.Path | None) -> str:
     """keepalived.conf for `node`: one VRRP instance per family, both tracking one file."""
     def instance(name: str, vrid: int, vip: str, plen: int, me: str, other: str) -> str:
         lines = [
@@ -68,8 +116,10 @@ def config(tmp: pathlib.Path, node: str, peer: str, priority: int, notify: bool)
             "    track_file {\n        prio\n    }",
         ]
         if notify:
+            # nfsreset None: the script's own default (the package's /usr/bin/nfsreset)
+            binary = f" --nfsreset {nfsreset}" if nfsreset else ""
             lines.append(f'    notify "{tmp}/notify-{node} --vip {vip} --port 2049 '
-                         f'--state-dir {tmp}/state --nfsreset {NFSRESET}" root')
+                         f'--state-dir {tmp}/state{binary}" root')
         return "\n".join(lines + ["}"])
 
     (v4, v6), (p4, p6) = HOST_ADDRS[node], HOST_ADDRS[peer]
@@ -91,9 +141,11 @@ def config(tmp: pathlib.Path, node: str, peer: str, priority: int, notify: bool)
 
 class Cluster:
     """keepalived on node1 (priority 150) and node2 (100), an nfsd-like server on
-    both, a client per VIP; stop() ends every process it started."""
+    both, a client per VIP; stop() ends every process it started. With
+    `package` (the unpacked .deb's /usr), keepalived and its scripts see it
+    as /usr; else the checkout's script and the venv's nfsreset run."""
 
-    def __init__(self, topo, tmp: pathlib.Path, notify: bool) -> None:
+    def __init__(self, topo, tmp: pathlib.Path, notify: bool, package: pathlib.Path | None = None) -> None:
         self.topo, self.tmp = topo, tmp
         (tmp / "state").mkdir(mode=0o700)
         self.monitor = {vip: AddrMonitor(topo, ("node1", "node2"), vip) for vip in VIPS}
@@ -107,15 +159,21 @@ class Cluster:
             # The real script; the wrapper only keeps its stderr, which
             # keepalived would send to /dev/null.
             wrapper = tmp / f"notify-{node}"
-            wrapper.write_text(f'#!/bin/sh\nexec {NOTIFY} "$@" 2>>{tmp}/notify-{node}.log\n')
+            if package:
+                script = f'exec {" ".join(HEAD_ENV)} /usr/sbin/nfsreset-notify'
+            else:
+                script = f"exec {NOTIFY}"
+            wrapper.write_text(f'#!/bin/sh\n{script} "$@" 2>>{tmp}/notify-{node}.log\n')
             wrapper.chmod(0o755)
             conf = tmp / f"{node}.conf"
-            conf.write_text(config(tmp, node, peer, prio, notify))
+            conf.write_text(config(tmp, node, peer, prio, notify, None if package else NFSRESET))
+            prefix = [*OVERLAY, str(package)] if package else []
             with open(tmp / f"keepalived-{node}.log", "w") as log:
                 self.keepalived[node] = self._spawn(
-                    node, KEEPALIVED, "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
+                    node, *prefix, KEEPALIVED, "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
                     "--vrrp", "--use-file", str(conf), "--pid", str(tmp / f"{node}.pid"),
-                    "--vrrp_pid", str(tmp / f"{node}-vrrp.pid"), stdout=log, stderr=subprocess.STDOUT)
+                    "--vrrp_pid", str(tmp / f"{node}-vrrp.pid"), stdout=log, stderr=subprocess.STDOUT,
+                    cwd="/")   # as under systemd: not the checkout
 
     def _spawn(self, node: str, *argv: str, **kw) -> subprocess.Popen:
         proc = self.topo.popen(node, *argv, **kw)
@@ -204,8 +262,8 @@ class Cluster:
 def cluster_factory(topo, tmp_path):
     made: list[Cluster] = []
 
-    def make(notify: bool) -> Cluster:
-        made.append(Cluster(topo, tmp_path, notify))
+    def make(notify: bool, package: pathlib.Path | None = None) -> Cluster:
+        made.append(Cluster(topo, tmp_path, notify, package))
         return made[-1]
 
     try:
@@ -230,15 +288,19 @@ def run_scene(cluster: Cluster) -> tuple[dict, dict]:
     return failover, failback
 
 
-def test_failback_is_fast_with_the_notify_script(cluster_factory):
-    cluster = cluster_factory(notify=True)
+@pytest.mark.parametrize("install", ["package", pytest.param("checkout", marks=pytest.mark.slow)])
+def test_failback_is_fast_with_the_notify_script(cluster_factory, request, install):
+    package = request.getfixturevalue("package_usr") if install == "package" else None
+    cluster = cluster_factory(notify=True, package=package)
     failover, failback = run_scene(cluster)
-    # The MASTER tickle's line is written when the tickle exits, which may be
-    # after the client's first reply (it repeats for a while): wait for it.
-    wait_for(lambda: all(f"MASTER: nfsreset tickle {vip}: " in cluster.notify_log("node1") for vip in VIPS))
+    # The failback tickle's line is written when the tickle exits, which may be
+    # after the client's first reply (it repeats for a while): wait for it, the
+    # second MASTER line per VIP on node1 (the first is from the initial election).
+    assert wait_for(lambda: all(cluster.notify_log("node1").count(f"MASTER: nfsreset tickle {vip}: ") >= 2
+                                for vip in VIPS), timeout=8.0), cluster.notify_log("node1")
     node1, node2 = cluster.notify_log("node1"), cluster.notify_log("node2")
     for vip in VIPS:
-        print(f"keepalived+notify {vip}: failover {failover[vip][:3]} failback {failback[vip][:3]}")
+        print(f"keepalived+notify ({install}) {vip}: failover {failover[vip][:3]} failback {failback[vip][:3]}")
     for vip in VIPS:
         recovered, stall, to_reply, _ = failback[vip]
         assert recovered, (vip, failback[vip], cluster.log("node1")[-1500:])

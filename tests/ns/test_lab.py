@@ -142,7 +142,7 @@ def test_sigterm_mid_run_removes_every_namespace(server):
 
 class _SsKill:
     """A remedy made for this test: `ss -K` the VIP's sockets on the old owner
-    after the delete (DESIGN §1 row 2). It proves the seam: the hook runs in
+    after the delete (docs/design.md §1, row 2). It proves the seam: the hook runs in
     the old owner's namespace after `ip addr del`, and the failback recovers."""
 
     name = "test-ss-kill"

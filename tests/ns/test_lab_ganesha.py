@@ -19,6 +19,9 @@ Each run_lab is ~8-14 s; eight run here (~100 s).
 from __future__ import annotations
 
 import functools
+import tempfile
+import shutil
+import os
 import subprocess
 
 import pytest
@@ -40,6 +43,26 @@ def _pids(name: str) -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def _ours(pid: int, mark: str) -> bool:
+    """Whether `pid` descends from a head of our run: a head's processes are children
+    of its namespace's init, whose command line names the config in the run's
+    workdir (under `mark`). Other sessions on the machine may run heads too."""
+    for _ in range(64):     # bounded walk up the parents
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/status") as f:
+                ppid = int(next(ln for ln in f if ln.startswith("PPid:")).split()[1])
+        except (OSError, StopIteration, ValueError):
+            return False
+        if mark.encode() in cmd:
+            return True
+        if ppid <= 1:
+            return False
+        pid = ppid
+    return False
+
+
 def _host_mounts() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line for line in f if "nfsreset-run" in line or "nfsreset-nfs" in line]
@@ -50,8 +73,16 @@ def lab(vers: str, family: int, remedy: str) -> report.FamilyResult:
     """One run (cached: several tests read it), checked to leave nothing behind."""
     before = _pids("ganesha.nfsd") | _pids("rpcbind")
     logs: list[str] = []
-    res = run_lab(family, CAP, load_plugins()[remedy](), server="ganesha", vers=vers, log=logs.append)
-    leaked = (_pids("ganesha.nfsd") | _pids("rpcbind")) - before
+    # The run's workdir goes under a directory of our own, so a process left by
+    # this run can be told from another session's heads.
+    mark = tempfile.mkdtemp(prefix=f"nfsr-ganesha-test-{os.getpid()}-")
+    saved, tempfile.tempdir = tempfile.tempdir, mark
+    try:
+        res = run_lab(family, CAP, load_plugins()[remedy](), server="ganesha", vers=vers, log=logs.append)
+        leaked = {p for p in (_pids("ganesha.nfsd") | _pids("rpcbind")) - before if _ours(p, mark)}
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(mark, ignore_errors=True)
     assert not leaked, f"processes left after the lab: {leaked}"
     assert _host_mounts() == [], "a head's tmpfs is visible on the host"
     assert res.error is None, res.error

@@ -85,7 +85,7 @@ def test_plain_ipaddr2_failback_stalls_past_the_cap():
         if fam == 4:
             # The lab itself works: without a remedy the failover waits for the
             # client's retransmissions, ~0.2 (tail loss probe), 0.4, 0.8, 1.6,
-            # 3.3, 6.5 s after the loss (DESIGN's 1.7 s and 3.4 s stalls). IPv4
+            # 3.3, 6.5 s after the loss (design.md §1: 1.7 s and 3.4 s stalls). IPv4
             # is usable ~1.1 s after the delete (1 s gap + 0.07 s start): the
             # 1.6 s one, or after a stall the 3.3 s one, reaches node2 in the cap.
             # Not asserted for IPv6: the VIP is usable 2.4 s or more after the

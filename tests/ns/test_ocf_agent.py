@@ -112,8 +112,54 @@ def test_ocf_tester_passes_with_the_real_nfsreset(topo, tmp_path):
     assert not topo.has_addr("node1", VIP4, usable=False)
 
 
+def leave_a_session(topo, tmp_path, vip=VIP4):
+    """A session left on the VIP of node1 while the VIP is gone (a plain IPaddr2
+    start, a client connecting to a listener that keeps its sockets, a plain
+    IPaddr2 stop): what makes the agent run nfsreset at all. Returns the
+    processes to end (listener, client)."""
+    import subprocess
+    res, _ = run_agent(topo, tmp_path / "plain", "start", ip=vip, agent=IPADDR2)
+    assert res.returncode == 0, res.stderr
+    lst = topo.popen("node1", "python3", "-c", LISTENER, stdout=subprocess.PIPE, text=True)
+    assert lst.stdout.readline().strip() == "listening"
+    keeper = topo.popen("client", "python3", "-c",
+                        "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
+                        "print('up', flush=True); time.sleep(30)", vip, stdout=subprocess.PIPE, text=True)
+    assert keeper.stdout.readline().strip() == "up"
+    assert wait_for(lambda: sessions_on(topo, "node1", vip))
+    res, _ = run_agent(topo, tmp_path / "plain", "stop", ip=vip, agent=IPADDR2)
+    assert res.returncode == 0, res.stderr
+    assert sessions_on(topo, "node1", vip)
+    return lst, keeper
+
+
+@pytest.fixture
+def ends(topo):
+    """Processes a test started, ended whatever happens."""
+    procs = []
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait(timeout=5)
+
+
+def test_nothing_left_on_the_vip_means_no_nfsreset_before_the_start(topo, tmp_path, stub):
+    """The cheap check: with no socket on VIP:port only the (background) tickle
+    runs nfsreset; start and stop exec no Python of their own."""
+    res, _ = run_agent(topo, tmp_path, "start", nfsreset_bin=stub)
+    assert res.returncode == 0, res.stderr
+    assert wait_for(lambda: len(calls(tmp_path)) >= 1)
+    time.sleep(0.3)
+    assert [c.split()[0] for c in calls(tmp_path)] == ["tickle"], calls(tmp_path)
+    res, _ = run_agent(topo, tmp_path, "stop", nfsreset_bin=stub)
+    assert res.returncode == 0, res.stderr
+    assert [c.split()[0] for c in calls(tmp_path)] == ["tickle"], calls(tmp_path)
+    assert "no client on the VIP; nothing to publish, no session left" in res.stderr
+
+
 @pytest.mark.parametrize("vip", [VIP4, VIP6])
-def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
+def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip, ends):
+    ends.extend(leave_a_session(topo, tmp_path, vip))
     res, _ = run_agent(topo, tmp_path, "start", ip=vip, nfsreset_bin=stub,
                        nfsreset_port="2049 20048", nfsreset_strategy="destroy",
                        nfsreset_state_dir=tmp_path / "state")
@@ -123,11 +169,11 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
     assert wait_for(lambda: len(calls(tmp_path)) >= 2), calls(tmp_path)
     kill, tickle = calls(tmp_path)
     # pre-start kill while the address is not there yet; tickle once it is
-    assert kill.startswith("kill vip=absent kill --vip " + vip + " --moment pre-start")
+    assert kill.startswith("kill vip=absent kill --vip " + vip + " --store auto --moment pre-start")
     assert f"--state-dir {tmp_path / 'state'}" in kill
     assert "--strategy destroy" in kill and "--port 2049 --port 20048" in kill
     # started before IPaddr2 start, it waited for the VIP (--wait)
-    assert tickle.startswith("tickle vip=present tickle --vip " + vip + " --wait 5")
+    assert tickle.startswith("tickle vip=present tickle --vip " + vip + " --store auto --wait 5")
     assert "--port 2049 --port 20048" in tickle and "--strategy destroy" in tickle
     # ... and fired while IPaddr2 was still announcing, not after start returned
     tickled_at = float((tmp_path / "calls.log.times").read_text().splitlines()[1].split()[1])
@@ -141,8 +187,12 @@ def test_calls_come_in_order_around_the_real_ipaddr2(topo, tmp_path, stub, vip):
     res, _ = run_agent(topo, tmp_path, "stop", ip=vip, nfsreset_bin=stub)
     assert res.returncode == 0, res.stderr
     assert not topo.has_addr("node1", vip, usable=False)
+    # the post-stop kill runs after stop returned (Pacemaker waits for stop)
+    assert wait_for(lambda: len(calls(tmp_path)) >= 3), calls(tmp_path)
     post_stop = calls(tmp_path)[2]
-    assert post_stop.startswith("kill vip=absent kill --vip " + vip + " --moment post-stop")
+    assert post_stop.startswith("kill vip=absent kill --vip " + vip + " --store auto --moment post-stop")
+    # the clients were recorded while the address was still there
+    assert "1 client tuple(s) recorded before the address went" in res.stderr
     assert post_stop.endswith("--port 2049") and "--strategy auto" in post_stop
 
 
@@ -153,7 +203,9 @@ def test_netns_parameter_is_passed_on(topo, tmp_path, stub):
                    str(AGENT), "start", check=False, timeout=60)
     assert res.returncode == 0, res.stderr
     assert topo.has_addr("node2", VIP4) and not topo.has_addr("node1", VIP4, usable=False)
-    assert wait_for(lambda: len(calls(tmp_path)) >= 2)
+    # the tickle only (nothing left to kill); the stub waits its --wait 5 s for the VIP
+    # in its own netns (it ignores --netns), and only then logs: wait longer than that.
+    assert wait_for(lambda: len(calls(tmp_path)) >= 1, timeout=15)
     assert all(f"--netns {ns}" in line for line in calls(tmp_path))
     topo.run("node1", *agent_env(tmp_path, VIP4, nfsreset_bin=stub, network_namespace=ns),
              str(AGENT), "stop", timeout=60)
@@ -164,7 +216,8 @@ def test_netns_parameter_is_passed_on(topo, tmp_path, stub):
     {"STUB_RC": 1}, {"STUB_RC": 2}, {"STUB_RC": 3}, {"STUB_RC": 70},
     {"nfsreset_bin": "/nonexistent/nfsreset"},
 ])
-def test_nfsreset_failure_never_fails_the_ip(topo, tmp_path, stub, failure):
+def test_nfsreset_failure_never_fails_the_ip(topo, tmp_path, stub, failure, ends):
+    ends.extend(leave_a_session(topo, tmp_path))
     params = {"nfsreset_bin": stub, **failure}
     res, _ = run_agent(topo, tmp_path, "start", **params)
     assert res.returncode == 0, res.stderr
@@ -181,7 +234,8 @@ def test_nfsreset_failure_never_fails_the_ip(topo, tmp_path, stub, failure):
     assert res.returncode == 7
 
 
-def test_a_hanging_nfsreset_is_cut_off(topo, tmp_path, stub):
+def test_a_hanging_nfsreset_is_cut_off(topo, tmp_path, stub, ends):
+    ends.extend(leave_a_session(topo, tmp_path))
     res, took = run_agent(topo, tmp_path, "start", nfsreset_bin=stub, nfsreset_timeout=1,
                           STUB_KILL_SLEEP=30)
     assert res.returncode == 0
@@ -226,7 +280,7 @@ def test_meta_data_is_ipaddr2s_plus_ours(topo, tmp_path):
     import xml.etree.ElementTree as ET
     names = lambda xml: [p.get("name") for p in ET.fromstring(xml).iter("parameter")]  # noqa: E731
     extra = ["nfsreset_port", "nfsreset_state_dir", "nfsreset_strategy", "nfsreset_bin",
-             "nfsreset_timeout"]
+             "nfsreset_timeout", "nfsreset_store"]
     assert names(ours) == names(theirs) + extra
     root = ET.fromstring(ours)
     assert root.get("name") == "IPaddr2nfs" and root.findtext("version") == "1.1"
@@ -332,7 +386,10 @@ def test_real_cycle_ends_sessions_and_leaves_the_vip_usable(topo, tmp_path, list
         res, _ = run_agent(topo, tmp_path, "stop", **params)
         assert res.returncode == 0, res.stderr
         print(res.stderr)
-        assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
+        assert "sessions left on the VIP are ended after the stop" in res.stderr
+        poststop = tmp_path / "rsctmp" / "nfsreset-vip1.poststop"
+        assert wait_for(poststop.exists, timeout=10)
+        assert poststop.read_text().startswith("rc=0 "), poststop.read_text()
         # the agent's post-stop kill left no session on the departed VIP
         assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
         status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
@@ -362,8 +419,14 @@ def test_a_failed_tickle_does_not_leave_the_vip_quarantined(topo, tmp_path, list
     params = {"nfsreset_bin": wrapper, "nfsreset_state_dir": tmp_path / "state"}
     res, _ = run_agent(topo, tmp_path, "start", **params)
     assert res.returncode == 0, res.stderr
+    keeper = _client_keeps_a_session(topo)     # a session, so the stop runs nfsreset's post-stop
+    assert keeper.stdout.readline().strip() == "up"
+    assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
     res, _ = run_agent(topo, tmp_path, "stop", **params)
+    keeper.kill()
+    keeper.wait(timeout=5)
     assert res.returncode == 0, res.stderr
+    assert wait_for((tmp_path / "rsctmp" / "nfsreset-vip1.poststop").exists, timeout=10)
     table = quarantined(topo, "node1")
     if VIP4 not in table:
         pytest.skip("this nfsreset did not quarantine the VIP (no nft?): nothing to lift")
@@ -398,7 +461,8 @@ def test_real_cycle_on_ganesha_ends_its_socket_and_the_nfs_client_is_back(topo, 
                                         topo.run("node1", "ss", "-Htnp", "sport", "= :2049").stdout.splitlines()))
             res, _ = run_agent(topo, tmp_path, "stop", **params)
             assert res.returncode == 0, res.stderr
-            assert "nfsreset kill (post-stop) " + VIP4 in res.stderr
+            assert "sessions left on the VIP are ended after the stop" in res.stderr
+            assert wait_for((tmp_path / "rsctmp" / "nfsreset-vip1.poststop").exists, timeout=10)
             # Ganesha's own socket on the departed VIP is gone (it shows as ::ffff:VIP)
             assert not sessions_on(topo, "node1", VIP4), sessions_on(topo, "node1", VIP4)
             res, _ = run_agent(topo, tmp_path, "start", **params)
@@ -414,3 +478,108 @@ def test_real_cycle_on_ganesha_ends_its_socket_and_the_nfs_client_is_back(topo, 
             client.kill()
             client.wait(timeout=5)
             run_agent(topo, tmp_path, "stop", **params)
+
+
+# -- what reaches Pacemaker's log -----------------------------------------------------------
+def ha_log_lines(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(level, message) of the agent's nfsreset lines in an HA_LOGFILE
+    ("<date> <tag>:    INFO: nfsreset kill (post-stop) VIP: ...")."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        _, sep, rest = line.partition(":    ")
+        level, _, msg = rest.partition(": ")
+        if sep and msg.startswith("nfsreset"):
+            out.append((level, msg))
+    return out
+
+
+def test_every_action_of_a_stop_and_a_start_reaches_the_log_once(topo, tmp_path, listener):
+    """Each step nfsreset took is one ocf_log line at its level (before, only
+    the last line of each call was logged: post-stop's record and quarantine,
+    pre-start's steps before its last were lost); the background tickle's lines
+    too, logged by the wrapper as the tickle exits; nothing twice."""
+    hlog = tmp_path / "ha.log"
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state",
+              "HA_LOGFILE": hlog}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=15)
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        hlog.unlink()
+        res, _ = run_agent(topo, tmp_path, "stop", **params)
+        assert res.returncode == 0, res.stderr
+        stop_lines = ha_log_lines(hlog)
+        status.unlink()
+        hlog.unlink()
+        res, _ = run_agent(topo, tmp_path, "start", **params)
+        assert res.returncode == 0, res.stderr
+        assert wait_for(status.exists, timeout=15)
+        start_lines = ha_log_lines(hlog)
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)
+    print("\nstop:", *stop_lines, "start:", *start_lines, sep="\n  ")
+    post = f"nfsreset kill (post-stop) {VIP4}: "
+    expected_stop = [("INFO", post + "recorded 1 client tuple(s)"),
+                     ("INFO", post + f"quarantined {VIP4}"),
+                     ("INFO", post + "destroyed 1 of 1 session(s)")]
+    pre = f"nfsreset kill (pre-start) {VIP4}: "
+    tickle = f"nfsreset tickle (post-start) {VIP4}: "
+    expected_start = [("INFO", pre + f"lifted the quarantine of {VIP4}"),
+                      ("INFO", tickle + f"announced {VIP4}"),
+                      ("INFO", tickle + "tickled 1 client tuple(s)")]
+    for lines, expected in ((stop_lines, expected_stop), (start_lines, expected_start)):
+        for level, prefix in expected:
+            hits = [lv for lv, msg in lines if msg.startswith(prefix)]
+            assert hits == [level], (prefix, lines)
+        # no line that is not one of these actions, none twice
+        assert len(lines) == len(expected), lines
+
+
+FAILING = r"""#!/bin/sh
+# Says what the engine says when a step fails (its wording), then exits 1 as it does.
+case " $* " in *" post-stop "*)
+    echo "nfsreset kill: recorded 2 client tuple(s) of VIP in /state"
+    echo "nfsreset kill: quarantine of VIP failed: nft said no (OSError); going on without nftables"
+    echo "nfsreset kill: destroyed 2 of 2 session(s) on VIP in 1.0 ms: 198.51.100.100:700 ESTABLISHED"
+    echo "nfsreset kill: failed: quarantine; unavailable here: nftables" >&2
+    exit 1 ;;
+esac
+case " $* " in *" tickle "*)
+    echo "nfsreset tickle: tickle of 2 client tuple(s) of VIP skipped: raw sockets unavailable here (EPERM)"
+    echo "nfsreset tickle: failed: tickle" >&2
+    exit 1 ;;
+esac
+exit 0
+"""
+
+
+def test_failed_and_skipped_steps_are_warnings_with_their_reason_once(topo, tmp_path):
+    """A failed step is one WARNING line with its reason; the run's closing line
+    (exit 1: "failed: ...") is not a second one; done steps stay INFO."""
+    fake = tmp_path / "failing-nfsreset"
+    fake.write_text(FAILING)
+    fake.chmod(0o755)
+    hlog = tmp_path / "ha.log"
+    params = {"nfsreset_bin": fake, "HA_LOGFILE": hlog}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    status = tmp_path / "rsctmp" / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=15)
+    res, _ = run_agent(topo, tmp_path, "stop", **params)
+    assert res.returncode == 0, res.stderr
+    lines = ha_log_lines(hlog)
+    post = f"nfsreset kill (post-stop) {VIP4}: "
+    tickle = f"nfsreset tickle (post-start) {VIP4}: "
+    assert lines == [
+        ("INFO", f"nfsreset kill (pre-start) {VIP4}: done"),
+        ("WARNING", tickle + "tickle of 2 client tuple(s) of VIP skipped: raw sockets unavailable here (EPERM)"),
+        ("INFO", post + "recorded 2 client tuple(s) of VIP in /state"),
+        ("WARNING", post + "quarantine of VIP failed: nft said no (OSError); going on without nftables"),
+        ("INFO", post + "destroyed 2 of 2 session(s) on VIP in 1.0 ms: 198.51.100.100:700 ESTABLISHED"),
+    ], lines

@@ -77,7 +77,7 @@ def test_tickle_resets_client_after_vip_moved(topo, vip):
     with connection(topo, "node1", vip) as (key, client, _server):
         move_vip(topo, vip)
         with netns.entered(topo.ns("node2")):
-            # The client must send its answer to node2's MAC (DESIGN: announce, then tickle).
+            # The client must send its answer to node2's MAC (docs/design.md §1: announce, then tickle).
             announce.announce(vip)
             sender = RawSender()
         with sender:

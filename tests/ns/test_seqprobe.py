@@ -112,7 +112,7 @@ def test_no_socket_means_none(topo, vip):
 
 @pytest.mark.parametrize("vip", [VIP4, VIP6])
 def test_kill_local_ends_stale_fin_wait1_socket(topo, vip):
-    """The stale kind DESIGN.md saw live ~111 s: a FIN that the vanished client never ACKs."""
+    """The stale kind docs/design.md §1 saw live ~111 s: a FIN that the vanished client never ACKs."""
     topo.add_addr("node1", vip, nodad=True)
     with connection(topo, "node1", vip) as (key, _client, server):
         topo.run("client", "ip", "link", "set", "eth0", "down")

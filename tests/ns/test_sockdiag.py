@@ -197,7 +197,7 @@ def test_destroy_after_vip_was_deleted(topo, socks, vip):
     assert after == []
     assert server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNABORTED
     if ":" in vip:
-        # Kernel quirk (DESIGN §1): IPv6 still sends from a deleted address, so
+        # Kernel quirk (docs/design.md §1): IPv6 still sends from a deleted address, so
         # the RST of the destroy reaches the client; IPv4 sends nothing.
         assert died(client) in ("ECONNRESET", "EOF")
 

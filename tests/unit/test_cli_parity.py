@@ -12,7 +12,7 @@ import typing
 
 import pytest
 
-from nfsreset import cli, cli_hooks
+from nfsreset import cli, cli_common, cli_hooks
 
 
 def _click_params(command: str) -> dict:
@@ -56,7 +56,7 @@ def test_both_front_ends_declare_the_same_options(command):
 @pytest.mark.parametrize("command", cli.HOOK_COMMANDS)
 def test_the_bodies_take_exactly_the_declared_parameters(command):
     import inspect
-    body = inspect.signature(getattr(cli, command)).parameters
+    body = inspect.signature(getattr(cli_common, command)).parameters
     assert list(body) == [name for name, _k, _d in cli_hooks.OPTIONS[command].values()]
 
 
@@ -163,10 +163,10 @@ def test_bad_values_get_the_same_one_line_from_both_front_ends(argv, start, tmp_
 # A fault inside a command body, on either front end: one line and exit 1
 # (the traceback only with NFSRESET_DEBUG=1); Ctrl-C: one line and exit 130.
 _INJECT = ("import sys\nfront = sys.argv[1]\nsys.argv = ['nfsreset', *sys.argv[2:]]\n"
-           "from nfsreset import cli\n"
+           "from nfsreset import cli_common\n"
            "def body(*a, **k):\n"
            "    raise {exc}\n"
-           "cli.kill = body\n"
+           "cli_common.kill = body\n"
            "if front == 'typer':\n"
            "    from nfsreset.cli_app import main\n"
            "else:\n"
@@ -217,4 +217,4 @@ def test_tickle_help_documents_the_pacing_bounds_and_their_defaults():
     text = " ".join(res.stdout.split())
     assert f"{pace.TICKLE_RATE_PPS:,}" in text and f"{pace.TICKLE_MAX_PACKETS:,}" in text
     assert "--rate" in text and "--max-packets" in text and "per second" in text
-    assert f"defaults {pace.TICKLE_RATE_PPS:,}/s and {pace.TICKLE_MAX_PACKETS:,}" in " ".join(cli.TICKLE_DOC.split())
+    assert f"defaults {pace.TICKLE_RATE_PPS:,}/s and {pace.TICKLE_MAX_PACKETS:,}" in " ".join(cli_common.TICKLE_DOC.split())

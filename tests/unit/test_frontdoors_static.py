@@ -5,16 +5,25 @@ DTD, vagrant, systemd-analyze); a test whose tool is missing is skipped and
 says which package brings it. The keepalived notify script and the stall
 report of move-vip.sh touch no network, so they run here with a recording
 stand-in for nfsreset.
+
+The Vagrant lab's VMs cannot boot here (no nested virtualisation, no
+network): what it installs is checked against the built package instead
+(tests/debpkg.py builds it when dist/ has none up to date), through the
+configuration Vagrant itself reads from the Vagrantfile.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tomllib
 
 import pytest
+
+from tests import debpkg
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 AGENT = ROOT / "cli" / "ocf" / "nfsreset"
@@ -131,18 +140,48 @@ def test_example_config_parses_and_has_the_contract_keys():
     assert conf["strategy"] in ("auto", "destroy", "rst", "nft")
 
 
-def _vagrant(tmp_path, provider: str, *args: str, path_prefix: str = "") -> subprocess.CompletedProcess:
-    vagrant = need("vagrant", "vagrant")
+def _vagrant_env(tmp_path, provider: str, path_prefix: str = "") -> dict:
     env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant-home"),
-               VAGRANT_DEFAULT_PROVIDER=provider, VAGRANT_CHECKPOINT_DISABLE="1")
+               VAGRANT_DEFAULT_PROVIDER=provider, VAGRANT_CHECKPOINT_DISABLE="1",
+               # no box is ever looked up or downloaded, whatever a test runs
+               VAGRANT_SERVER_URL="http://127.0.0.1:9", VAGRANT_BOX_UPDATE_CHECK_DISABLE="1")
     if path_prefix:
         env["PATH"] = f"{path_prefix}:{env['PATH']}"
-    # On a copy: validate leaves a .vagrant/ dir behind, which has no place in the checkout.
+    return env
+
+
+def _lab_copy(tmp_path, deb: pathlib.Path | None = None) -> pathlib.Path:
+    """vagrant/ and pyproject.toml (the package's version) in a copy of the
+    checkout, with dist/ holding `deb` if given: Vagrant leaves a .vagrant/
+    dir behind, which has no place in the checkout."""
     work = tmp_path / "checkout" / "vagrant"
     if not work.exists():
         shutil.copytree(VAGRANT_DIR, work, ignore=shutil.ignore_patterns(".vagrant"))
-    return subprocess.run([vagrant, "validate", *args], cwd=work, capture_output=True,
-                          text=True, env=env, timeout=180)
+        shutil.copy(ROOT / "pyproject.toml", work.parent)
+        if deb is not None:
+            (work.parent / "dist").mkdir()
+            shutil.copy(deb, work.parent / "dist")
+    return work
+
+
+def _vagrant(tmp_path, provider: str, *args: str, path_prefix: str = "",
+             deb: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    vagrant = need("vagrant", "vagrant")
+    return subprocess.run([vagrant, "validate", *args], cwd=_lab_copy(tmp_path, deb), capture_output=True,
+                          text=True, env=_vagrant_env(tmp_path, provider, path_prefix), timeout=180)
+
+
+def _fake_vboxmanage(tmp_path) -> pathlib.Path:
+    """VirtualBox itself is not installed here. Vagrant only asks VBoxManage
+    for its version before it validates the virtualbox block, so a VBoxManage
+    that answers --version (and fails everything else, noting the call) lets
+    the real validation of that block run."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "VBoxManage").write_text('#!/bin/sh\n[ "$1" = --version ] && { echo 7.0.6r155176; exit 0; }\n'
+                                     f'echo "$*" >> {tmp_path}/vboxmanage.calls\nexit 1\n')
+    (fake / "VBoxManage").chmod(0o755)
+    return fake
 
 
 def test_vagrantfile_validates_ignoring_providers(tmp_path):
@@ -152,15 +191,7 @@ def test_vagrantfile_validates_ignoring_providers(tmp_path):
 
 
 def test_vagrantfile_validates_for_virtualbox(tmp_path):
-    """VirtualBox itself is not installed here. Vagrant only asks VBoxManage
-    for its version before it validates the virtualbox block, so a VBoxManage
-    that answers --version (and fails everything else) lets the real
-    validation of that block run."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "VBoxManage").write_text('#!/bin/sh\n[ "$1" = --version ] && { echo 7.0.6r155176; exit 0; }\nexit 1\n')
-    (fake / "VBoxManage").chmod(0o755)
-    res = _vagrant(tmp_path, "virtualbox", path_prefix=str(fake))
+    res = _vagrant(tmp_path, "virtualbox", path_prefix=str(_fake_vboxmanage(tmp_path)))
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -172,6 +203,133 @@ def test_vagrantfile_validates_for_libvirt(tmp_path):
         pytest.skip("vagrant-libvirt not installed (apt-get install vagrant-libvirt)")
     res = _vagrant(tmp_path, "libvirt")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# -- the Vagrant lab installs the package, not the checkout --------------------------
+
+# Vagrant's own reading of the Vagrantfile (its library, as `vagrant` loads
+# it), per machine: provisioners, before-triggers, synced folders.
+VAGRANT_DUMP = r"""
+require "json"
+require "vagrant"
+Vagrant.plugin("2").manager
+env = Vagrant::Environment.new(cwd: Dir.pwd)
+set = ->(v) { v.is_a?(Vagrant::Config::V2::DummyConfig) || v == Vagrant::Plugin::V2::Config::UNSET_VALUE ? nil : v }
+out = {}
+env.machine_names.each do |n|
+  m = env.machine(n, :virtualbox)
+  out[n] = {
+    "provisioners" => m.config.vm.provisioners.map { |p|
+      c = p.config
+      {"name" => p.name.to_s, "type" => p.type.to_s,
+       "source" => set.(c.instance_variable_get(:@source)), "destination" => set.(c.instance_variable_get(:@destination)),
+       "path" => set.(c.instance_variable_get(:@path)), "args" => set.(c.instance_variable_get(:@args))} },
+    "triggers" => m.config.trigger.before_triggers.map { |t|
+      {"command" => t.command.to_s, "warn" => set.(t.warn), "abort" => set.(t.abort)} },
+    "synced_folders" => m.config.vm.synced_folders.map { |_, o|
+      {"guest" => o[:guestpath], "host" => o[:hostpath], "disabled" => !!o[:disabled]} },
+  }
+end
+puts JSON.generate(out)
+"""
+# Runtime paths of nfsreset that no package ships (made when it runs).
+RUNTIME_PATHS = {"/var/lib/nfsreset", "/run/nfsreset"}
+LAB_SCRIPTS = [VAGRANT_DIR / "Vagrantfile", MOVE_VIP, *sorted((VAGRANT_DIR / "provision").glob("*.sh"))]
+
+
+@pytest.fixture(scope="module")
+def deb() -> pathlib.Path:
+    return debpkg.built_deb()
+
+
+def _lab_config(tmp_path, deb: pathlib.Path | None) -> dict:
+    ruby = need("ruby", "ruby")
+    need("vagrant", "vagrant")
+    work = _lab_copy(tmp_path, deb)
+    script = tmp_path / "dump.rb"
+    script.write_text(VAGRANT_DUMP)
+    res = subprocess.run([ruby, str(script)], cwd=work, capture_output=True, text=True, timeout=180,
+                         env=_vagrant_env(tmp_path, "virtualbox", str(_fake_vboxmanage(tmp_path))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def _code(path: pathlib.Path) -> str:
+    """The file without its comments (shell and Ruby: # to the end of the line)."""
+    return "\n".join(re.sub(r"(^|\s)#.*$", "", line) for line in path.read_text().splitlines()
+                     if not line.startswith("#!"))
+
+
+def test_the_heads_install_the_built_package(tmp_path, deb):
+    """The Vagrantfile, as Vagrant reads it: each head uploads dist/'s package
+    of this version and common.sh installs that file; no VM gets the checkout."""
+    lab = _lab_config(tmp_path, deb)
+    assert set(lab) == {"head1", "head2", "client"}
+    dist_deb = str(tmp_path / "checkout" / "dist" / deb.name)
+    for head in ("head1", "head2"):
+        provs = lab[head]["provisioners"]
+        assert [p["name"] for p in provs] == ["nfsreset-deb", "nfsreset", "head"], provs
+        upload, install = provs[0], provs[1]
+        assert upload["type"] == "file" and upload["source"] == dist_deb, upload
+        assert upload["destination"] == f"/tmp/{deb.name}"
+        assert install["type"] == "shell" and install["path"] == "provision/common.sh"
+        assert install["args"] == [upload["destination"]], install
+        assert lab[head]["triggers"] == []
+    assert [p["name"] for p in lab["client"]["provisioners"]] == ["client"]
+    for machine in lab.values():
+        assert all(f["disabled"] for f in machine["synced_folders"]), machine["synced_folders"]
+    # and Vagrant's validation of that (the file provisioner's source must exist)
+    res = _vagrant(tmp_path, "virtualbox", path_prefix=str(_fake_vboxmanage(tmp_path)), deb=deb)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_without_the_package_up_stops_before_any_vm(tmp_path):
+    """No dist/*.deb: `vagrant up` aborts with what to do, before the provider
+    is asked for anything (the fake VBoxManage notes every call but --version)."""
+    vagrant = need("vagrant", "vagrant")
+    lab = _lab_config(tmp_path, None)
+    for head in ("head1", "head2"):
+        assert {t["command"] for t in lab[head]["triggers"]} == {"up", "provision", "reload"}
+        assert all(t["abort"] for t in lab[head]["triggers"])
+    res = subprocess.run([vagrant, "up", "head1"], cwd=_lab_copy(tmp_path), capture_output=True, text=True,
+                         timeout=120, env=_vagrant_env(tmp_path, "virtualbox", str(_fake_vboxmanage(tmp_path))))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert "bash packaging/build-deb.sh" in out and "nfsreset_" in out, out
+    assert not (tmp_path / "vboxmanage.calls").exists(), (tmp_path / "vboxmanage.calls").read_text()
+
+
+def test_lab_scripts_use_only_what_the_package_ships(deb):
+    """Every nfsreset path the provisioners and move-vip.sh use on a VM is a
+    file of the built package (dpkg-deb -c), the agent's OCF name included."""
+    shipped = debpkg.contents(deb)
+    used: dict[str, set[str]] = {}
+    for script in LAB_SCRIPTS:
+        code = _code(script)
+        for path in re.findall(r"/(?:usr|lib|etc|var|run|opt|srv|sbin|bin)/[\w.@/-]*", code):
+            if "nfsreset" in path.lower() or "ipaddr2nfs" in path.lower():
+                used.setdefault(path.rstrip("/."), set()).add(script.name)
+        for provider, agent in re.findall(r"ocf:(nfsreset):(\w+)", code):
+            used.setdefault(f"/usr/lib/ocf/resource.d/{provider}/{agent}", set()).add(script.name)
+        for unit in re.findall(r"\bnfsreset@[\w.-]*\.service", code):
+            used.setdefault(f"/lib/systemd/system/{unit}", set()).add(script.name)
+    # What the lab needs at least: the command, the agent and the unit.
+    assert {"/usr/bin/nfsreset", "/usr/lib/ocf/resource.d/nfsreset/IPaddr2nfs",
+            "/lib/systemd/system/nfsreset@.service"} <= set(used), used
+    missing = {p: sorted(by) for p, by in used.items() if p not in shipped and p not in RUNTIME_PATHS}
+    assert not missing, f"used on the VMs but not in {deb.name}: {missing}"
+    for path in ("/usr/bin/nfsreset", "/usr/lib/ocf/resource.d/nfsreset/IPaddr2nfs", "/usr/sbin/nfsreset-notify"):
+        assert shipped[path].startswith("-rwxr-xr-x"), (path, shipped[path])
+
+
+@pytest.mark.parametrize("script", LAB_SCRIPTS, ids=lambda p: p.name)
+def test_lab_scripts_need_no_checkout(script):
+    """No clone, venv, setup.sh or pip on the VMs, and nothing where the
+    checkout's nfsreset used to be linked."""
+    code = _code(script)
+    for word in ("setup.sh", ".venv", "git clone", "pip ", "/usr/local/bin/nfsreset",
+                 "/usr/local/sbin/nfsreset", "rsync", '"/nfsreset"'):
+        assert word not in code, f"{script.name}: {word}"
 
 
 # -- keepalived notify script, with a recording nfsreset ------------------------

@@ -91,6 +91,20 @@ def test_post_start_lifts_quarantine_ends_old_sockets_announces_then_tickles():
     assert acts[3].schedule == P.TICKLE_SCHEDULE
 
 
+def test_post_start_never_tickles_a_tuple_live_here():
+    """The union of the peers' lists may name a client that already reconnected
+    here (its socket is newer than the VIP's arrival): it is not tickled. A
+    stale socket of the same list is ended and its tuple still tickled."""
+    local = LOCAL_HOST | {VIP}
+    live = flow(cport=801, first_seen=30.0)
+    stale = flow(cport=800, first_seen=10.0)
+    known = [stale.key, live.key, FlowKey(VIP, 2049, "198.51.100.100", 802)]
+    acts = P.plan(P.Moment.POST_START, VIP, [live, stale], local, P.Caps(), opts(),
+                  vip_since={VIP: 20.0}, known_clients=known)
+    (t,) = [a for a in acts if isinstance(a, P.Tickle)]
+    assert [k.cport for k in t.keys] == [800, 802]
+
+
 def test_more_tickle_rounds_extend_the_schedule():
     assert P._schedule(5) == (0.0, 0.6, 1.5, 3.3, 6.9)
     assert P._schedule(1) == (0.0,)

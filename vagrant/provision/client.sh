@@ -4,6 +4,7 @@
 set -euo pipefail
 : "${NFSR_VIPS:?}" "${NFSR_NFS_VERS:=3}"
 export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >/dev/null
 apt-get install -y -q --no-install-recommends nfs-common >/dev/null
 install -m 755 /dev/stdin /usr/local/bin/nfsr-writer <<'WRITER'
 #!/bin/sh

@@ -136,6 +136,11 @@ if ! online; then
     exit 0
 fi
 if crm_resource --list 2>/dev/null | grep -q 'vip-'; then
+    # A lab provisioned before the heads used the package pointed the agent
+    # at /usr/local/bin/nfsreset: point it at the package's command.
+    for spec in $NFSR_VIPS; do
+        crm_resource -r "vip-${spec%%=*}" -p nfsreset_bin -v /usr/bin/nfsreset >/dev/null 2>&1 || true
+    done
     say "resources already configured"
     exit 0
 fi
@@ -160,7 +165,7 @@ for spec in $NFSR_VIPS; do
             fsid="$(( $(printf '%d' "'$v") - 86 ))" --group "grp-$v"
     fi
     pcs resource create "vip-$v" ocf:nfsreset:IPaddr2nfs ip="$ip" cidr_netmask=24 \
-        nfsreset_bin=/usr/local/bin/nfsreset nfsreset_port=2049 --group "grp-$v"
+        nfsreset_bin=/usr/bin/nfsreset nfsreset_port=2049 --group "grp-$v"
     pcs constraint order start nfs-daemon-clone "then" "grp-$v"
     pcs constraint location "grp-$v" prefers "$head=100"
 done

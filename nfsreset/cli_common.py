@@ -1,0 +1,311 @@
+"""What both CLI front ends share: errors, option checks, and the bodies of the hook commands.
+
+Exit codes, for every command: 0 done, 1 some sessions could not be ended (or,
+for `flows`, stale sessions exist), 2 bad input, 3 refused for safety.
+Errors are one line on stderr: `nfsreset CMD: what and why`. Bad input is
+refused before anything is created (no state dir, nft table, BPF program). An
+unexpected exception is one line `nfsreset CMD: internal error: TYPE: MSG` and
+exit 1 on both front ends; NFSRESET_DEBUG=1 adds its traceback.
+
+nfsreset.cli (the entry point) picks the front end: nfsreset.cli_hooks parses
+`kill`/`tickle` when they run, nfsreset.cli_app (typer) everything else. Both
+import this module and neither imports nfsreset.cli, so the entry point can
+load either without an import cycle. Everything this module imports at load
+time is in the standard library and cheap: it is on the hooks' start-up path.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+class Fail(Exception):
+    """A one-line error with its exit code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def fail_exit(e: Fail) -> None:
+    print(f"nfsreset {_command()}: {_one_line(str(e))}", file=sys.stderr)
+    sys.exit(e.code)
+
+
+def interrupted() -> None:
+    print(f"nfsreset {_command()}: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+DEBUG_ENV = "NFSRESET_DEBUG"
+
+
+def internal_error(e: BaseException) -> None:
+    """A bug, not bad input: one line and exit 1; the traceback only with NFSRESET_DEBUG=1."""
+    print(f"nfsreset {_command()}: internal error: {type(e).__name__}: {_one_line(str(e))}",
+          file=sys.stderr, flush=True)
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+        traceback.print_exception(e)
+    sys.exit(1)
+
+
+def version() -> str:
+    """The installed distribution's version; the package constant when run from a
+    checkout without one. Imported only for --version: importlib.metadata is not cheap."""
+    try:
+        from importlib.metadata import version as dist_version
+        return dist_version("nfsreset")
+    except Exception:       # PackageNotFoundError, or unreadable metadata
+        from nfsreset import __version__
+        return __version__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
+
+
+def _command() -> str:
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return args[0] if args else ""
+
+
+def _say(line: str) -> None:
+    print(f"nfsreset {_command()}: {line}", file=sys.stderr, flush=True)
+
+
+# --- shared option parsing ------------------------------------------------------------
+PORT_HELP = "TCP port of the service on the VIP (repeatable). NFS: 2049."
+NETNS_HELP = "Act inside this named network namespace (/run/netns/NAME); it must exist."
+
+
+def _vip(text: str) -> str:
+    from nfsreset.model import vip_address
+    try:
+        return vip_address(text)
+    except ValueError as e:
+        raise Fail(f"--vip: {e}") from None
+
+
+def _ports(ports: list[int]) -> frozenset[int]:
+    for p in ports:
+        if not 0 < p < 65536:
+            raise Fail(f"--port: {p} is not a TCP port (1-65535)")
+    return frozenset(ports)
+
+
+def _clients(texts: list[str], need_port: bool = False):
+    from nfsreset.model import host_address, parse_endpoint
+    from nfsreset.plan import Session
+    out = []
+    for t in texts:
+        try:
+            ip, port = parse_endpoint(t)
+            ip = host_address(ip)
+        except ValueError as e:
+            raise Fail(f"--client: {e}") from None
+        if need_port and port is None:
+            raise Fail(f"--client: {t!r} needs a port (ADDR:PORT, [V6ADDR]:PORT)")
+        out.append(Session(ip, port))
+    return tuple(out)
+
+
+def _strategy(s: str) -> str:
+    from nfsreset.plan import STRATEGIES
+    if s not in STRATEGIES:
+        raise Fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {s!r}")
+    return s
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise Fail(f"needs root ({what}); run with sudo or use --dry-run")
+
+
+def _state(path: str | None, dry_run: bool = False, store: str = "dir"):
+    """The state dir, made if missing; a dry run makes nothing (a missing dir reads as empty).
+    store: dir, attrd (client lists also through Pacemaker's attrd) or auto (attrd if it runs)."""
+    if path is None:
+        return None
+    if not path:
+        raise Fail("--state-dir: '' is not a directory (an empty path)")
+    from nfsreset.statedir import StateError
+    from nfsreset.store import BACKENDS, open_store
+    if store not in BACKENDS:
+        raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {store!r}")
+    try:
+        return open_store(store, path, dry_run=dry_run, log=_say)
+    except StateError as e:
+        raise Fail(str(e), e.exit_code) from None
+    except OSError as e:
+        raise Fail(f"state dir {path}: {e.strerror}") from None
+
+
+def _netns(name: str | None) -> None:
+    """Check --netns before anything is made: a name under /run/netns, and there."""
+    if name is None:
+        return
+    from nfsreset import netns
+    try:
+        there = netns.exists(name)
+    except netns.NetnsError as e:
+        raise Fail(f"--netns: {e}") from None
+    if not there:
+        raise Fail(f"--netns: network namespace {name!r} does not exist (see `ip netns list`)")
+
+
+def _check_pending(state, vip: str) -> None:
+    """Refuse a bad pending file of this node (named after its network namespace:
+    call it inside --netns) before anything is done."""
+    if state is None:
+        return
+    from nfsreset.statedir import StateError
+    try:
+        state.read_pending(vip)
+    except StateError as e:
+        raise Fail(str(e), e.exit_code) from None
+
+
+def _in_netns(name: str | None):
+    from nfsreset import netns
+    _netns(name)
+    return netns.entered(name)
+
+
+def _lacking(out) -> None:
+    """Name, in the closing line, what this host turned out to refuse (learnt from the
+    first failure of each, not probed), and where to look next."""
+    if out.lost:
+        from nfsreset.engine import CAP_NAMES
+        note = (f"unavailable here: {', '.join(CAP_NAMES[c] for c in sorted(out.lost))} "
+                "(`nfsreset doctor` says what this host offers)")
+        out.reason = f"{out.reason}; {note}" if out.reason else note
+
+
+def _finish(out, json_out: bool) -> int:
+    if json_out:
+        import json
+        print(json.dumps(out.as_json(), indent=None))
+    if out.reason:
+        _say(out.reason)
+    return out.code
+
+
+
+
+# --- kill ------------------------------------------------------------------------------------
+KILL_DOC = """End every session on a VIP that is no longer (or not yet) configured here.
+
+    Run it right after the VIP left this node (IPaddr2 post-stop) and right before
+    it arrives (pre-start, with --moment pre-start). Sessions are destroyed in the
+    kernel (SOCK_DESTROY), never reset towards the client from here: an early
+    RST would push the client into SYN back-off before the new owner is up.
+    """
+
+
+def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, strategy: str,
+         moment: str, force: bool, netns_name: str | None, dry_run: bool, json_out: bool,
+         store: str = "auto") -> int:
+    from nfsreset import plan as P
+    vip_ = _vip(vip)
+    opts = P.Options(vips=frozenset({vip_}), ports=_ports(port), strategy=_strategy(strategy),
+                     clients=_clients(client), force=force)
+    moments = {"post-stop": P.Moment.POST_STOP, "pre-start": P.Moment.PRE_START}
+    if moment not in moments:
+        raise Fail(f"--moment must be post-stop or pre-start, not {moment!r}")
+    if not dry_run:
+        _need_root("it destroys sockets and changes nftables")
+    _netns(netns_name)
+    state = _state(state_dir, dry_run, store)
+    if moment == "post-stop" and state is not None:
+        state.merge_own = True    # add to what the agent's stop published (attrd), never replace it
+    from nfsreset.engine import Engine
+    with _in_netns(netns_name):
+        # No pending-file check here: a teardown must never wait on it (only a
+        # deferral reads it, and a bad one fails that step alone, exit 1).
+        # No capability probe here (it would delay the first destroy): the engine
+        # starts from all rungs and drops one at its first refusal.
+        out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(moments[moment], vip_)
+    _lacking(out)
+    if not out.steps and out.code == 0:
+        _say(f"no session on {vip_} port(s) {','.join(map(str, sorted(opts.ports)))}")
+    return _finish(out, json_out)
+
+
+# --- tickle ------------------------------------------------------------------------------
+TICKLE_DOC = """Make the clients of a VIP that just arrived here reconnect at once.
+
+    Run it right after the VIP is up (IPaddr2 post-start). It lifts this node's
+    quarantine of the VIP, ends sockets left from the VIP's last stay here,
+    announces the VIP (gratuitous ARP / unsolicited NA) so answers come here, then
+    sends each known client tuple a tickle ACK: the client answers, this host has
+    no such socket and resets it, and the client reconnects without waiting for
+    its retransmission timer.
+
+    It paces itself: at most --rate ACKs per second and --max-packets in all
+    (defaults 25,000/s and 200,000: three rounds of the longest client list the
+    state dir keeps, 65,536 tuples). Client tuples read from the state dir are
+    checked one by one (family, scope, ports); refused ones are counted in one line.
+    """
+
+
+def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, rate: int,
+           max_packets: int, wait: float, strategy: str, netns_name: str | None, dry_run: bool,
+           json_out: bool, store: str = "auto") -> int:
+    from nfsreset import pace
+    from nfsreset import plan as P
+    from nfsreset.model import FlowKey, family_of
+    vip_ = _vip(vip)
+    ports = _ports(port)
+    if rounds < 0 or rounds > 10:
+        raise Fail(f"--rounds must be 0-10, not {rounds}")
+    for flag, value, (lo, hi) in (("--rate", rate, pace.RATE_RANGE),
+                                  ("--max-packets", max_packets, pace.MAX_PACKETS_RANGE)):
+        if not lo <= value <= hi:
+            raise Fail(f"{flag} must be {lo:,}-{hi:,}, not {value}")
+    sessions = _clients(client, need_port=True)
+    if state_dir is None and not sessions:
+        raise Fail("give --state-dir DIR (client tuples recorded by the old owner) or --client ADDR:PORT")
+    for s in sessions:
+        if family_of(s.client) != family_of(vip_):
+            raise Fail(f"--client {s.client} is not of the VIP's address family")
+    if not 0 <= wait <= 600:
+        raise Fail(f"--wait must be 0-600 seconds, not {wait}")
+    if not dry_run:
+        _need_root("it sends raw packets and changes nftables")
+    _netns(netns_name)
+    state = _state(state_dir, dry_run, store)
+    known = [FlowKey(vip_, p, s.client, s.cport) for s in sessions for p in ports]
+    if state is not None:
+        from nfsreset.statedir import StateError
+        try:
+            known += state.read_clients(vip_)
+        except StateError as e:
+            raise Fail(str(e), e.exit_code) from None
+    opts = P.Options(vips=frozenset({vip_}), ports=ports, strategy=_strategy(strategy), tickle_rounds=rounds,
+                     tickle_rate=rate, tickle_max_packets=max_packets)
+    from nfsreset.engine import Engine
+    with _in_netns(netns_name):
+        _check_pending(state, vip_)     # before anything is done; the engine reads it again
+        if wait and not _wait_usable(vip_, wait):
+            raise Fail(f"{vip_} was not configured and usable here within {wait:g} s; nothing sent", 1)
+        out = Engine(opts, state=state, dry_run=dry_run, log=_say).run(P.Moment.POST_START, vip_,
+                                                                      known_clients=known)
+    _lacking(out)
+    if not known and out.code == 0:
+        _say(f"no known client of {vip_} to tickle")
+    return _finish(out, json_out)
+
+
+def _wait_usable(vip: str, timeout: float) -> bool:
+    import time
+    from nfsreset import addrs
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(a.ip == vip and not a.tentative for a in addrs.dump()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
