@@ -129,12 +129,12 @@ def lab(
 
     --state per-head (the default) gives each head its own nfsreset state
     dir, as on two real machines: a head knows only the clients it served
-    itself. nfsreset still fixes the failback (the old owner recorded its
-    clients when it gave the VIP up and prompts them when it gets it back),
-    but at failover the new owner has no client list to prompt, so the client
-    reconnects on its own retransmit timer (IPv6: median 1.4 s after usable
-    over 5 runs here, 0.06-1.7 s, against ~0.03 s with --state shared, one dir
-    both heads see; docs/lab.md has the figures).
+    itself, unless the list reaches it another way. The agent publishes it
+    through Pacemaker's attrd (nfsreset_store=auto), so under Pacemaker it is
+    as fast per head as with --state shared (one dir both heads see).
+    `watch` in the lab has no attrd: per head its failover waits for the
+    client's own retransmission (IPv6 ~1.6 s after usable, ~0.02 s shared);
+    docs/lab.md has the figures.
 
     Name any of --server/--mover/--remedy/--vers/--crash and the others take
     the lab's plain defaults: --server sim (a Python server that keeps its

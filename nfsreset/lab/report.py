@@ -236,10 +236,6 @@ def showcase_note(runs: list[FamilyResult], cap: float) -> str:
         else:
             fixed = f"with nfsreset the failback got no reply within {_num(cap)} s either"
         out.append(f"{label}: {said}; {fixed}.")
-    if out and any(r.state == "per-head" for r in runs if uses_state(r)):
-        out.append("Failover: with one state dir per head the new owner has no list of the old owner's "
-                   "clients to prompt, so the client comes back on its own retransmission timer; "
-                   "--state shared shows what a shared list buys.")
     return "\n".join(out)
 
 

@@ -178,9 +178,6 @@ def test_showcase_note_sets_baseline_failback_against_nfsreset_first_reply():
         "with nfsreset the first reply came 0.061 s after the VIP was usable (failover 0.688 s).",
         "IPv6: without nfsreset the failback got no reply within 8 s (1 stale socket on the old owner); "
         "with nfsreset the first reply came 0.061 s after the VIP was usable (failover 0.688 s).",
-        "Failover: with one state dir per head the new owner has no list of the old owner's clients to "
-        "prompt, so the client comes back on its own retransmission timer; --state shared shows what a "
-        "shared list buys.",
     ]
     text = R.format_text([base, fix], cap=8.0, gap=1.0, user_timeout=180)
     assert "nfsreset state dir: one per head" in text
