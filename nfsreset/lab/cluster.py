@@ -124,17 +124,28 @@ class ClusterError(Exception):
     pass
 
 
-def primitive_xml(vip: str, agent: str, params: dict[str, str]) -> str:
-    """The VIP primitive: ocf:heartbeat:IPaddr2 (agent "ipaddr2") or ocf:nfsreset:IPaddr2nfs ("ocf")."""
+def primitive_xml(vip: str, agent: str, params: dict[str, str],
+                  per_node: dict[str, dict[str, str]] | None = None) -> str:
+    """The VIP primitive: ocf:heartbeat:IPaddr2 (agent "ipaddr2") or ocf:nfsreset:IPaddr2nfs ("ocf").
+    `per_node`: parameters that differ by head (e.g. one state dir each), as a
+    set of instance attributes per node with a `#uname` rule."""
     provider, type_ = ("heartbeat", "IPaddr2") if agent == "ipaddr2" else ("nfsreset", "IPaddr2nfs")
     attrs = {"ip": vip, "cidr_netmask": "64" if ":" in vip else "24", "nic": IFACE, **params}
     nv = "\n".join(f'          <nvpair id="{RESOURCE}-ia-{k}" name="{k}" value={quoteattr(v)}/>'
                    for k, v in attrs.items())
+    sets = "".join(f"""
+        <instance_attributes id="{RESOURCE}-ia-{node}" score="10">
+          <rule id="{RESOURCE}-ia-{node}-rule" score="0">
+            <expression id="{RESOURCE}-ia-{node}-expr" attribute="#uname" operation="eq" value={quoteattr(node)}/>
+          </rule>
+""" + "\n".join(f'          <nvpair id="{RESOURCE}-ia-{node}-{k}" name="{k}" value={quoteattr(v)}/>'
+                for k, v in values.items()) + """
+        </instance_attributes>""" for node, values in (per_node or {}).items())
     return f"""\
       <primitive id="{RESOURCE}" class="ocf" provider="{provider}" type="{type_}">
         <instance_attributes id="{RESOURCE}-ia">
 {nv}
-        </instance_attributes>
+        </instance_attributes>{sets}
         <meta_attributes id="{RESOURCE}-meta">
           <nvpair id="{RESOURCE}-meta-stickiness" name="resource-stickiness" value="100"/>
         </meta_attributes>

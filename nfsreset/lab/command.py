@@ -19,40 +19,88 @@ def _fail(msg: str) -> None:
 
 
 class _Progress:
-    """One status line on a tty (rewritten in place), sparse plain lines otherwise."""
+    """One line per phase (a move: failover or failback of one run) on stderr,
+    `[3/8] nfsreset (IPaddr2nfs under Pacemaker), IPv6: failback ...`; on a tty a
+    status line below it shows the stage and the seconds waited."""
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream=None, total: int = 0) -> None:
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.label = ""
-        self._last_stage = None
+        self.total = total          # phases in the whole lab: runs x 2
+        self.done_phases = 0
+        self._phase = None          # (label, direction) of the phase shown last
+        self._status = False
+
+    def _line(self, text: str) -> None:
+        self.stream.write(("\r\x1b[K" if self._status else "") + text + "\n")
+        self._status = False
+        self.stream.flush()
 
     def __call__(self, stage: str, elapsed: float | None, limit: float | None) -> None:
-        text = f"[{self.label}] {stage}"
+        # A run's set-up belongs to its failover phase: the line comes at once.
+        direction = "failback" if stage.startswith("failback") else "failover"
+        if (self.label, direction) != self._phase:
+            self._phase = (self.label, direction)
+            self.done_phases += 1
+            self._line(f"[{self.done_phases}/{self.total}] {self.label}: {direction} ...")
         if self.tty:
-            if elapsed is not None:
-                text += f" {elapsed:.1f} s / cap {limit:g} s"
+            text = f"  {stage}" + (f" {elapsed:.1f} s / cap {limit:g} s" if elapsed is not None else "")
             self.stream.write("\r" + text + "\x1b[K")
+            self._status = True
             self.stream.flush()
-        elif stage != self._last_stage:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-        self._last_stage = stage
 
     def done(self) -> None:
-        if self.tty and self._last_stage is not None:
+        if self._status:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+            self._status = False
+
+
+# What each mover is, in a progress line.
+_MOVER_WORDS = {"ip": "ip addr, like IPaddr2", "ipaddr2": "IPaddr2", "ocf": "IPaddr2nfs",
+                "pacemaker": "IPaddr2 under Pacemaker", "pacemaker-ocf": "IPaddr2nfs under Pacemaker"}
+
+
+def run_label(mover: str, remedy: str, family: int, vers: str | None = None, state: str | None = None) -> str:
+    """A run in words: `baseline (IPaddr2 under Pacemaker), IPv4`; `nfsreset watch (...)`."""
+    if remedy == "none":
+        what = "nfsreset" if mover in ("ocf", "pacemaker-ocf") else "baseline"
+    else:
+        what = f"nfsreset {remedy}" if remedy in ("watch", "hooks") else f"remedy {remedy}"
+    extra = [x for x in (f"NFSv{vers}" if vers else None, f"state {state}" if state else None) if x]
+    return f"{what} ({_MOVER_WORDS.get(mover, mover)}), " + ", ".join([f"IPv{family}"] + extra)
+
+
+# `nfsreset lab` with none of --server/--mover/--remedy/--vers/--crash: the
+# problem and the fix as a new user would deploy them (see the help text).
+DEFAULT_SHOW = {"server": "ganesha", "vers": ["3"], "mover": ["pacemaker", "pacemaker-ocf"], "remedy": ["none"]}
+# Any of them named: the others fall back to these (the lab as it always was).
+DEFAULT_EXPLICIT = {"server": "sim", "mover": ["ip"], "remedy": ["none"]}
+
+
+def resolve_defaults(server: str | None, mover: list[str], remedy: list[str], vers: list[str],
+                     crash: bool) -> tuple[str, list[str], list[str], list[str], bool]:
+    """(server, movers, remedies, versions, showcase): the no-option showcase when
+    nothing that picks the experiment was given, else the options with the
+    older defaults filled in."""
+    if server is None and not mover and not remedy and not vers and not crash:
+        d = DEFAULT_SHOW
+        return d["server"], list(d["mover"]), list(d["remedy"]), list(d["vers"]), True
+    d = DEFAULT_EXPLICIT
+    return (server if server is not None else d["server"], list(mover) or list(d["mover"]),
+            list(remedy) or list(d["remedy"]), list(vers), False)
 
 
 def lab(
     family: str = typer.Option("both", "--family", metavar="FAMILY", help="4, 6 or both: which VIP (198.51.100.10, 2001:db8::10) to move."),
     cap: float = typer.Option(20.0, "--cap", metavar="S", help="Longest wait for the client after each move, in seconds; a longer stall shows as >CAP."),
-    remedy: list[str] = typer.Option(["none"], "--remedy", metavar="NAME", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' is the baseline."),
-    mover: list[str] = typer.Option(["ip"], "--mover", metavar="NAME", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
+    remedy: list[str] = typer.Option([], "--remedy", metavar="NAME", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' (default) is the baseline."),
+    mover: list[str] = typer.Option([], "--mover", metavar="NAME", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
     crash: bool = typer.Option(False, "--crash", help="Pacemaker movers only: the failover is a crash of node1 (its cluster stack SIGKILLed, its VIP and link gone); node1 then rejoins and the failback is a planned move."),
-    server: str = typer.Option("sim", "--server", metavar="NAME", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
+    server: Optional[str] = typer.Option(None, "--server", metavar="NAME", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
     vers: list[str] = typer.Option([], "--vers", metavar="VERSION", help="With --server ganesha: NFS version the client speaks, 3, 4.0 or 4.1 (repeat or comma-separate to compare; default 3). The sim server only echoes records."),
+    state: str = typer.Option("per-head", "--state", metavar="WHERE", help="Where nfsreset keeps its client list on the heads: per-head (one state dir each, as on two real machines) or shared (one dir both heads see)."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", metavar="S", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
     gap: float = typer.Option(1.0, "--gap", metavar="S", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
     strategy: Optional[str] = typer.Option(None, "--strategy", metavar="NAME", help="Passed to remedies that use nfsreset (auto, destroy, rst or nft) and to the ocf mover's agent (nfsreset_strategy)."),
@@ -62,43 +110,61 @@ def lab(
     """Show what a VIP move does to a TCP client, in throwaway network namespaces.
 
     Builds node1, node2 and a client on a private bridge (documentation
-    addresses only; the host's network is not touched). node1 and node2 run a
-    server that keeps its sockets like nfsd/NFS-Ganesha; the client behaves like
-    the Linux NFS client over TCP (same source port on reconnect, 180 s
-    TCP_USER_TIMEOUT). The VIP is moved like Pacemaker's IPaddr2: node1 -> node2
-    (failover), then back (failback).
+    addresses only; the host's network is not touched) and moves the VIP
+    node1 -> node2 (failover), then back (failback).
 
-    What it shows with --remedy none: failover recovers in ~1.7 s (IPv4) /
-    ~3.4 s (IPv6), but failback stalls until the client's user timeout. node1
-    still holds the client's old ESTABLISHED socket for the same 4-tuple; it
-    answers the client with bare ACKs and never an RST. The table lists those
-    stale sockets.
+    With no options (none of --server, --mover, --remedy, --vers, --crash) it
+    shows the problem and the fix side by side, as a new user would deploy
+    them: real NFS-Ganesha on both heads, the client speaking NFSv3, a real
+    Corosync + Pacemaker cluster moving the VIP with crm_resource --move.
+    Column `pacemaker` is the baseline, the plain ocf:heartbeat:IPaddr2 every
+    cluster runs today: its failback gets no reply within the cap (node1 still
+    holds the client's old socket and answers with bare ACKs; the client waits
+    for its 180 s user timeout). Column `pacemaker-ocf` is the fix as
+    deployed, the VIP as ocf:nfsreset:IPaddr2nfs (the agent runs nfsreset at
+    stop and start; nothing else to install): first reply ~0.03 s after the
+    VIP is usable. IPv4 and IPv6; about 2 minutes here. The `watch` daemon is
+    the other way to deploy it (--mover pacemaker --remedy watch); it is left
+    out of the default to keep the run short.
 
-    --mover ipaddr2,ocf moves the VIP with the real resource agents instead:
-    plain ocf:heartbeat:IPaddr2 (the baseline) and this project's
+    --state per-head (the default) gives each head its own nfsreset state
+    dir, as on two real machines: a head knows only the clients it served
+    itself, unless the list reaches it another way. The agent publishes it
+    through Pacemaker's attrd (nfsreset_store=auto), so under Pacemaker it is
+    as fast per head as with --state shared (one dir both heads see).
+    `watch` in the lab has no attrd: per head its failover waits for the
+    client's own retransmission (IPv6 ~1.6 s after usable, ~0.02 s shared);
+    docs/lab.md has the figures.
+
+    Name any of --server/--mover/--remedy/--vers/--crash and the others take
+    the lab's plain defaults: --server sim (a Python server that keeps its
+    sockets like nfsd; fast, record echo), --mover ip (ip addr, timed like
+    IPaddr2), --remedy none.
+
+    --mover ipaddr2,ocf moves the VIP with the real resource agents called
+    directly: plain ocf:heartbeat:IPaddr2 (the baseline) and this project's
     ocf:nfsreset:IPaddr2nfs (cli/ocf/nfsreset, running the real nfsreset; keep
-    --remedy none, the agent is the remedy), side by side, with each agent's
-    stop and start times.
+    --remedy none, the agent is the remedy), with each agent's stop and start
+    times.
 
     --mover pacemaker,pacemaker-ocf runs a real two-node Corosync + Pacemaker
     cluster (one node per head, seeded CIB, ~8 s cold start) and moves the VIP
-    as an operator does: crm_resource --move, then --clear. `pacemaker` is the
-    baseline (ocf:heartbeat:IPaddr2); `pacemaker-ocf` is the fix as deployed
-    (ocf:nfsreset:IPaddr2nfs): keep --remedy none with it, the agent is the
-    remedy. --remedy hooks|watch also work with `pacemaker` (hooks run when
-    the kernel shows the delete, not inside Pacemaker). --gap does not apply:
-    Pacemaker decides. Add --crash to make the failover a crash of node1.
+    as an operator does: crm_resource --move, then --clear. --remedy
+    hooks|watch also work with `pacemaker` (hooks run when the kernel shows
+    the delete, not inside Pacemaker). --gap does not apply: Pacemaker
+    decides. Add --crash to make the failover a crash of node1.
 
     --server ganesha runs real NFS-Ganesha on both heads (each in its own mount
     and PID namespace, private /run and /var/lib/nfs, about 0.1-0.3 s to
     listen) and the client sends NFSv3 GETATTR after MOUNT, or NFSv4.0/4.1
     COMPOUND with GETATTR (--vers); a stall is measured on replies that say
-    NFS_OK. --server sim (the default) is faster and needs no packages.
+    NFS_OK.
 
     Several --remedy, --mover or --vers options run each one and print them side by side.
     Needs root. Takes about 2 x (cap + 8) seconds per family, mover and remedy.
     """
     # -- validate everything before a single namespace exists -------------------------
+    server, mover, remedy, vers, showcase = resolve_defaults(server, mover, remedy, vers, crash)
     families = {"4": [4], "6": [6], "both": [4, 6]}.get(family.strip().lower())
     if families is None:
         _fail(f"--family must be 4, 6 or both, not {family!r}")
@@ -163,13 +229,18 @@ def lab(
         missing = available()
         if missing:
             _fail(f"--server ganesha: {missing}")
+    state = state.strip().lower()
+    from nfsreset.lab.run import STATES
+
+    if state not in STATES:
+        _fail(f"--state must be {' or '.join(STATES)}, not {state!r}")
     if os.geteuid() != 0:
         _fail("needs root (it creates network namespaces)")
 
     from nfsreset.lab import report
     from nfsreset.lab.run import run_lab
 
-    progress = _Progress()
+    progress = _Progress(total=2 * len(families) * len(movers) * len(versions) * len(names))
     log = (lambda msg: typer.echo(f"\r\x1b[K  {msg}" if progress.tty else f"  {msg}", err=True)) if verbose else None
     results = []
     restore = _sigterm_raises()
@@ -178,17 +249,16 @@ def lab(
             for how in movers:
                 for ver in versions:
                     for name in names:
-                        progress.label = " ".join([f"IPv{fam}"] + ([how] if len(movers) > 1 else [])
-                                                  + ([f"NFSv{ver}"] if server != "sim" else [])
-                                                  + ([name] if len(names) > 1 else []))
+                        progress.label = run_label(how, name, fam, ver if server != "sim" else None)
                         try:
                             results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
                                                    progress=progress, strategy=strategy, log=log, mover=how,
-                                                   server=server, vers=ver, crash=crash))
+                                                   server=server, vers=ver, crash=crash, state=state))
                         except Exception as e:
                             results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
-                                                               server=server, vers=ver,
+                                                               server=server, vers=ver, state=state,
                                                                error=f"{type(e).__name__}: {e}"))
+                        progress.done_phases = 2 * len(results)   # a failed run keeps the count
     except KeyboardInterrupt:
         progress.done()
         typer.echo("nfsreset lab: interrupted; the lab's namespaces are removed", err=True)
@@ -200,6 +270,8 @@ def lab(
         typer.echo(report.format_json(results, cap, gap, user_timeout, strategy))
     else:
         typer.echo(report.format_text(results, cap, gap, user_timeout))
+        if showcase:
+            typer.echo("\n" + report.showcase_note(results, cap))
     if any(r.error for r in results):
         raise typer.Exit(1)
 

@@ -135,13 +135,15 @@ class AddrMonitor:
 class AgentMover(Mover):
     """Same interface as mover.Mover; the VIP is moved by `agent stop` / `agent start`."""
 
-    def __init__(self, topo: Topology, vip: str, mover: str, state_dir: str, gap: float = 1.0,
+    def __init__(self, topo: Topology, vip: str, mover: str, state_dir: "str | dict[str, str]", gap: float = 1.0,
                  workdir: str = "/tmp", ports: list[int] | None = None, strategy: str | None = None,
                  usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None) -> None:
         super().__init__(topo, vip, gap=gap, workdir=workdir, usable_timeout=usable_timeout, log=log)
         self.name = mover
         self.agent = agent_path(mover)
-        self.env = self._environment(state_dir, ports or [2049], strategy)
+        # one dir both heads see (str), or one per head ({node: dir}, as deployed)
+        self.state_dirs = state_dir if isinstance(state_dir, dict) else {}
+        self.env = self._environment(state_dir if isinstance(state_dir, str) else "", ports or [2049], strategy)
         self._log_seen: dict[str, int] = {}
         # Started long before the first action (servers start in between), so
         # the netlink socket is listening when the first address arrives.
@@ -178,7 +180,10 @@ class AgentMover(Mover):
         # Each head has its own /run/resource-agents and its own log.
         rsctmp = os.path.join(self.workdir, f"rsctmp-{node}")
         os.makedirs(rsctmp, exist_ok=True)
-        return {**self.env, "HA_RSCTMP": rsctmp, "HA_LOGFILE": self._logfile(node)}
+        env = {**self.env, "HA_RSCTMP": rsctmp, "HA_LOGFILE": self._logfile(node)}
+        if self.name == "ocf" and node in self.state_dirs:
+            env["OCF_RESKEY_nfsreset_state_dir"] = self.state_dirs[node]
+        return env
 
     def _logfile(self, node: str) -> str:
         return os.path.join(self.workdir, f"agent-{node}.log")

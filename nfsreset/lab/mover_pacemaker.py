@@ -62,7 +62,7 @@ def check_installed(mover: str) -> None:
 class PacemakerMover(Mover):
     """Same interface as mover.Mover; see the module docstring."""
 
-    def __init__(self, topo: Topology, vip: str, mover: str, state_dir: str, workdir: str = "/tmp",
+    def __init__(self, topo: Topology, vip: str, mover: str, state_dir: "str | dict[str, str]", workdir: str = "/tmp",
                  ports: list[int] | None = None, strategy: str | None = None, crash: bool = False,
                  usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None,
                  per_head_state: bool | None = None) -> None:
@@ -70,23 +70,29 @@ class PacemakerMover(Mover):
         check_installed(mover)
         self.name, self.crash = mover, crash
         params: dict[str, str] = {}
+        per_node: dict[str, dict[str, str]] = {}
         agent_src = None
         if mover == "pacemaker-ocf":
             agent_src = str(REPO_AGENT)
-            params = {"nfsreset_bin": nfsreset_bin(workdir), "nfsreset_state_dir": state_dir,
+            params = {"nfsreset_bin": nfsreset_bin(workdir),
                       "nfsreset_port": " ".join(str(p) for p in (ports or [2049]))}
+            if isinstance(state_dir, dict):   # one per head: a node-rule set each
+                per_node = {node: {"nfsreset_state_dir": d} for node, d in state_dir.items()}
+            else:
+                params["nfsreset_state_dir"] = state_dir
             if strategy:
                 params["nfsreset_strategy"] = strategy
         self.monitor = AddrMonitor(topo, ("node1", "node2"), vip)
         # One state dir per head (no shared storage, as on most real clusters):
-        # each node sees its own directory at state_dir. NFSRESET_LAB_STATE=per-head
-        # turns it on until the lab has an option for it.
+        # `nfsreset lab --state per-head` passes {node: dir} (rule sets above);
+        # NFSRESET_LAB_STATE=per-head, for a shared `state_dir`, makes each node
+        # see its own directory at that path instead (bind mount in the node).
         if per_head_state is None:
             per_head_state = os.environ.get("NFSRESET_LAB_STATE") == "per-head"
         self.per_head_state = per_head_state
         self.cluster = Cluster(topo, workdir, primitive_xml(vip, "ipaddr2" if mover == "pacemaker" else "ocf",
-                                                            params), agent_src=agent_src, log=log,
-                               private_dirs=(state_dir,) if per_head_state else ())
+                                                            params, per_node), agent_src=agent_src, log=log,
+                               private_dirs=(state_dir,) if per_head_state and isinstance(state_dir, str) else ())
         # Figures for the report (report.FamilyResult.cluster).
         self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None}
 

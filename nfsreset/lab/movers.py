@@ -11,10 +11,11 @@ from nfsreset.lab.mover import MOVERS, PACEMAKER_MOVERS, Mover
 from nfsreset.lab.topology import Topology
 
 
-def make_mover(name: str, topo: Topology, vip: str, gap: float, workdir: str, state_dir: str,
+def make_mover(name: str, topo: Topology, vip: str, gap: float, workdir: str, state_dir: "str | dict[str, str]",
                ports: list[int], strategy: str | None, log: Callable[[str], None], crash: bool = False):
     """The mover called `name` (a key of MOVERS) for one lab run; `crash` (Pacemaker
-    movers only): the failover is a crash of node1."""
+    movers only): the failover is a crash of node1; `state_dir`: one dir both
+    heads see, or {node: dir}, one per head."""
     if name in PACEMAKER_MOVERS:
         from nfsreset.lab.mover_pacemaker import PacemakerMover
         return PacemakerMover(topo, vip, name, state_dir, workdir=workdir, ports=ports, strategy=strategy,

@@ -48,6 +48,12 @@ class LabContext:
     @property
     def all_vips(self) -> tuple[str, ...]:
         return self.vips or (self.vip,)
+    # one state dir per head ({node: dir}, as deployed); empty: state_dir is shared
+    state_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def state_dir_for(self, node: str) -> str:
+        """The state dir `node` uses: its own (per-head lab) or the shared one."""
+        return self.state_dirs.get(node, self.state_dir)
 
     def ns(self, node: str) -> str:
         """Name of `node`'s network namespace (for --netns style options)."""

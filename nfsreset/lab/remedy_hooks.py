@@ -3,7 +3,7 @@ moments. `kill` post-stop on the old owner; on the new owner `kill --moment
 pre-start`, then `tickle --wait` started in the background before the address is
 added (it acts the moment the VIP is usable: IPaddr2 spends ~0.8 s announcing an
 IPv6 VIP before a post-start hook could run), and post-start waits for it.
-One state dir both nodes see."""
+Each node's state dir (LabContext.state_dir_for: shared, or one per head)."""
 from __future__ import annotations
 
 import subprocess
@@ -19,8 +19,8 @@ class Hooks(Remedy):
     TICKLE_WAIT_S = 15
 
     @staticmethod
-    def _common(lab: LabContext) -> list[str]:
-        common = ["--vip", lab.vip, "--state-dir", lab.state_dir]
+    def _common(lab: LabContext, node: str) -> list[str]:
+        common = ["--vip", lab.vip, "--state-dir", lab.state_dir_for(node)]
         for p in lab.ports:
             common += ["--port", str(p)]
         if lab.strategy:
@@ -28,7 +28,7 @@ class Hooks(Remedy):
         return common
 
     def _run(self, lab: LabContext, node: str, *args: str) -> None:
-        res = lab.nfsreset(node, *args, *self._common(lab), check=False, timeout=30)
+        res = lab.nfsreset(node, *args, *self._common(lab, node), check=False, timeout=30)
         for line in (res.stderr or "").splitlines():
             lab.log(f"[{node}] {line}")
         if res.returncode not in (0,):
@@ -40,7 +40,7 @@ class Hooks(Remedy):
     def pre_start(self, lab, node, vip):
         self._run(lab, node, "kill", "--moment", "pre-start")
         argv = lab.topo.exec_argv(node, *lab.nfsreset_argv, "tickle", "--wait", str(self.TICKLE_WAIT_S),
-                                  *self._common(lab))
+                                  *self._common(lab, node))
         self.tickler = (node, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
 
     def post_start(self, lab, node, vip):

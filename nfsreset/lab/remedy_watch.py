@@ -24,9 +24,9 @@ class Watch(Remedy):
             self.spawn(lab, node)
         self.wait_ready(("node1", "node2"))
 
-    def argv(self, lab: LabContext) -> list[str]:
+    def argv(self, lab: LabContext, node: str) -> list[str]:
         """`nfsreset watch ...` arguments: one daemon per node watches every VIP."""
-        args = ["watch", "--state-dir", lab.state_dir]
+        args = ["watch", "--state-dir", lab.state_dir_for(node)]
         for v in lab.all_vips:
             args += ["--vip", v]
         for p in lab.ports:
@@ -37,7 +37,7 @@ class Watch(Remedy):
 
     def spawn(self, lab: LabContext, node: str) -> subprocess.Popen:
         """Start the daemon on `node` (see wait_ready)."""
-        proc = lab.topo.popen(node, *lab.nfsreset_argv, *self.argv(lab), stdout=subprocess.DEVNULL,
+        proc = lab.topo.popen(node, *lab.nfsreset_argv, *self.argv(lab, node), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, bufsize=1)
         self.procs[node] = proc
         self.ready[node] = threading.Event()

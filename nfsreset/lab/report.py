@@ -70,6 +70,7 @@ class FamilyResult:
     vers: str = "echo"                      # what the client speaks: lab.run.VERSIONS
     server_start_s: float | None = None     # heads launched -> both listening (Ganesha)
     cluster: dict | None = None             # Pacemaker movers: {"crash", "cold_start_s", "rejoin_s"}
+    state: str = "shared"                   # nfsreset state dir: lab.run.STATES
 
     @property
     def stale_after_failover(self) -> list[str]:
@@ -200,6 +201,44 @@ def server_line(runs: list[FamilyResult]) -> str:
     return "server: " + "; ".join(texts)
 
 
+STATE_WORDS = {"per-head": "one per head (as on two real machines: a head knows only the clients it served)",
+               "shared": "one dir both heads see (the new owner knows the old owner's clients)"}
+
+
+def uses_state(run: FamilyResult) -> bool:
+    """Whether nfsreset ran in this run, so its state dir mattered."""
+    return run.remedy != "none" or run.mover in ("ocf", "pacemaker-ocf")
+
+
+def showcase_note(runs: list[FamilyResult], cap: float) -> str:
+    """What the default `nfsreset lab` table says, in a sentence per family:
+    the baseline's failback against nfsreset's first reply after usable."""
+    out = []
+    for fam in dict.fromkeys(r.family for r in runs):
+        base = next((r for r in runs if r.family == fam and not uses_state(r)), None)
+        fix = next((r for r in runs if r.family == fam and uses_state(r)), None)
+        if base is None or fix is None:
+            continue
+        label = FAMILY_LABEL.get(fam, str(fam))
+        if base.error or base.failback is None:
+            said = f"the baseline run failed ({base.error})"
+        elif base.failback.recovered:
+            said = f"without nfsreset the failback stalled {base.failback.stall_text()}"
+        else:
+            n = len(base.failback.stale)
+            said = (f"without nfsreset the failback got no reply within {_num(cap)} s "
+                    f"({n} stale socket{'s' if n != 1 else ''} on the old owner)")
+        if fix.error or fix.failback is None:
+            fixed = f"the nfsreset run failed ({fix.error})"
+        elif fix.failback.recovered:
+            fixed = (f"with nfsreset the first reply came {_secs(fix.failback.usable_to_first_reply)} after "
+                     f"the VIP was usable (failover {_secs(fix.failover.usable_to_first_reply if fix.failover else None)})")
+        else:
+            fixed = f"with nfsreset the failback got no reply within {_num(cap)} s either"
+        out.append(f"{label}: {said}; {fixed}.")
+    return "\n".join(out)
+
+
 def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: float) -> str:
     """Side-by-side table: one column per remedy (or mover), one block of rows per family."""
     movers = list(dict.fromkeys(r.mover for r in runs))
@@ -220,6 +259,9 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
     ]
     if any(r.server != "sim" for r in runs):
         out.insert(2, server_line(runs))
+    if any(uses_state(r) for r in runs):
+        states = [STATE_WORDS.get(st, st) for st in dict.fromkeys(r.state for r in runs if uses_state(r))]
+        out.insert(2, "nfsreset state dir: " + "; ".join(states))
     if any(m != "ip" for m in movers):
         out.insert(2, "stop / start = wall time of the agent's stop on the old owner / start on the new one")
     table: list[list[str]] = [["", ""] + remedies]
@@ -275,6 +317,7 @@ def run_json(r: FamilyResult) -> dict:
         "mover": r.mover,
         "server": r.server,
         "vers": r.vers,
+        "state": r.state,
         "server_start_s": _ms(r.server_start_s),
         "vip": r.vip,
         "client_port": r.client_port,
@@ -305,6 +348,7 @@ def to_json_obj(runs: Iterable[FamilyResult], cap: float, gap: float, user_timeo
             "movers": list(dict.fromkeys(r.mover for r in runs)),
             "servers": list(dict.fromkeys(r.server for r in runs)),
             "versions": list(dict.fromkeys(r.vers for r in runs)),
+            "states": list(dict.fromkeys(r.state for r in runs)),
         },
         "runs": [run_json(r) for r in runs],
     }

@@ -41,6 +41,9 @@ PORT = 2049
 SERVERS = ("sim", "ganesha")
 # What the client speaks to each server: the sim server only echoes records.
 VERSIONS = {"sim": ("echo",), "ganesha": ("3", "4.0", "4.1")}
+# Where the heads keep nfsreset's state (client list, pending kills): one dir
+# each, as on two real machines, or one dir both see (the lab's old default).
+STATES = ("per-head", "shared")
 # Progress(stage, elapsed, limit): the command turns it into a status line.
 Progress = Callable[[str, "float | None", "float | None"], None]
 
@@ -197,15 +200,16 @@ class _Run:
     def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
                  progress: Progress, strategy: str | None, log: Callable[[str], None],
                  steady: float, settle: float, mover: str = "ip", server: str = "sim",
-                 vers: str = "echo", crash: bool = False) -> None:
+                 vers: str = "echo", crash: bool = False, state: str = "shared") -> None:
         self.family, self.cap, self.remedy, self.mover_name = family, cap, remedy, mover
+        self.state = state
         self.server, self.vers, self.crash = server, vers, crash
         self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
         self.strategy, self.log = strategy, log
         self.steady, self.settle = steady, settle
         self.vip = VIP4 if family == 4 else VIP6
         self.result = report.FamilyResult(family=family, remedy=remedy.name, vip=self.vip, mover=mover,
-                                          server=server, vers=vers)
+                                          server=server, vers=vers, state=state)
         self.heads: list[ganesha.Head] = []
         self.export_dir: str | None = None
         self.topo: Topology | None = None
@@ -258,11 +262,16 @@ class _Run:
         self.workdir = tempfile.mkdtemp(prefix="nfsreset-lab-")
         state_dir = os.path.join(self.workdir, "state")
         os.mkdir(state_dir)
+        state_dirs: dict[str, str] = {}
+        if self.state == "per-head":
+            for node in ("node1", "node2"):
+                state_dirs[node] = os.path.join(self.workdir, f"state-{node}")
+                os.mkdir(state_dirs[node])
         self.lab = LabContext(topo=self.topo, state_dir=state_dir, family=self.family, vip=self.vip,
                               ports=[PORT], nfsreset_argv=[sys.executable, "-m", "nfsreset"],
-                              strategy=self.strategy, log=self.log)
-        self.mover = make_mover(self.mover_name, self.topo, self.vip, self.gap, self.workdir, state_dir,
-                                [PORT], self.strategy, self.log, crash=self.crash)
+                              strategy=self.strategy, log=self.log, state_dirs=state_dirs)
+        self.mover = make_mover(self.mover_name, self.topo, self.vip, self.gap, self.workdir,
+                                state_dirs or state_dir, [PORT], self.strategy, self.log, crash=self.crash)
         # Pacemaker movers: cold start, crash and rejoin figures, filled in as they happen.
         self.result.cluster = getattr(self.mover, "figures", None)
 
@@ -337,11 +346,12 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
             progress: Progress | None = None, strategy: str | None = None,
             log: Callable[[str], None] | None = None, steady: float = 1.0,
             settle: float = 0.5, mover: str = "ip", server: str = "sim",
-            vers: str | None = None, crash: bool = False) -> report.FamilyResult:
+            vers: str | None = None, crash: bool = False, state: str = "shared") -> report.FamilyResult:
     """Run the lab once for `family` (4 or 6) with `remedy`, the VIP moved by
     `mover` (mover.MOVERS), the heads running `server` (SERVERS) and the client
     speaking `vers` (VERSIONS[server]; the first one by default); `crash`: the
-    failover is a crash of node1 (Pacemaker movers only); everything removed
+    failover is a crash of node1 (Pacemaker movers only); `state` (STATES):
+    one nfsreset state dir per head or one both see; everything removed
     afterwards.
 
     Raises LabError / TopologyError when the lab itself cannot be built or the
@@ -354,8 +364,10 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
     vers = vers or VERSIONS[server][0]
     if vers not in VERSIONS[server]:
         raise ValueError(f"the {server} server speaks {', '.join(VERSIONS[server])}, not {vers!r}")
+    if state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, not {state!r}")
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
-               log or (lambda _m: None), steady, settle, mover, server, vers, crash)
+               log or (lambda _m: None), steady, settle, mover, server, vers, crash, state)
     try:
         run.begin()
         run.result.failover = run.move("failover", "node1", "node2")
@@ -365,5 +377,5 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
         run.teardown()
 
 
-__all__ = ["run_lab", "SERVERS", "VERSIONS", "vip_sockets", "start_servers", "start_client", "LabError",
-           "TopologyError", "ClientLog"]
+__all__ = ["run_lab", "SERVERS", "VERSIONS", "STATES", "vip_sockets", "start_servers", "start_client",
+           "LabError", "TopologyError", "ClientLog"]

@@ -51,7 +51,9 @@ def stale_tuple(lines: list[str], vip: str, client: str, port: int) -> list[str]
 @pytest.mark.slow
 def test_baseline_failover_recovers_failback_stalls_on_stale_socket():
     before = ours(os.getpid())
-    res = CliRunner().invoke(app(), ["--family", "both", "--cap", str(CAP), "--json"])
+    # --remedy none: the plain lab (sim server, ip mover); no options at all is the
+    # Pacemaker showcase (tests/ns/test_lab_default.py)
+    res = CliRunner().invoke(app(), ["--family", "both", "--cap", str(CAP), "--remedy", "none", "--json"])
     assert res.exit_code == 0, res.output
     assert ours(os.getpid()) == before, "the lab left namespaces behind"
     obj = json.loads(res.stdout)
@@ -74,7 +76,13 @@ def test_baseline_failover_recovers_failback_stalls_on_stale_socket():
         # failback: the client's segments land on the stale socket: no RST, no reply within the cap
         assert fb["recovered"] is False and fb["stall"] is None and fb["cap"] == CAP, (fam, fb)
         assert not any("ECONNRESET" in e for e in fb["client_events"])
-    assert "waiting for replies" in res.stderr   # sparse progress lines when stderr is no tty
+    # one progress line per phase when stderr is no tty
+    assert [line for line in res.stderr.splitlines() if line.startswith("[")] == [
+        "[1/4] baseline (ip addr, like IPaddr2), IPv4: failover ...",
+        "[2/4] baseline (ip addr, like IPaddr2), IPv4: failback ...",
+        "[3/4] baseline (ip addr, like IPaddr2), IPv6: failover ...",
+        "[4/4] baseline (ip addr, like IPaddr2), IPv6: failback ...",
+    ], res.stderr
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,6 +90,7 @@ def test_baseline_failover_recovers_failback_stalls_on_stale_socket():
     (["--cap", "0"], "nfsreset lab: --cap must be a positive number"),
     (["--cap", "-2"], "nfsreset lab: --cap must be a positive number"),
     (["--remedy", "none", "--remedy", "no-such-remedy"], "nfsreset lab: unknown remedy 'no-such-remedy'"),
+    (["--state", "both"], "nfsreset lab: --state must be per-head or shared, not 'both'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_builds_nothing(args, message):
     before = ours(os.getpid())
@@ -104,7 +113,7 @@ def test_not_root_is_refused_before_anything_is_built():
 
 @pytest.mark.parametrize("server", ["sim", pytest.param("ganesha", marks=needs_ganesha)])
 def test_sigterm_mid_run_removes_every_namespace(server):
-    extra = ganesha_args("3") if server == "ganesha" else []
+    extra = ganesha_args("3") if server == "ganesha" else ["--server", "sim"]
     proc = subprocess.Popen([sys.executable, "-c", LAB_MAIN, "--family", "4", "--cap", "30", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     heads: set[int] = set()

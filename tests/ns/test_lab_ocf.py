@@ -44,9 +44,10 @@ if not os.access(IPADDR2, os.X_OK):
 @functools.cache
 def lab(*args: str) -> tuple[dict, str, int]:
     """One lab run (cached: every test reads it); (JSON, verbose log, the lab's pid).
-    `args` replace `--family both` (the Ganesha case runs one family)."""
+    `args` replace `--family both` (the Ganesha case runs one family). --state shared:
+    the failover figures need the old owner's client list on the new owner (docs/lab.md)."""
     proc = subprocess.Popen([NFSRESET, "lab", *(args or ("--family", "both")), "--mover", "ipaddr2,ocf",
-                             "--cap", str(CAP), "--json", "--verbose"],
+                             "--state", "shared", "--cap", str(CAP), "--json", "--verbose"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=300)

@@ -29,8 +29,12 @@ CAP = 8
 
 @functools.cache
 def lab(*args: str) -> tuple[dict, str]:
-    """One `nfsreset lab --family both` run (cached: several tests read one run)."""
-    res = subprocess.run([NFSRESET, "lab", "--family", "both", "--cap", str(CAP), "--json", "--verbose", *args],
+    """One `nfsreset lab --family both` run (cached: several tests read one run).
+    --state shared: the failover figures need the old owner's client list on the
+    new owner; with one state dir per head (the lab's default) the failover waits
+    for the client's own retransmission (docs/lab.md)."""
+    res = subprocess.run([NFSRESET, "lab", "--family", "both", "--cap", str(CAP), "--state", "shared", "--json",
+                          "--verbose", *args],
                          capture_output=True, text=True, timeout=4 * (CAP + 15) + 60)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout), res.stderr

@@ -51,3 +51,27 @@ def test_seeded_cib_passes_crm_verify(tmp_path):
     path.write_text(cib_xml(primitive_xml("198.51.100.10", "ocf", {"nfsreset_port": "2049"})))
     res = subprocess.run(["crm_verify", "--xml-file", str(path)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_per_head_parameters_are_node_rule_sets():
+    """`nfsreset lab --state per-head`: each head's state dir in its own set, chosen by #uname."""
+    prim = next(ET.fromstring(cib_xml(primitive_xml(
+        "198.51.100.10", "ocf", {"nfsreset_port": "2049"},
+        {"node1": {"nfsreset_state_dir": "/s/node1"}, "node2": {"nfsreset_state_dir": "/s/node2"}}))).iter("primitive"))
+    sets = {}
+    for ia in prim.findall("instance_attributes"):
+        expr = ia.find("rule/expression")
+        node = None if expr is None else (expr.get("attribute"), expr.get("operation"), expr.get("value"))
+        sets[node] = {nv.get("name"): nv.get("value") for nv in ia.findall("nvpair")}
+    assert sets[("#uname", "eq", "node1")] == {"nfsreset_state_dir": "/s/node1"}
+    assert sets[("#uname", "eq", "node2")] == {"nfsreset_state_dir": "/s/node2"}
+    assert "nfsreset_state_dir" not in sets[None] and sets[None]["nfsreset_port"] == "2049"
+
+
+@pytest.mark.skipif(shutil.which("crm_verify") is None, reason="needs pacemaker-cli-utils (crm_verify)")
+def test_per_head_cib_passes_crm_verify(tmp_path):
+    path = tmp_path / "cib.xml"
+    path.write_text(cib_xml(primitive_xml("2001:db8::10", "ocf", {"nfsreset_port": "2049"},
+                                          {n: {"nfsreset_state_dir": f"/s/{n}"} for n in ("node1", "node2")})))
+    res = subprocess.run(["crm_verify", "--xml-file", str(path)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr + res.stdout

@@ -108,7 +108,7 @@ def test_json_expresses_unrecovered_as_recovered_false_with_cap():
     }
     assert obj["settings"] == {"cap": 8.0, "gap": 1.0, "user_timeout": 180.0, "strategy": None,
                                "families": [4], "remedies": ["none"], "movers": ["ip"],
-                               "servers": ["sim"], "versions": ["echo"]}
+                               "servers": ["sim"], "versions": ["echo"], "states": ["shared"]}
     assert run["hook_timings"] == [{"phase": "failover", "hook": "post_stop", "node": "node1",
                                     "seconds": 0.0, "error": None}]
 
@@ -164,3 +164,26 @@ def test_text_shows_an_error_run_without_crashing():
     err = R.FamilyResult(family=6, remedy="none", vip="", error="TopologyError: no bridge")
     text = R.format_text([baseline(), err], cap=8.0, gap=1.0, user_timeout=180)
     assert "TopologyError: no bridge" in text
+
+
+def test_showcase_note_sets_baseline_failback_against_nfsreset_first_reply():
+    """The default `nfsreset lab` ends with one sentence per family: problem, then fix."""
+    base, fix = baseline(), remedied()
+    base.mover, fix.mover, fix.remedy, fix.state = "pacemaker", "pacemaker-ocf", "none", "per-head"
+    six_base, six_fix = baseline(6, "2001:db8::10"), remedied(6)
+    six_base.mover, six_fix.mover, six_fix.remedy = "pacemaker", "pacemaker-ocf", "none"
+    note = R.showcase_note([base, fix, six_base, six_fix], cap=8.0)
+    assert note.splitlines() == [
+        "IPv4: without nfsreset the failback got no reply within 8 s (1 stale socket on the old owner); "
+        "with nfsreset the first reply came 0.061 s after the VIP was usable (failover 0.688 s).",
+        "IPv6: without nfsreset the failback got no reply within 8 s (1 stale socket on the old owner); "
+        "with nfsreset the first reply came 0.061 s after the VIP was usable (failover 0.688 s).",
+    ]
+    text = R.format_text([base, fix], cap=8.0, gap=1.0, user_timeout=180)
+    assert "nfsreset state dir: one per head" in text
+
+
+def test_state_line_only_when_nfsreset_ran():
+    assert "state dir" not in R.format_text([baseline()], cap=8.0, gap=1.0, user_timeout=180)
+    assert "nfsreset state dir: one dir both heads see" in R.format_text(
+        [baseline(), remedied()], cap=8.0, gap=1.0, user_timeout=180)
