@@ -42,12 +42,12 @@ import time
 import pytest
 
 from nfsreset import netns, sockdiag
+from tests import debpkg
 from nfsreset.lab.topology import HOST_ADDRS, VIP4
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf, pytest.mark.slow]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-DIST = ROOT / "dist"
 PORT = 2049
 VIP6_AWAY = "2001:db8::10"        # listed in the config, never configured: the "away" path
 OCF_VIP = "198.51.100.20"
@@ -76,31 +76,11 @@ def need(tool: str, package: str) -> str:
     return path
 
 
-def _newest_source_mtime() -> float:
-    newest = 0.0
-    for top in ("nfsreset", "bpf", "cli", "packaging", "docs", "README.md", "pyproject.toml"):
-        p = ROOT / top
-        for f in ([p] if p.is_file() else p.rglob("*")):
-            if f.is_file() and "__pycache__" not in f.parts:
-                newest = max(newest, f.stat().st_mtime)
-    return newest
-
-
 @pytest.fixture(scope="session")
 def deb() -> pathlib.Path:
     """dist/nfsreset_<version>_all.deb, built once per session unless dist/ has
-    one newer than every source file."""
-    version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
-                   if line.startswith("version = "))
-    path = DIST / f"nfsreset_{version}_all.deb"
-    if not path.exists() or path.stat().st_mtime < _newest_source_mtime():
-        t0 = time.monotonic()
-        res = subprocess.run(["bash", str(ROOT / "packaging" / "build-deb.sh")], capture_output=True,
-                             text=True, timeout=600)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        print(f"\n[package] built {path.name} in {time.monotonic() - t0:.1f} s")
-    assert path.exists()
-    return path
+    one newer than every source file (tests/debpkg.py)."""
+    return debpkg.built_deb()
 
 
 @pytest.fixture(scope="session")
