@@ -453,6 +453,12 @@ class Engine:
                     return False
             out.add(step)
             self.log(f"announced {act.vip} on {step.ifname}{dry}")
+        elif isinstance(act, P.Reconnected):
+            out.add(Step(Kind.TICKLE, vip=act.vip, tuples=len(act.keys), sent=0,
+                         reconnected=[format_endpoint(k.client, k.cport) for k in act.keys], silent=[]))
+            self.log(f"{len(act.keys)} known client tuple(s) of {act.vip} already reconnected here, "
+                     f"not tickled: {', '.join(format_endpoint(k.client, k.cport) for k in act.keys[:8])}"
+                     + (f" (+{len(act.keys) - 8} more)" if len(act.keys) > 8 else ""))
         elif isinstance(act, P.Tickle):
             try:
                 self._tickle(act, out, stale_cookies)

@@ -145,8 +145,16 @@ class Unable:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Reconnected:
+    """Known client tuples that already have a live socket here (the client came
+    back on its own before we acted): not tickled, only reported."""
+    vip: str
+    keys: tuple[FlowKey, ...]
+
+
 Action = (Record | Quarantine | LiftQuarantine | Destroy | ExactRst | GuardTuples | Defer
-          | Announce | Tickle | Refuse | Unable)
+          | Announce | Tickle | Reconnected | Refuse | Unable)
 DESTRUCTIVE = (Destroy, ExactRst, GuardTuples)
 
 
@@ -364,14 +372,18 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     # A tuple with a live socket here (made since the VIP arrived) is a client
     # that already reconnected: a tickle would only disturb it.
     live = {f.key for f in mine} - {f.key for f in stale}
-    keys = tuple(sorted({k for k in known_clients
-                         if k.vip == vip and k.vport in opts.ports and k not in live
-                         and (not opts.clients or any(s.matches(k) for s in opts.clients))}, key=key_order))
+    known = {k for k in known_clients
+             if k.vip == vip and k.vport in opts.ports
+             and (not opts.clients or any(s.matches(k) for s in opts.clients))}
+    keys = tuple(sorted(known - live, key=key_order))
+    back = tuple(sorted(known & live, key=key_order))
     if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:
             actions.append(Tickle(vip, keys, _schedule(opts.tickle_rounds), opts.tickle_rate,
                                   opts.tickle_max_packets))
+    if back:
+        actions.append(Reconnected(vip, back))
     return actions
 
 
