@@ -96,8 +96,13 @@ def apt_cache_deps() -> None:
 class Container:
     """systemd as PID 1 of a container on this host's root, in network namespace `ns`."""
 
-    def __init__(self, name: str, ns: str, logdir: pathlib.Path, tracefs: bool = True):
-        self.name, self.ns, self.tracefs = name, ns, tracefs
+    # Where the package's directory is seen inside: the host's /tmp is not (nspawn
+    # gives the container a /tmp of its own), and a CI clone may live there.
+    DIST_INSIDE = "/mnt/nfsreset-dist"
+
+    def __init__(self, name: str, ns: str, logdir: pathlib.Path, tracefs: bool = True,
+                 dist: pathlib.Path | None = None):
+        self.name, self.ns, self.tracefs, self.dist = name, ns, tracefs, dist
         self.root = tempfile.mkdtemp(prefix=f"{name}-root-")
         self.cgroups = [os.path.join(r, name) for r in CG_ROOTS]
         self.proc: subprocess.Popen | None = None
@@ -117,6 +122,7 @@ class Container:
             "--system-call-filter=bpf perf_event_open",
             # the tracefs a head has (nspawn mounts /sys without it)
             *(["--bind-ro=/sys/kernel/tracing"] if self.tracefs else []),
+            *([f"--bind-ro={self.dist}:{self.DIST_INSIDE}"] if self.dist else []),
             "--", "systemd.unit=basic.target", "systemd.show_status=no",
             "systemd.mask=apt-daily.timer", "systemd.mask=apt-daily-upgrade.timer",
             "systemd.mask=man-db.timer", "systemd.mask=e2scrub_all.timer",
@@ -208,9 +214,9 @@ class Container:
 
 
 @pytest.fixture
-def container(topo, tmp_path):
+def container(topo, tmp_path, deb):
     need("systemd-nspawn", "systemd-container")
-    c = Container(f"nfsr-{os.getpid()}-sd", topo.ns("node1"), tmp_path)
+    c = Container(f"nfsr-{os.getpid()}-sd", topo.ns("node1"), tmp_path, dist=deb.parent)
     try:
         yield c
     finally:
@@ -287,8 +293,9 @@ def test_package_under_systemd(topo, container, deb, apt_cache_deps):
     c.run("rm", "-f", "/usr/sbin/policy-rc.d")
 
     # -- install (apt resolves the Depends from Debian 12 packages) ---------------------
+    inside = f"{Container.DIST_INSIDE}/{deb.name}"
     t0 = time.monotonic()
-    c.run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb), timeout=180,
+    c.run("apt-get", "install", "-y", "-q", "--no-install-recommends", inside, timeout=180,
           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     t["install"] = time.monotonic() - t0
     assert c.run("dpkg-query", "-W", "-f=${Status}", "nfsreset").stdout == "install ok installed"
@@ -435,7 +442,7 @@ def test_package_under_systemd(topo, container, deb, apt_cache_deps):
     wait_for("ready again", lambda: journal(c).count("ready: watching") >= 2)
     first = c.host_pids(UNIT)
     t0 = time.monotonic()
-    c.run("apt-get", "install", "-y", "-q", "--reinstall", str(deb), timeout=180,
+    c.run("apt-get", "install", "-y", "-q", "--reinstall", inside, timeout=180,
           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     t["reinstall"] = time.monotonic() - t0
     wait_for("ready after the upgrade", lambda: journal(c).count("ready: watching") >= 3)
