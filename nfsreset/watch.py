@@ -305,6 +305,17 @@ class Log:
 _TIMING = re.compile(r" in [0-9.]+ ms\b")
 
 
+def _histogram(name: str, buckets, counts, total: float) -> list[str]:
+    """Prometheus histogram lines: cumulative buckets (the last count is past the
+    last bound, i.e. only in +Inf), then _sum and _count."""
+    out, acc = [], 0
+    for b, n in zip(buckets, counts):
+        acc += n
+        out.append(f'{name}_bucket{{le="{b}"}} {acc}')
+    acc += counts[-1]
+    return out + [f'{name}_bucket{{le="+Inf"}} {acc}', f"{name}_sum {total:.6f}", f"{name}_count {acc}"]
+
+
 class Metrics:
     """Prometheus text exposition, kept by hand (no client library on Debian's python)."""
     BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -354,25 +365,13 @@ class Metrics:
                       "# TYPE nfsreset_address_events_total counter", f"nfsreset_address_events_total {self.events}",
                       "# HELP nfsreset_action_seconds From address event to the action done.",
                       "# TYPE nfsreset_action_seconds histogram"]
-            acc = 0
-            for b, n in zip(self.BUCKETS, self.hist):
-                acc += n
-                lines.append(f'nfsreset_action_seconds_bucket{{le="{b}"}} {acc}')
-            acc += self.hist[-1]
-            lines += [f'nfsreset_action_seconds_bucket{{le="+Inf"}} {acc}',
-                      f"nfsreset_action_seconds_sum {self.hist_sum:.6f}", f"nfsreset_action_seconds_count {acc}"]
+            lines += _histogram("nfsreset_action_seconds", self.BUCKETS, self.hist, self.hist_sum)
             lines += ["# HELP nfsreset_client_return_seconds From a VIP usable here to each known client's "
                       "first new connection (move report).",
                       "# TYPE nfsreset_client_return_seconds histogram"]
-            acc = 0
-            for b, n in zip(self.RETURN_BUCKETS, self.returns):
-                acc += n
-                lines.append(f'nfsreset_client_return_seconds_bucket{{le="{b}"}} {acc}')
-            acc += self.returns[-1]
-            lines += [f'nfsreset_client_return_seconds_bucket{{le="+Inf"}} {acc}',
-                      f"nfsreset_client_return_seconds_sum {self.returns_sum:.6f}",
-                      f"nfsreset_client_return_seconds_count {acc}",
-                      "# HELP nfsreset_clients_not_back_total Known clients not back within the move report's bound.",
+            lines += _histogram("nfsreset_client_return_seconds", self.RETURN_BUCKETS, self.returns,
+                                self.returns_sum)
+            lines += ["# HELP nfsreset_clients_not_back_total Known clients not back within the move report's bound.",
                       "# TYPE nfsreset_clients_not_back_total counter",
                       f"nfsreset_clients_not_back_total {self.not_back}"]
             return "\n".join(lines) + "\n"
