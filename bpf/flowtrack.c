@@ -2,7 +2,7 @@
 /*
  * flowtrack: the TCP sockets of watched VIPs and ports, as the kernel changes them.
  *
- * Loaded by nfsreset/tracker.py through bcc. Only raw tracepoints are used:
+ * Loaded by nfsreset/flows/tracker.py through bcc. Only raw tracepoints are used:
  * this kernel has no kprobes and refuses fentry, and a raw tracepoint skips
  * building the event record that a classic tracepoint fills for every socket
  * of the host (measured: the classic sock:inet_sock_set_state alone cost ~6%
@@ -34,7 +34,7 @@
     !defined(OFF_SK_RCV_SADDR) || !defined(OFF_SK_DADDR) || !defined(OFF_SK_V6_RCV_SADDR) || \
     !defined(OFF_SK_V6_DADDR) || !defined(COMMON_LO) || !defined(COMMON_LEN) || \
     !defined(SEQS_LO) || !defined(SEQS_LEN) || !defined(TCB_LO) || !defined(TCB_LEN)
-#error "struct offsets must come from BTF: see nfsreset.tracker.bpf_offsets()"
+#error "struct offsets must come from BTF: see nfsreset.flows.tracker.bpf_offsets()"
 #endif
 #ifndef SLOT_BITS
 #define SLOT_BITS 16

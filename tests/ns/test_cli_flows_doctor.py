@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from nfsreset.lab.topology import VIP4, VIP6
-from nfsreset.model import format_endpoint
+from nfsreset.core.model import format_endpoint
 from tests.ns.scene import NFSRESET, Scene, nft_tables
 
 pytestmark = [pytest.mark.netns]

@@ -12,12 +12,12 @@ import typing
 
 import pytest
 
-from nfsreset import cli, cli_common, cli_hooks
+from nfsreset.cli import main as cli, common as cli_common, hooks as cli_hooks
 
 
 def _click_params(command: str) -> dict:
     import typer
-    from nfsreset.cli_app import app
+    from nfsreset.cli.app import app
     group = typer.main.get_command(app)
     cmd = group.commands[command]
     out = {}
@@ -112,7 +112,7 @@ def test_the_hook_path_does_not_import_typer():
     # The point of the second front end: measured ~75 ms of a ~140 ms hook.
     res = subprocess.run([sys.executable, "-c",
                           "import sys; sys.argv = ['nfsreset', 'kill']\n"
-                          "from nfsreset import cli\n"
+                          "from nfsreset.cli import main as cli\n"
                           "try:\n    cli.main()\n"
                           "except SystemExit:\n    pass\n"
                           "print(sorted(m for m in sys.modules if m.split('.')[0] in ('typer', 'pydantic', 'click')))"],
@@ -126,7 +126,7 @@ def test_the_hook_path_does_not_import_typer():
 # value alike. --dry-run: these need no root and change nothing.
 def _run_typer(*argv):
     code = ("import sys\nsys.argv = ['nfsreset', *sys.argv[1:]]\n"
-            "from nfsreset.cli_app import main\nmain()")
+            "from nfsreset.cli.app import main\nmain()")
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=30)
 
 
@@ -163,14 +163,14 @@ def test_bad_values_get_the_same_one_line_from_both_front_ends(argv, start, tmp_
 # A fault inside a command body, on either front end: one line and exit 1
 # (the traceback only with NFSRESET_DEBUG=1); Ctrl-C: one line and exit 130.
 _INJECT = ("import sys\nfront = sys.argv[1]\nsys.argv = ['nfsreset', *sys.argv[2:]]\n"
-           "from nfsreset import cli_common\n"
+           "from nfsreset.cli import common as cli_common\n"
            "def body(*a, **k):\n"
            "    raise {exc}\n"
            "cli_common.kill = body\n"
            "if front == 'typer':\n"
-           "    from nfsreset.cli_app import main\n"
+           "    from nfsreset.cli.app import main\n"
            "else:\n"
-           "    from nfsreset.cli import main\n"
+           "    from nfsreset.cli.main import main\n"
            "main()")
 
 
@@ -190,7 +190,7 @@ def test_an_unexpected_exception_is_one_line_and_exit_1(front):
     first, *rest = debug.stderr.splitlines()
     assert first == "nfsreset kill: internal error: RuntimeError: the adapter broke"
     assert rest and rest[0] == "Traceback (most recent call last):" and "RuntimeError" in rest[-1]
-    assert {"typer": "cli_app.py", "hooks": "cli_hooks.py"}[front] in debug.stderr   # the front end named
+    assert {"typer": "cli/app.py", "hooks": "cli/hooks.py"}[front] in debug.stderr   # the front end named
 
 
 @pytest.mark.parametrize("front", ["hooks", "typer"])
@@ -212,7 +212,7 @@ def test_the_debug_variable_is_documented_in_help():
 
 
 def test_tickle_help_documents_the_pacing_bounds_and_their_defaults():
-    from nfsreset import pace
+    from nfsreset.core import pace
     res = _run("tickle", "--help")
     text = " ".join(res.stdout.split())
     assert f"{pace.TICKLE_RATE_PPS:,}" in text and f"{pace.TICKLE_MAX_PACKETS:,}" in text

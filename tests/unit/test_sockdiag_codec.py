@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfsreset import sockdiag
-from nfsreset.model import Flow, FlowKey, norm_ip
+from nfsreset.kernel import sockdiag
+from nfsreset.core.model import Flow, FlowKey, norm_ip
 
 AF4, AF6 = socket.AF_INET, socket.AF_INET6
 

@@ -19,8 +19,8 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 
-from nfsreset.model import Flow, FlowKey, key_order
-from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
+from nfsreset.core.model import Flow, FlowKey, key_order
+from nfsreset.core.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 # Tickle repeats (seconds after the first). The client answers at most one
 # invalid segment per 500 ms (tcp_invalid_ratelimit), so a tickle right after
@@ -65,7 +65,7 @@ class Options:
     force: bool = False                    # allow acting on a configured VIP for named sessions
     tickle_rounds: int = len(TICKLE_SCHEDULE)
     announce: bool = True                  # False while an IPv6 VIP is still in DAD
-    tickle_rate: int = TICKLE_RATE_PPS     # forged ACKs per second (nfsreset.pace)
+    tickle_rate: int = TICKLE_RATE_PPS     # forged ACKs per second (nfsreset.core.pace)
     tickle_max_packets: int = TICKLE_MAX_PACKETS   # forged ACKs per call, all rounds
 
 

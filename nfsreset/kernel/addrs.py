@@ -3,12 +3,12 @@
 A few dozen lines instead of pyroute2: importing pyroute2 and opening an
 IPRoute costs ~0.13 s here, and hooks must send their first packet within
 0.1 s of exec. The daemon, which starts once, decodes its address and route
-events with pyroute2 (nfsreset.watch.decode_rtnl) and asks presence here.
+events with pyroute2 (nfsreset.daemon.daemon.decode_rtnl) and asks presence here.
 
 Two questions share one socket and one datagram: the address table (an
 RTM_GETADDR dump) and, per VIP, a FIB lookup (RTM_GETROUTE, what `ip route
 get` asks), which answers RTN_LOCAL for an address that is local through a
-`local` route range (AnyIP, LVS-DR) as well. nfsreset.presence decides from
+`local` route range (AnyIP, LVS-DR) as well. nfsreset.core.presence decides from
 both (docs/internals.md, "Presence").
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import socket
 import struct
 from collections.abc import Iterable
 
-from nfsreset import presence as _presence
-from nfsreset.presence import Presence
+from nfsreset.core import presence as _presence
+from nfsreset.core.presence import Presence
 
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26

@@ -32,7 +32,7 @@ import socket
 import struct
 import time
 
-from nfsreset import packets
+from nfsreset.kernel import packets
 
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
@@ -154,7 +154,7 @@ def probe_many(keys, timeout: float = 0.3, sender=None, on_answer=None) -> dict:
     uses it to send the RST at once, before the socket moves on). A key whose
     probe drew an RST (no such socket) is dropped from the wait.
     """
-    from nfsreset.rawsend import RawSender, close_later
+    from nfsreset.kernel.rawsend import RawSender, close_later
 
     by_id = {_tuple_id(k): k for k in keys}
     if not by_id:
@@ -221,7 +221,7 @@ def learn_seq(key, timeout: float = 0.3, sender=None) -> tuple[int, int] | None:
     """(snd_nxt, rcv_nxt) of the local socket for `key`, or None (no answer, or no socket).
 
     Runs in the current network namespace, where key.vip must be configured.
-    `sender` is an optional nfsreset.rawsend.RawSender to reuse.
+    `sender` is an optional nfsreset.kernel.rawsend.RawSender to reuse.
     """
     return probe_many([key], timeout, sender).get(key)
 
@@ -229,7 +229,7 @@ def learn_seq(key, timeout: float = 0.3, sender=None) -> tuple[int, int] | None:
 def kill_local_many(keys, timeout: float = 0.5, sender=None) -> set:
     """Exact-RST every local socket of `keys`; returns the keys an RST was sent for
     (each right after its answer arrived). The caller verifies with a dump."""
-    from nfsreset.rawsend import RawSender
+    from nfsreset.kernel.rawsend import RawSender
 
     own = sender is None
     sender = sender or RawSender()

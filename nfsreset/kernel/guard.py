@@ -80,8 +80,8 @@ import socket
 import threading
 from typing import Iterable
 
-from nfsreset import netns
-from nfsreset.model import FlowKey, family_of, norm_ip
+from nfsreset.kernel import netns
+from nfsreset.core.model import FlowKey, family_of, norm_ip
 
 TABLE = "nfsreset"
 FAMILY = "inet"

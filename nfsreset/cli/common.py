@@ -80,7 +80,7 @@ NETNS_HELP = "Act inside this named network namespace (/run/netns/NAME); it must
 
 
 def _vip(text: str) -> str:
-    from nfsreset.model import vip_address
+    from nfsreset.core.model import vip_address
     try:
         return vip_address(text)
     except ValueError as e:
@@ -95,8 +95,8 @@ def _ports(ports: list[int]) -> frozenset[int]:
 
 
 def _clients(texts: list[str], need_port: bool = False):
-    from nfsreset.model import host_address, parse_endpoint
-    from nfsreset.plan import Session
+    from nfsreset.core.model import host_address, parse_endpoint
+    from nfsreset.core.plan import Session
     out = []
     for t in texts:
         try:
@@ -111,7 +111,7 @@ def _clients(texts: list[str], need_port: bool = False):
 
 
 def _strategy(s: str) -> str:
-    from nfsreset.plan import STRATEGIES
+    from nfsreset.core.plan import STRATEGIES
     if s not in STRATEGIES:
         raise Fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {s!r}")
     return s
@@ -129,8 +129,8 @@ def _state(path: str | None, dry_run: bool = False, store: str = "dir"):
         return None
     if not path:
         raise Fail("--state-dir: '' is not a directory (an empty path)")
-    from nfsreset.statedir import StateError
-    from nfsreset.store import BACKENDS, open_store
+    from nfsreset.state.statedir import StateError
+    from nfsreset.state.store import BACKENDS, open_store
     if store not in BACKENDS:
         raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {store!r}")
     try:
@@ -145,7 +145,7 @@ def _netns(name: str | None) -> None:
     """Check --netns before anything is made: a name under /run/netns, and there."""
     if name is None:
         return
-    from nfsreset import netns
+    from nfsreset.kernel import netns
     try:
         there = netns.exists(name)
     except netns.NetnsError as e:
@@ -159,7 +159,7 @@ def _check_pending(state, vip: str) -> None:
     call it inside --netns) before anything is done."""
     if state is None:
         return
-    from nfsreset.statedir import StateError
+    from nfsreset.state.statedir import StateError
     try:
         state.read_pending(vip)
     except StateError as e:
@@ -167,7 +167,7 @@ def _check_pending(state, vip: str) -> None:
 
 
 def _in_netns(name: str | None):
-    from nfsreset import netns
+    from nfsreset.kernel import netns
     _netns(name)
     return netns.entered(name)
 
@@ -206,7 +206,7 @@ KILL_DOC = """End every session on a VIP that is no longer (or not yet) configur
 def kill(vip: str, client: list[str], port: list[int], state_dir: str | None, strategy: str,
          moment: str, force: bool, netns_name: str | None, dry_run: bool, json_out: bool,
          store: str = "auto") -> int:
-    from nfsreset import plan as P
+    from nfsreset.core import plan as P
     vip_ = _vip(vip)
     opts = P.Options(vips=frozenset({vip_}), ports=_ports(port), strategy=_strategy(strategy),
                      clients=_clients(client), force=force)
@@ -252,9 +252,9 @@ TICKLE_DOC = """Make the clients of a VIP that just arrived here reconnect at on
 def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], rounds: int, rate: int,
            max_packets: int, wait: float, strategy: str, netns_name: str | None, dry_run: bool,
            json_out: bool, store: str = "auto") -> int:
-    from nfsreset import pace
-    from nfsreset import plan as P
-    from nfsreset.model import FlowKey, family_of
+    from nfsreset.core import pace
+    from nfsreset.core import plan as P
+    from nfsreset.core.model import FlowKey, family_of
     vip_ = _vip(vip)
     ports = _ports(port)
     if rounds < 0 or rounds > 10:
@@ -277,7 +277,7 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
     state = _state(state_dir, dry_run, store)
     known = [FlowKey(vip_, p, s.client, s.cport) for s in sessions for p in ports]
     if state is not None:
-        from nfsreset.statedir import StateError
+        from nfsreset.state.statedir import StateError
         try:
             known += state.read_clients(vip_)
         except StateError as e:
@@ -299,7 +299,7 @@ def tickle(vip: str, state_dir: str | None, client: list[str], port: list[int], 
 
 def _wait_usable(vip: str, timeout: float) -> bool:
     import time
-    from nfsreset import addrs
+    from nfsreset.kernel import addrs
     deadline = time.monotonic() + timeout
     while True:
         if any(a.ip == vip and not a.tentative for a in addrs.dump()):

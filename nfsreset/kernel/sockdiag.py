@@ -56,8 +56,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from nfsreset import netns
-from nfsreset.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
+from nfsreset.kernel import netns
+from nfsreset.core.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
 
 # include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h
 NETLINK_SOCK_DIAG = 4

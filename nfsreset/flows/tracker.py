@@ -22,7 +22,7 @@ Kernel facts this is built on (6.18, Debian 12's bcc 0.26):
   and, unlike them, need no tracefs: the tracker loads under `ip netns exec`
   as it is. ensure_tracefs() remains for bcc programs with classic ones.
 - bcc compiles against headers that may belong to another kernel; struct
-  offsets come from BTF (nfsreset.btf) and reach the C code as -D flags.
+  offsets come from BTF (nfsreset.flows.btf) and reach the C code as -D flags.
 - Compile + load + attach takes ~0.2-0.4 s (the program includes no kernel
   headers beyond linux/types.h). BTF offsets and the source are cached per
   process; the compiled object cannot be (bcc 0.26 has no API to load one).
@@ -50,9 +50,9 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from nfsreset import btf
-from nfsreset.netns import libc
-from nfsreset.model import TCP_STATES, Flow, FlowKey, norm_ip
+from nfsreset.flows import btf
+from nfsreset.kernel.netns import libc
+from nfsreset.core.model import TCP_STATES, Flow, FlowKey, norm_ip
 
 TRACEFS = "/sys/kernel/tracing"
 

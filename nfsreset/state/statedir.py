@@ -28,11 +28,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from nfsreset.model import FlowKey, _short, client_address, key_order, norm_ip
+from nfsreset.core.model import FlowKey, _short, client_address, key_order, norm_ip
 
 DEFAULT_DIR = "/var/lib/nfsreset"
 # Tuples per VIP, written or read (client lists and pending files alike). A
-# tickle sends one ACK per tuple per round (nfsreset.pace bounds the rate), and
+# tickle sends one ACK per tuple per round (nfsreset.core.pace bounds the rate), and
 # reading 65,536 records costs ~0.2 s; a list cut here is reported, not silent.
 # StateDir(max_entries=N) changes it.
 MAX_CLIENTS_PER_VIP = 65536

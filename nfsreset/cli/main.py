@@ -24,7 +24,7 @@ HELP_FLAGS = ("-h", "--help")
 def main() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] in HOOK_COMMANDS and not any(a in HELP_FLAGS for a in argv[1:]):
-        from nfsreset.cli_hooks import run
+        from nfsreset.cli.hooks import run
         sys.exit(run(argv[0], argv[1:]))
-    from nfsreset.cli_app import main as typer_main
+    from nfsreset.cli.app import main as typer_main
     typer_main()

@@ -16,9 +16,9 @@ from typing import List, Optional
 
 import typer
 
-from nfsreset import cli_common as cli
-from nfsreset.cli_common import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _netns, _ports, _state, _strategy, _vip
-from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
+from nfsreset.cli import common as cli
+from nfsreset.cli.common import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _netns, _ports, _state, _strategy, _vip
+from nfsreset.core.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 
 def examples(text: str) -> str:
@@ -238,9 +238,9 @@ def flows(
     unless addresses are long; AGE is known only while `watch` runs here.
     """
     import time
-    from nfsreset import addrs, netns, sockdiag
-    from nfsreset.plan import is_stale
-    from nfsreset.watch import read_live_table
+    from nfsreset.kernel import addrs, netns, sockdiag
+    from nfsreset.core.plan import is_stale
+    from nfsreset.daemon.daemon import read_live_table
     vips = [_vip(v) for v in vip]
     ports = _ports(port)
     with _in_netns(netns_name):
@@ -292,7 +292,7 @@ def flows_table(rows: list[dict], wide: bool, seqs: bool) -> list[str]:
     each (`[2001:db8::100]:65535` takes 21) and AGE at most 8. --wide adds the
     queues (and sequence numbers when the BPF tracker knows them): bcc's tools too
     keep extended columns behind a flag."""
-    from nfsreset.model import format_endpoint
+    from nfsreset.core.model import format_endpoint
     cols = ["VIP", "CLIENT", "STATE", "AGE", "STALE"] + (["RECVQ", "SENDQ"] if wide else [])
     if wide and seqs:
         cols += ["SND_NXT", "RCV_NXT"]
@@ -337,8 +337,8 @@ def doctor(
     lists are visible from here. Exit 1 when no strategy to end stale sessions
     is available.
     """
-    from nfsreset.doctor import checks, strategies
-    from nfsreset.store import describe
+    from nfsreset.cli.doctor import checks, strategies
+    from nfsreset.state.store import describe
     vips = [_vip(v) for v in vip]
     with _in_netns(netns_name):
         results = checks()
@@ -405,7 +405,7 @@ def watch(
     keeps the state dir current while it owns a VIP. Prints a line containing
     `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
     """
-    from nfsreset.watch import Config, ConfigError, bind_metrics, load_config, parse_metrics, run_daemon
+    from nfsreset.daemon.daemon import Config, ConfigError, bind_metrics, load_config, parse_metrics, run_daemon
     # A command-line option wins over the config whenever it was given, even as ''
     # (`is not None`, not `or`: `--netns ''` must be an error, not "no namespace").
     try:
@@ -432,7 +432,7 @@ def watch(
                      store=store if store is not None else doc.get("store", "auto"))
         if quiet and verbose:
             raise Fail("--quiet and --verbose contradict each other; give one")
-        from nfsreset.store import BACKENDS
+        from nfsreset.state.store import BACKENDS
         if cfg.store not in BACKENDS:
             raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {cfg.store!r}")
     except ConfigError as e:

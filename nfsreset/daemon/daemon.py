@@ -1,5 +1,5 @@
 """`nfsreset watch`: the daemon. Sees VIPs leave and arrive (rtnetlink events say
-when to ask the kernel again: nfsreset.presence), tracks their sessions (BPF flow
+when to ask the kernel again: nfsreset.core.presence), tracks their sessions (BPF flow
 tracker, or sock_diag dumps without BPF) and acts as docs/design.md §4 says, through the
 same engine as the one-shot hooks.
 
@@ -27,12 +27,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from nfsreset import plan as P
-from nfsreset import presence as PR
-from nfsreset import addrs as A
-from nfsreset.model import Flow, FlowKey, format_endpoint, norm_ip
-from nfsreset.movereport import MOVE_REPORT_BOUND_S as _BOUND
-from nfsreset.statedir import StateDir, StateError
+from nfsreset.core import plan as P
+from nfsreset.core import presence as PR
+from nfsreset.kernel import addrs as A
+from nfsreset.core.model import Flow, FlowKey, format_endpoint, norm_ip
+from nfsreset.core.movereport import MOVE_REPORT_BOUND_S as _BOUND
+from nfsreset.state.statedir import StateDir, StateError
 
 RUN_DIR = "/run/nfsreset"
 
@@ -60,7 +60,7 @@ BPF_POLL_MS = 500
 # this often (the report's times are then this coarse); with BPF they carry the
 # kernel's time of the socket's birth.
 MOVE_DUMP_PERIOD_S = 0.05
-# The move report's bound (nfsreset.movereport.MOVE_REPORT_BOUND_S); NFSRESET_MOVE_REPORT_BOUND_S
+# The move report's bound (nfsreset.core.movereport.MOVE_REPORT_BOUND_S); NFSRESET_MOVE_REPORT_BOUND_S
 # is for tests, which keep a client stuck for a few seconds only; not a setting.
 MOVE_REPORT_BOUND_S = _test_seconds("NFSRESET_MOVE_REPORT_BOUND_S", _BOUND, lo=0.5, hi=600.0)
 # New connections remembered for a report opened just after them: reading a list
@@ -142,8 +142,8 @@ def load_config(path: str) -> dict:
 def check_config(doc: dict) -> dict:
     """The values of a parsed config, checked strictly (bool is not int), or
     ValueError naming the key, the value and the type expected."""
-    from nfsreset import netns as N
-    from nfsreset.model import vip_address
+    from nfsreset.kernel import netns as N
+    from nfsreset.core.model import vip_address
     out: dict = {}
     if "vips" in doc:
         vips = _list_of(doc, "vips", str, "a list of addresses, e.g. vips = [\"198.51.100.10\"]")
@@ -160,7 +160,7 @@ def check_config(doc: dict) -> dict:
     if "state_dir" in doc:
         out["state_dir"] = _text(doc, "state_dir", "a directory path")
     if "store" in doc:
-        from nfsreset.store import BACKENDS
+        from nfsreset.state.store import BACKENDS
         store = _text(doc, "store", f"one of {'|'.join(BACKENDS)}")
         if store not in BACKENDS:
             raise ValueError(f"store = {_toml(store)}: expected one of {'|'.join(BACKENDS)}")
@@ -407,7 +407,7 @@ def bind_metrics(host: str, port: int, netns_name: str | None = None):
     """The listening socket for --metrics, in netns_name: made before anything else
     exists (state dir, nft table, BPF), so a port in use changes nothing.
     MetricsError (one line) if it cannot be had."""
-    from nfsreset import netns
+    from nfsreset.kernel import netns
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
@@ -585,7 +585,7 @@ class DaemonState(StateDir):
         # a thread of its own (an attrd_updater exec per peer, ~20 ms each, must
         # not hold up the loop that reacts to a VIP leaving); only the newest list
         # of a VIP is published, and one that did not change is not published again.
-        from nfsreset import store as S
+        from nfsreset.state import store as S
         self.backend = S.choose(store)
         self.attrd = S.Attrd(log=self.log) if self.backend == "attrd" else None
         self._to_publish: dict[str, frozenset[FlowKey]] = {}
@@ -695,7 +695,7 @@ class Daemon:
         # is a per-pass detail (debug), not news. Cleared when it leaves or arrives.
         self.said: dict[str, set[str]] = {}
         self._leveled = isinstance(log, Log)
-        # Move reports (nfsreset.movereport): the open one per VIP, the last closed
+        # Move reports (nfsreset.core.movereport): the open one per VIP, the last closed
         # one (for `nfsreset flows --json`), and recent new connections (a report
         # opened just after one still counts it). Under moves_lock.
         self.moves: dict = {}
@@ -812,7 +812,7 @@ class Daemon:
         """Ask the kernel whether `vips` are here and act on what changed. An event
         only says when to ask: the address may be on another device too, or
         local through a route, and the event may be one of several (or lost)."""
-        from nfsreset import addrs
+        from nfsreset.kernel import addrs
         try:
             seen = addrs.presence(sorted(vips))
         except OSError as e:   # nothing is acted on without the kernel's answer
@@ -920,7 +920,7 @@ class Daemon:
 
     def reconcile(self) -> None:
         """Rebuild the table from a sock_diag dump, keeping BPF's first-seen and seqs."""
-        from nfsreset import sockdiag
+        from nfsreset.kernel import sockdiag
         pairs = sockdiag.dump(local_ips=sorted(self.cfg.vips), local_ports=sorted(self.cfg.ports))
         with self.table_lock:
             old = self.table
@@ -947,8 +947,8 @@ class Daemon:
     # -- move reports --------------------------------------------------------------------------------
     def open_move(self, vip: str, usable_at: float) -> None:
         """Follow the VIP's known clients (the state dir's list, as the tickle
-        reads it) from usable_at until each is back (nfsreset.movereport)."""
-        from nfsreset.movereport import Move, Tuple
+        reads it) from usable_at until each is back (nfsreset.core.movereport)."""
+        from nfsreset.core.movereport import Move, Tuple
         keys: list[FlowKey] = []
         if self.state is not None:
             try:
@@ -1079,7 +1079,7 @@ class Daemon:
 
     # -- life cycle -----------------------------------------------------------------------------------
     def run(self, on_ready: Callable[[], None]) -> int:
-        from nfsreset import addrs, netns
+        from nfsreset.kernel import addrs, netns
         if self.cfg.netns:
             netns.enter_for_good(self.cfg.netns)
         self.netns_ino = netns.current_inode()
@@ -1090,7 +1090,7 @@ class Daemon:
         if self.cfg.bpf:
             try:
                 # Raw tracepoints: no tracefs needed, so this works under `ip netns exec` as is.
-                from nfsreset.tracker import FlowTracker
+                from nfsreset.flows.tracker import FlowTracker
                 self.tracker = FlowTracker(ports=self.cfg.ports, vips=self.cfg.vips,
                                            netns_inodes=[self.netns_ino])
             except Exception as e:
@@ -1102,7 +1102,7 @@ class Daemon:
             _trim_heap()
         if not self.cfg.dry_run:
             try:
-                from nfsreset.guard import Guard
+                from nfsreset.kernel.guard import Guard
                 self.guard = Guard()   # now, while we hold few descriptors
             except Exception as e:
                 self.log(f"nftables unavailable ({type(e).__name__}: {e}); each action will try again")
@@ -1209,7 +1209,7 @@ class Daemon:
             # elements. A hook's quarantine of another VIP stays; the table goes
             # only once nothing is left in it.
             try:
-                from nfsreset.guard import Guard
+                from nfsreset.kernel.guard import Guard
                 stale, quarantined = (self.guard or Guard()).release(self.cfg.vips)
                 done.append(f"released {stale} stale tuple(s) and {quarantined} quarantine(s) of its VIPs")
             except Exception as e:

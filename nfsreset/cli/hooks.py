@@ -9,8 +9,8 @@ the same message whichever front end parsed the line.
 """
 from __future__ import annotations
 
-from nfsreset import cli_common as common
-from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
+from nfsreset.cli import common
+from nfsreset.core.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 REQUIRED = object()
 

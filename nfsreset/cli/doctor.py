@@ -49,7 +49,7 @@ def _bcc():
 
 
 def _tracker():
-    from nfsreset.tracker import available
+    from nfsreset.flows.tracker import available
     # bcc's compiler prints some errors ("Unable to find kernel headers...") on
     # fd 1, which would break `doctor --json`: point fd 1 at stderr meanwhile.
     sys.stdout.flush()
@@ -63,7 +63,7 @@ def _tracker():
 
 
 def _destroy():
-    from nfsreset.sockdiag import probe_destroy
+    from nfsreset.kernel.sockdiag import probe_destroy
     return probe_destroy()
 
 
@@ -75,7 +75,7 @@ def _raw():
 
 
 def _nft():
-    from nfsreset.guard import available
+    from nfsreset.kernel.guard import available
     return available()
 
 

@@ -1,7 +1,7 @@
 """Where a VIP's client list travels from the old owner to the new one.
 
 Backends:
-    dir     the state dir (nfsreset.statedir): shared storage carries failovers,
+    dir     the state dir (nfsreset.state.statedir): shared storage carries failovers,
             a local dir only failbacks (the node that had the VIP recorded it).
     attrd   Pacemaker's attribute daemon, through `attrd_updater`: one private
             attribute per VIP per node (`-p`: kept in attrd's memory, never
@@ -38,8 +38,8 @@ import subprocess
 import zlib
 from typing import Callable
 
-from nfsreset.model import FlowKey, _short, norm_ip
-from nfsreset.statedir import MAX_CLIENTS_PER_VIP, StateDir, StateError, _row, _stderr
+from nfsreset.core.model import FlowKey, _short, norm_ip
+from nfsreset.state.statedir import MAX_CLIENTS_PER_VIP, StateDir, StateError, _row, _stderr
 
 BACKENDS = ("auto", "dir", "attrd")
 ATTR_PREFIX = "nfsreset-clients-"
