@@ -240,7 +240,7 @@ def flows(
     import time
     from nfsreset.kernel import addrs, netns, sockdiag
     from nfsreset.core.plan import is_stale
-    from nfsreset.daemon.daemon import read_live_table
+    from nfsreset.daemon.livetable import read_live_table
     vips = [_vip(v) for v in vip]
     ports = _ports(port)
     with _in_netns(netns_name):
@@ -405,7 +405,9 @@ def watch(
     keeps the state dir current while it owns a VIP. Prints a line containing
     `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
     """
-    from nfsreset.daemon.daemon import Config, ConfigError, bind_metrics, load_config, parse_metrics, run_daemon
+    from nfsreset.daemon.config import Config, ConfigError, load_config, parse_metrics
+    from nfsreset.daemon.daemon import run_daemon
+    from nfsreset.daemon.metrics import bind_metrics
     # A command-line option wins over the config whenever it was given, even as ''
     # (`is not None`, not `or`: `--netns ''` must be an error, not "no namespace").
     try:

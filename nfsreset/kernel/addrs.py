@@ -3,7 +3,7 @@
 A few dozen lines instead of pyroute2: importing pyroute2 and opening an
 IPRoute costs ~0.13 s here, and hooks must send their first packet within
 0.1 s of exec. The daemon, which starts once, decodes its address and route
-events with pyroute2 (nfsreset.daemon.daemon.decode_rtnl) and asks presence here.
+events with pyroute2 (nfsreset.daemon.rtnl.decode_rtnl) and asks presence here.
 
 Two questions share one socket and one datagram: the address table (an
 RTM_GETADDR dump) and, per VIP, a FIB lookup (RTM_GETROUTE, what `ip route

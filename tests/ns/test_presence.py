@@ -272,7 +272,7 @@ def test_event_reader_reports_lost_events_and_goes_on(topo):
     """ENOBUFS on the event socket (a burst larger than its buffer) is reported
     once as lost, and the events queued after it are still read."""
     from nfsreset.kernel.addrs import RTM_NEWADDR
-    from nfsreset.daemon.daemon import RTNL_GROUPS, read_rtnl
+    from nfsreset.daemon.rtnl import RTNL_GROUPS, read_rtnl
 
     with netns.entered(topo.ns("node1")):
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)

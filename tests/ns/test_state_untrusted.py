@@ -369,7 +369,7 @@ def test_ten_thousand_tuples_at_the_default_rate(scene, capture):
 
 # -- 6. the live table of `watch` is root-only -------------------------------------------------------------
 def test_the_live_table_is_0600_and_flows_still_reads_it_as_root(scene):
-    from nfsreset.daemon.daemon import RUN_DIR, live_table_path, read_live_table
+    from nfsreset.daemon.livetable import RUN_DIR, live_table_path, read_live_table
     topo = scene.topo
     topo.add_addr("node1", VIP4, nodad=True)
     c = scene.connect(VIP4, 46101)

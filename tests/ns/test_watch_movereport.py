@@ -23,7 +23,7 @@ import pytest
 from nfsreset.lab.remedy_watch import Watch
 from nfsreset.lab.run import _Run
 from nfsreset.lab.topology import HOST_ADDRS
-from nfsreset.daemon.daemon import read_live_table
+from nfsreset.daemon.livetable import read_live_table
 from tests.ns.scene import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]

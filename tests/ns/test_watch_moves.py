@@ -26,7 +26,7 @@ from nfsreset.lab.remedies import LabContext
 from nfsreset.lab.remedy_watch import READY_TIMEOUT_S, Watch
 from nfsreset.lab.run import ClientLog, _Run
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6
-from nfsreset.daemon.daemon import live_table_path
+from nfsreset.daemon.livetable import live_table_path
 from tests.ns.scene import NFS_PORT, needs_ganesha, nft_tables, vip_sockets, wait_for, wait_until
 from tests.ns.test_watch import StderrLines, loaded_prog_ids, prog_ids_held_by, remove_live_table
 

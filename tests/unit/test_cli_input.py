@@ -13,7 +13,7 @@ import pytest
 
 from nfsreset.kernel import netns
 from nfsreset.core.model import host_address, vip_address
-from nfsreset.daemon.daemon import ConfigError, check_config, load_config
+from nfsreset.daemon.config import ConfigError, check_config, load_config
 
 # -- VIPs and client addresses ------------------------------------------------------------------
 GOOD_VIPS = [

@@ -398,7 +398,7 @@ def test_all_well_is_exit_0_with_the_same_json_keys_as_before():
 
 
 def test_metrics_count_typed_steps():
-    from nfsreset.daemon.daemon import Metrics
+    from nfsreset.daemon.metrics import Metrics
     fake = Fake([flow(801), flow(802)], fail={"destroy": RuntimeError("boom")})
     out, _, _ = run(fake)
     m = Metrics()

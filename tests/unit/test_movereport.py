@@ -59,7 +59,7 @@ def test_no_client_known_reports_at_once_and_many_missing_are_cut():
 
 
 def test_the_report_feeds_the_prometheus_histogram():
-    from nfsreset.daemon.daemon import Metrics
+    from nfsreset.daemon.metrics import Metrics
     m = Move(VIP, 0.0, [Tuple(A, 871, 2049), Tuple(B, 700, 2049)], bound_s=1.0)
     m.seen(A, 871, 2049, 0.02)
     metrics = Metrics()

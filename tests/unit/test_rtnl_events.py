@@ -15,7 +15,9 @@ import sys
 import pytest
 
 from nfsreset.kernel import addrs as A
-from nfsreset.daemon.daemon import Config, Daemon, decode_rtnl
+from nfsreset.daemon.config import Config
+from nfsreset.daemon.daemon import Daemon
+from nfsreset.daemon.rtnl import decode_rtnl
 
 IFA_LOCAL, IFA_ADDRESS, RTA_DST = 2, 1, 1
 RTN_UNICAST = 1
@@ -86,6 +88,6 @@ def test_hooks_and_flows_do_not_import_pyroute2():
     (watch.read_live_table) must not pay it; only the daemon's event socket does."""
     code = ("import sys\nimport nfsreset.kernel.addrs, nfsreset.daemon.daemon\n"
             "print('pyroute2' in sys.modules)\n"
-            "nfsreset.daemon.daemon._event_classes()\nprint('pyroute2' in sys.modules)")
+            "nfsreset.daemon.rtnl._event_classes()\nprint('pyroute2' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert res.stdout.split() == ["False", "True"], res.stdout + res.stderr
