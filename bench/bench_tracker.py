@@ -408,7 +408,7 @@ class _BpfStatsOn:
         import ctypes
 
         from nfsreset.kernel.netns import libc
-        from nfsreset.flows.tracker import _SYS_BPF
+        from nfsreset.flows.clock import _SYS_BPF
 
         attr = ctypes.create_string_buffer(8)       # enable_stats.type = BPF_STATS_RUN_TIME (0)
         self.fd = libc.syscall(_SYS_BPF, BPF_ENABLE_STATS, attr, len(attr)) if _SYS_BPF else -1

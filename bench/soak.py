@@ -199,7 +199,7 @@ def bpf_flow_entries(pid: int) -> int | None:
     None when the daemon holds no such maps (no BPF)."""
     from bcc.libbcc import lib
 
-    from nfsreset.flows.tracker import map_slots, occupied_slots
+    from nfsreset.flows.ring import map_slots, occupied_slots
 
     ids = set()
     try:

@@ -34,7 +34,7 @@
     !defined(OFF_SK_RCV_SADDR) || !defined(OFF_SK_DADDR) || !defined(OFF_SK_V6_RCV_SADDR) || \
     !defined(OFF_SK_V6_DADDR) || !defined(COMMON_LO) || !defined(COMMON_LEN) || \
     !defined(SEQS_LO) || !defined(SEQS_LEN) || !defined(TCB_LO) || !defined(TCB_LEN)
-#error "struct offsets must come from BTF: see nfsreset.flows.tracker.bpf_offsets()"
+#error "struct offsets must come from BTF: see nfsreset.flows.program.bpf_offsets()"
 #endif
 #ifndef SLOT_BITS
 #define SLOT_BITS 16

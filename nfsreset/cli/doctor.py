@@ -49,7 +49,7 @@ def _bcc():
 
 
 def _tracker():
-    from nfsreset.flows.tracker import available
+    from nfsreset.flows.probe import available
     # bcc's compiler prints some errors ("Unable to find kernel headers...") on
     # fd 1, which would break `doctor --json`: point fd 1 at stderr meanwhile.
     sys.stdout.flush()

@@ -10,6 +10,7 @@ changes through a map look-up, and has tests of its own below.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import sys
@@ -19,6 +20,8 @@ import pytest
 
 from nfsreset.kernel import netns
 from nfsreset.lab import topology as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -281,10 +284,11 @@ def test_loads_under_ip_netns_exec(topo):
     """`ip netns exec` hides tracefs: the tracker (raw tracepoints) loads
     without it, and ensure_tracefs() mounts it privately for whoever needs it."""
     code = (
-        "import os; from nfsreset.flows import tracker as t;"
+        f"import os, sys; sys.path.insert(0, {ROOT!r}); from nfsreset.flows import probe, tracker as t;"
+        "from tests.ns.tracefs import ensure_tracefs;"
         "ev = '/sys/kernel/tracing/events'; before = os.path.exists(ev);"
         "tr = t.FlowTracker([2049], ['198.51.100.10']); tr.close();"
-        "t.ensure_tracefs(); print(before, os.path.exists(ev), t.available()[0])"
+        "ensure_tracefs(); print(before, os.path.exists(ev), probe.available()[0])"
     )
     res = topo.run("node1", sys.executable, "-c", code, timeout=60)
     assert res.stdout.split() == ["False", "True", "True"], res.stderr
@@ -292,7 +296,8 @@ def test_loads_under_ip_netns_exec(topo):
 
 def test_full_ring_counts_lost_events(lab):
     """A one-page ring overflows; the loss is counted and can be acknowledged."""
-    from nfsreset.flows.tracker import _STRIDE, FlowTracker
+    from nfsreset.flows.ring import _STRIDE
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     fits = (4096 - 1) // _STRIDE        # the kernel keeps one byte free
@@ -312,7 +317,8 @@ def test_full_ring_in_the_default_mode(lab):
     """Folded, a connection costs two records (the state changes of a flow
     younger than STATE_AGE_S stay in the map). The open whose close did not
     fit is still reported: `lost` says the picture is incomplete."""
-    from nfsreset.flows.tracker import _STRIDE, FlowTracker
+    from nfsreset.flows.ring import _STRIDE
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     fits = (4096 - 1) // _STRIDE
@@ -496,7 +502,8 @@ def test_jiffies_and_monotonic_clock_are_paired_exactly(tracker):
     (a tick slightly off would put births ever further off)."""
     import ctypes
 
-    from nfsreset.flows.tracker import FlowTracker, _clock_pairs
+    from nfsreset.flows.clock import _clock_pairs
+    from nfsreset.flows.tracker import FlowTracker
 
     c = tracker._bpf[b"clock"][ctypes.c_int(0)]
     assert c.tick_ns in (10_000_000, 4_000_000, 3_333_333, 1_000_000), c.tick_ns

@@ -83,7 +83,7 @@ def flows_map_entries(pid: int) -> int:
     `slots` array (mapped by map id) plus the `flows` hash map (bpftool dump)."""
     from bcc.libbcc import lib
 
-    from nfsreset.flows.tracker import map_slots, occupied_slots
+    from nfsreset.flows.ring import map_slots, occupied_slots
 
     found, count = set(), 0
     for mid in bpf_ids_held_by(pid, "map_id"):
