@@ -54,18 +54,17 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
+from nfsreset.kernel import netlink as nl
 from nfsreset.kernel import netns
+from nfsreset.kernel.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR
 from nfsreset.core.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
 
 # include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h
 NETLINK_SOCK_DIAG = 4
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10          # acks without a copy of our request: 36 bytes each
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLM_F_DUMP = 0x300
 TCPDIAG_GETSOCK = 18            # the pre-3.3 request: still the only one dumping both families at once
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
@@ -77,8 +76,6 @@ BC_JMP, BC_S_COND = 1, 7
 ALL_STATES_MASK = sum(1 << n for n in TCP_STATES)
 LISTEN_BIT = 1 << STATE_NUMBERS["LISTEN"]
 
-_NLMSGHDR = struct.Struct("=IHHII")                      # len type flags seq pid
-_NLATTR = struct.Struct("=HH")
 _BC_OP = struct.Struct("=BBH")                          # code yes no
 _HOSTCOND = struct.Struct("=BBxxi")                     # family prefix_len port(-1 = any)
 # nlmsghdr + inet_diag_req_v2 with its inet_diag_sockid; ports go in already
@@ -86,7 +83,6 @@ _HOSTCOND = struct.Struct("=BBxxi")                     # family prefix_len port
 _REQUEST = struct.Struct("=IHHII" "BBBxI" "HH16s16sIII")
 # nlmsghdr + inet_diag_req (v1): family src_len dst_len ext, sockid, states, dbs
 _REQUEST_V1 = struct.Struct("=IHHII" "BBBB" "HH16s16sIII" "II")
-_ERR = struct.Struct("=i")
 _ACK = struct.Struct("=IHHIIi")                          # nlmsghdr + nlmsgerr.error
 
 RCVBUF = 8 << 20
@@ -208,11 +204,6 @@ def encode_bytecode(local_ips: Iterable[str] | None, local_ports: Iterable[int] 
     return bytes(out)
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    pad = (-len(payload)) % 4
-    return _NLATTR.pack(4 + len(payload), kind) + payload + b"\0" * pad
-
-
 def encode_dump_request(family: int, states: int, bytecode: bytes, seq: int) -> bytes:
     """Request for a TCP dump (+ INET_DIAG_REQ_BYTECODE when `bytecode`).
 
@@ -222,7 +213,7 @@ def encode_dump_request(family: int, states: int, bytecode: bytes, seq: int) -> 
     (inet_diag_dump_compat); SOCK_DIAG_BY_FAMILY has no AF_UNSPEC handler.
     Replies carry the request's type.
     """
-    attrs = _attr(INET_DIAG_REQ_BYTECODE, bytecode) if bytecode else b""
+    attrs = nl.attr(INET_DIAG_REQ_BYTECODE, bytecode) if bytecode else b""
     flags = NLM_F_REQUEST | NLM_F_DUMP
     if family == socket.AF_UNSPEC:
         return _REQUEST_V1.pack(_REQUEST_V1.size + len(attrs), TCPDIAG_GETSOCK, flags, seq, 0,
@@ -241,24 +232,6 @@ def encode_destroy_request(sock: SockId, seq: int) -> bytes:
                          sock.family, socket.IPPROTO_TCP, 0, ALL_STATES_MASK,
                          socket.htons(sock.sport), socket.htons(sock.dport), sock.src, sock.dst,
                          sock.if_index, sock.cookie & 0xFFFFFFFF, sock.cookie >> 32)
-
-
-def iter_messages(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
-    """(type, flags, seq, payload offset, payload end) for each nlmsg in buf."""
-    off, size = 0, len(buf)
-    while off + 16 <= size:
-        length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(buf, off)
-        if length < 16 or off + length > size:
-            raise SockDiagError(errno.EBADMSG, f"truncated netlink message at {off} (len {length})")
-        yield kind, flags, seq, off + 16, off + length
-        off += (length + 3) & ~3
-
-
-def decode_error(buf: bytes, start: int) -> tuple[int, int]:
-    """NLMSG_ERROR payload -> (positive errno or 0, seq of the request it answers)."""
-    (err,) = _ERR.unpack_from(buf, start)
-    seq = _NLMSGHDR.unpack_from(buf, start + 4)[3]
-    return -err, seq
 
 
 _TEXT_CACHE: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
@@ -425,11 +398,11 @@ def _dump_into(sock, families, mask: int, bytecode: bytes, inode: int, found: li
 
 
 def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
-    # The message walk is iter_messages() inlined: at 10,000 sockets the
+    # The message walk is netlink.messages() inlined: at 10,000 sockets the
     # generator alone costs as much as the kernel takes to fill the buffers.
     count = 0
     deadline = time.monotonic() + 60
-    header, decode, append = _NLMSGHDR.unpack_from, decode_diag_msg, found.append
+    header, decode, append = NLMSGHDR.unpack_from, decode_diag_msg, found.append
     while True:
         buf = _recv(sock)
         off, size = 0, len(buf)
@@ -444,7 +417,7 @@ def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
                 elif kind == NLMSG_DONE:
                     return
                 elif kind == NLMSG_ERROR:
-                    err, _ = decode_error(buf, off + 16)
+                    err, _ = nl.error(buf, off + 16)
                     raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
             off += (length + 3) & ~3
         if count > MAX_DUMP_MESSAGES or time.monotonic() > deadline:
@@ -564,7 +537,7 @@ class _AckReader:
             buf = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return []
-        return [decode_error(buf, start) for kind, _f, _s, start, _e in iter_messages(buf)
+        return [nl.error(buf, start) for kind, _f, _s, start, _e in nl.messages(buf, error=SockDiagError)
                 if kind == NLMSG_ERROR]
 
 
