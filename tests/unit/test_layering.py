@@ -18,9 +18,9 @@ imports its own package or packages of lower layers, never a sibling of its own
 layer nor anything above: the tree tells kernel -> table -> plan -> actions.
 
 The pure core (every module in nfsreset/core/) is plain Python over plain data:
-it imports only itself and the standard library, never a kernel adapter, and none of the modules through which
-Python reaches the kernel (socket, ctypes, fcntl, ...) nor bcc, nftables or
-pyroute2. model.py uses socket.inet_pton/inet_ntop, which only convert text
+it imports only itself and the standard library, never a kernel adapter, and
+none of the modules through which Python reaches the kernel (socket, ctypes,
+fcntl, ...) nor bcc, nftables or pyroute2. model.py uses socket.inet_pton/inet_ntop, which only convert text
 (no socket, no syscall): those names, and only those, are allowed.
 """
 from __future__ import annotations
