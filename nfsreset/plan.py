@@ -19,7 +19,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 
-from nfsreset.model import Flow, FlowKey, key_order
+from nfsreset.model import Flow, FlowKey
 from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 # Tickle repeats (seconds after the first). The client answers at most one
@@ -345,7 +345,7 @@ def plan(moment: Moment, vip: str, flows: Iterable[Flow], local_addrs: frozenset
     targets = [f for f in mine if may_touch(f, local_addrs, opts, vip_since, old_cookies)]
     actions: list[Action] = []
     if moment is Moment.POST_STOP and not tried:
-        actions.append(Record(vip, tuple(sorted({f.key for f in mine}, key=key_order))))
+        actions.append(Record(vip, tuple(sorted({f.key for f in mine}))))
     if moment in (Moment.POST_STOP, Moment.AWAY) and not vip_local and caps.nft and not tried:
         actions.append(Quarantine(vip))
     actions += _end(targets, vip, opts, caps, vip_local, tried)
@@ -375,8 +375,8 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     known = {k for k in known_clients
              if k.vip == vip and k.vport in opts.ports
              and (not opts.clients or any(s.matches(k) for s in opts.clients))}
-    keys = tuple(sorted(known - live, key=key_order))
-    back = tuple(sorted(known & live, key=key_order))
+    keys = tuple(sorted(known - live))
+    back = tuple(sorted(known & live))
     if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:

@@ -290,14 +290,12 @@ def _plain_frozen(cls, filled: set[str]) -> bool:
 _object_new, _object_setattr = object.__new__, object.__setattr__
 _FLOW_FROM_DUMP = {"key", "state", "netns", "cookie", "inode", "recvq", "sendq"}
 _FLOW_REST = {f.name: f.default for f in dataclasses.fields(Flow) if f.name not in _FLOW_FROM_DUMP}
-# A frozen dataclass's __init__ does one object.__setattr__ per field: 0.85 us
-# for Flow, a third of the cost of decoding a socket, and what decides whether
-# we beat `ss -K` at 10,000 sockets. Filling __dict__ in one go makes the same
-# object (eq, hash, repr and replace() all read the fields), so do that when
-# the classes allow it.
+# A frozen dataclass's __init__ does one object.__setattr__ per field (0.85 us
+# for Flow, a third of decoding a socket); filling __dict__ in one go makes the
+# same object (eq, hash, repr and replace() read the fields). bench/README.md.
 _FAST_OBJECTS = (_plain_frozen(Flow, _FLOW_FROM_DUMP)
-                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)})
-                 and _plain_frozen(FlowKey, {f.name for f in dataclasses.fields(FlowKey)}))
+                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)}))
+_new_key = tuple.__new__      # FlowKey is a named tuple: skip its Python-level __new__
 _STATE_NAMES = tuple(TCP_STATES.get(n, str(n)) for n in range(256))
 # inet_diag_msg: ports are __be16, the rest host order; two unpacks.
 _MSG = struct.Struct("=BBBB4x16s16sIIIIIIII")
@@ -313,13 +311,8 @@ def decode_diag_msg(buf: bytes, start: int, netns_inode: int | None) -> tuple[Fl
     texts = _TEXT_CACHE.get(family)
     if texts is None:
         raise SockDiagError(errno.EBADMSG, f"inet_diag message of family {family}")
-    key_fields = {"vip": texts.get(src) or _addr_text(family, src), "vport": sport,
-                  "client": texts.get(dst) or _addr_text(family, dst), "cport": dport}
-    if _FAST_OBJECTS:
-        key = _object_new(FlowKey)
-        _object_setattr(key, "__dict__", key_fields)
-    else:
-        key = FlowKey(**key_fields)
+    key = _new_key(FlowKey, (texts.get(src) or _addr_text(family, src), sport,
+                             texts.get(dst) or _addr_text(family, dst), dport))
     flow_fields = {"key": key, "state": _STATE_NAMES[state], "netns": netns_inode, "cookie": cookie,
                    "inode": inode, "recvq": rqueue, "sendq": wqueue, **_FLOW_REST}
     sid_fields = {"family": family, "src": src, "dst": dst, "sport": sport, "dport": dport,
