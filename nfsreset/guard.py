@@ -379,8 +379,9 @@ class Guard:
     def __init__(self, dry_run: bool = False):
         self.dry_run = dry_run
         self.documents: list[dict] = []   # what dry_run would have sent
-        # False when the kernel refused `delete @set` from a rule: then the
-        # caller (who sees SYNs through BPF) must call remove_stale itself.
+        # False when the kernel refused `delete @set` from a rule (before 5.19):
+        # elements then last their timeout; no caller removes them early
+        # (docs/internals.md, "Known limits").
         self.syn_delete = True
         self._lock = threading.Lock()
         self._nft = None if dry_run else open_context()
@@ -415,8 +416,8 @@ class Guard:
 
         Retried once with a fresh listing (another writer may have created a
         set meanwhile), then once without the SYN rule: kernels before 5.19
-        have no NFT_DYNSET_OP_DELETE, and there the guard still rejects but
-        remove_stale becomes the caller's job (it sees SYNs through BPF)."""
+        have no NFT_DYNSET_OP_DELETE; there the guard still rejects, until the
+        element times out (see syn_delete)."""
         if self.dry_run:
             self._send(skeleton(self.syn_delete) + commands, what)
             return
