@@ -193,15 +193,10 @@ def may_touch(flow: Flow, local_addrs, opts: Options, vip_since=None,
 
 
 # --- pending files: sockets a hook saw while their VIP was away -----------------
-# The clock: the kernel stamps an address with its creation time (IFA_CACHEINFO
-# cstamp) in centiseconds of the jiffies clock since boot, 10 ms steps. That clock
-# runs at CLOCK_MONOTONIC's rate but not from its zero (0.27 s behind it on the
-# test machine), so a pending file's CLOCK_MONOTONIC write time cannot be compared
-# with cstamp to 10 ms without calibrating that offset. times(2) reads the same
-# jiffies counter, in 1/100 s from INITIAL_JIFFIES (2**32 - 300*HZ jiffies): a file
-# stamped with it is ordered against the address exactly, whatever the offset:
-# a jiffies count read at the write below the one the address was stamped with
-# means the write came first. Only the 10 ms steps of both stamps are lost.
+# The clock: the address's IFA_CACHEINFO cstamp is jiffies (10 ms steps), not
+# CLOCK_MONOTONIC; times(2) reads the same counter, so a file stamped with it is
+# ordered against the address exactly, with no offset to calibrate.
+# docs/internals.md, "The state dir is untrusted input", has the measured details.
 
 
 @dataclasses.dataclass(frozen=True)
