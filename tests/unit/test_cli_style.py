@@ -15,7 +15,7 @@ import sys
 import pytest
 import typer
 
-from nfsreset import cli, cli_app, cli_hooks
+from nfsreset import cli, cli_app, cli_common, cli_hooks
 
 COMMANDS = sorted(typer.main.get_command(cli_app.app).commands)
 ENV = {**os.environ, "COLUMNS": "80"}
@@ -115,7 +115,7 @@ def test_every_help_ends_with_worked_examples_that_parse(command):
         ctx = sub.make_context(command, argv[2:])     # raises on an unknown option or a bad type
         assert ctx.params
         if command in cli.HOOK_COMMANDS:
-            cli_hooks.parse(command, argv[2:])        # and the parser the hooks really use
+            cli_hooks.parse(cli_common.HOOKS[command][0], argv[2:])   # and the parser the hooks use
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
