@@ -1,9 +1,11 @@
 """The typer front end: every command's --help, and parsing for all but the hooks.
 
-`kill` and `tickle` are parsed by nfsreset.cli_hooks when they run (typer costs
-~75 ms of a hook's start); they are declared here too, for `--help` and for the
-command list, and their bodies live in nfsreset.cli_common. tests/unit/test_cli_parity.py
-keeps the two declarations the same.
+Each command is made from a table of options (nfsreset.cli_common.Opt: flag,
+name, type, default, metavar, help): `command()` turns the table into the
+signature typer reads, and calls the body with keyword arguments. `kill` and
+`tickle` are parsed by nfsreset.cli_hooks when they run (typer costs ~75 ms of
+a hook's start), from the very same tables, which live in nfsreset.cli_common
+with their bodies. `lab` declares its options in typer (nfsreset.lab.command).
 
 Every command's help ends with worked examples (`examples:`, one comment per line,
 as bcc's tools do); tests/unit/test_cli_style.py checks they are there.
@@ -321,6 +323,7 @@ command("flows", FLOWS_OPTIONS, flows, epilog=FLOWS_EXAMPLES)
 DOCTOR_EXAMPLES = """examples:
     nfsreset doctor                     # checks and strategies of this host
     nfsreset doctor --netns node1       # the same inside netns node1
+    nfsreset doctor -w                  # one line per check, for grep
     nfsreset doctor --json              # as one JSON object
 """
 
@@ -331,10 +334,12 @@ DOCTOR_OPTIONS = (
     VIP.but(default=(), multiple=True,
             help="Also say whose client list of this VIP is visible from here (repeatable)."),
     STORE.but(help="The client-list store to describe: auto|dir|attrd."),
+    Opt(("-w", "--wide"), "wide", bool, False,
+        help="One line per check, however long (by default reasons wrap within 80 columns)."),
 )
 
 
-def doctor(*, netns_name: str | None, json_out: bool, vip: list[str], store: str) -> int:
+def doctor(*, netns_name: str | None, json_out: bool, vip: list[str], store: str, wide: bool) -> int:
     """Say what this kernel and host offer, and which strategies follow.
 
     Checks BTF, tracefs, bcc and the BPF flow tracker, SOCK_DESTROY (by destroying
@@ -353,18 +358,35 @@ def doctor(*, netns_name: str | None, json_out: bool, vip: list[str], store: str
     if json_out:
         print(json.dumps({"checks": results, "strategies": strat, "store": store_info}))
     else:
-        for name, r in results.items():
-            print(f"{'ok' if r['ok'] else '--':<3} {name:<14} {r['why']}")
-        print()
-        for name, r in strat.items():
-            print(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} {r['why']}")
-        print()
-        print(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} {store_info['backend']}: "
-              f"{store_info['why']}")
-        for v, row in store_info.get("vips", {}).items():
-            seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
-            print(f"    {v}: {seen or 'no node has published a list'}")
+        for line in doctor_lines(results, strat, store_info, wide):
+            print(line)
     return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
+
+
+def doctor_lines(results: dict, strat: dict, store_info: dict, wide: bool) -> list[str]:
+    """doctor's report: a line per check, strategy and store; by default each
+    reason wraps under its column within 80 columns, --wide keeps one line each
+    (for grep)."""
+    import textwrap
+
+    def item(head: str, why: str, indent: int | None = None) -> list[str]:
+        if wide:
+            return [f"{head}{why}".rstrip()]
+        pad = " " * (len(head) if indent is None else indent)
+        return textwrap.wrap(why, 80, initial_indent=head, subsequent_indent=pad, break_on_hyphens=False) or [head]
+    out = []
+    for name, r in results.items():
+        out += item(f"{'ok' if r['ok'] else '--':<3} {name:<14} ", r["why"])
+    out.append("")
+    for name, r in strat.items():
+        out += item(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} ", r["why"])
+    out.append("")
+    out += item(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} ", f"{store_info['backend']}: "
+                                                                              f"{store_info['why']}")
+    for v, row in store_info.get("vips", {}).items():
+        seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
+        out += item(f"    {v}: ", seen or "no node has published a list", indent=6)
+    return out
 
 
 command("doctor", DOCTOR_OPTIONS, doctor, epilog=DOCTOR_EXAMPLES)

@@ -1,4 +1,8 @@
-"""What both CLI front ends share: errors, option checks, and the bodies of the hook commands.
+"""What both CLI front ends share: errors, option specs and checks, and the hook commands.
+
+Each option is declared once, as an Opt in a command's table (KILL_OPTIONS,
+TICKLE_OPTIONS here; flows, doctor, watch in cli_app); both front ends are
+built from those tables, and the bodies take the options as keywords.
 
 Exit codes, for every command: 0 done, 1 some sessions could not be ended (or,
 for `flows`, stale sessions exist), 2 bad input, 3 refused for safety.
@@ -11,7 +15,7 @@ nfsreset.cli (the entry point) picks the front end: nfsreset.cli_hooks parses
 `kill`/`tickle` when they run, nfsreset.cli_app (typer) everything else. Both
 import this module and neither imports nfsreset.cli, so the entry point can
 load either without an import cycle. Everything this module imports at load
-time is in the standard library and cheap: it is on the hooks' start-up path.
+time is cheap (sys, os, nfsreset.pace's constants): it is on the hooks' start-up path.
 """
 from __future__ import annotations
 
