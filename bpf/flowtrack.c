@@ -480,7 +480,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
  * tcp_probe fires at the top of tcp_rcv_established(), for every segment an
  * ESTABLISHED socket receives, before the segment is processed. A raw
  * tracepoint skips building the event record (which would also generate a
- * socket cookie per segment); unwatched sockets cost one hash lookup.
+ * socket cookie per segment). An unwatched socket costs find(): its slot and
+ * the spill count, two array look-ups; the `flows` hash only while it holds any.
  * rcv_nxt read here does not yet include this segment; an in-order segment
  * will move it to the segment's end_seq (data + FIN), so that is stored: a
  * segment the stack then drops (zero window, memory pressure) leaves rcv_nxt

@@ -28,7 +28,7 @@ def _tracefs():
     if os.path.isdir("/sys/kernel/tracing/events/sock/inet_sock_set_state"):
         return True, "sock:inet_sock_set_state tracepoint visible"
     return False, ("tracefs not mounted here (normal under `ip netns exec`); "
-                   "`watch` mounts it in a private mount namespace")
+                   "not needed: the flow tracker attaches raw tracepoints")
 
 
 def _headers():

@@ -2,109 +2,109 @@
 
 Cluster agents exec these at the worst moment of a failover; typer would spend
 ~75 ms importing pydantic and building a TypeAdapter per option before the
-first socket is touched. This parser reads a table of the same options that
-nfsreset/cli_app.py declares for `--help` (tests/unit/test_cli_parity.py
-compares the two) and words its errors like click does, so an operator sees
-the same message whichever front end parsed the line.
+first socket is touched. This parser reads the same option specs
+(cli_common.KILL_OPTIONS, TICKLE_OPTIONS) that cli_app builds the typer
+commands from, and follows click's order and wording of errors, so an operator
+sees the same message whichever front end parsed the line
+(tests/unit/test_cli_parity.py runs both on the same lines).
 """
 from __future__ import annotations
 
 from nfsreset.cli import common
-from nfsreset.core.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
-
-REQUIRED = object()
-
-# flag -> (parameter name, type, default). A list type means repeatable: the
-# given values replace the default, as with click's multiple=True.
-OPTIONS: dict[str, dict[str, tuple[str, object, object]]] = {
-    "kill": {
-        "--vip": ("vip", str, REQUIRED),
-        "--client": ("client", [str], []),
-        "--port": ("port", [int], [2049]),
-        "--state-dir": ("state_dir", str, "/var/lib/nfsreset"),
-        "--strategy": ("strategy", str, "auto"),
-        "--moment": ("moment", str, "post-stop"),
-        "--force": ("force", bool, False),
-        "--netns": ("netns_name", str, None),
-        "--dry-run": ("dry_run", bool, False),
-        "--json": ("json_out", bool, False),
-        "--store": ("store", str, "auto"),
-    },
-    "tickle": {
-        "--vip": ("vip", str, REQUIRED),
-        "--state-dir": ("state_dir", str, None),
-        "--client": ("client", [str], []),
-        "--port": ("port", [int], [2049]),
-        "--rounds": ("rounds", int, 3),
-        "--rate": ("rate", int, TICKLE_RATE_PPS),
-        "--max-packets": ("max_packets", int, TICKLE_MAX_PACKETS),
-        "--wait": ("wait", float, 0.0),
-        "--strategy": ("strategy", str, "auto"),
-        "--netns": ("netns_name", str, None),
-        "--dry-run": ("dry_run", bool, False),
-        "--json": ("json_out", bool, False),
-        "--store": ("store", str, "auto"),
-    },
-}
+from nfsreset.cli.common import REQUIRED, Fail, Opt
 
 _TYPE_WORD = {int: "integer", float: "float"}
 
 
-def parse(command: str, argv: list[str]) -> dict:
-    """argv (after the command name) -> keyword arguments of cli_common.<command>(). Raises common.Fail."""
-    table = OPTIONS[command]
-    given: dict[str, object] = {}
+def parse(options: tuple[Opt, ...], argv: list[str]) -> dict:
+    """argv (after the command name) -> the body's keyword arguments. Raises Fail.
+
+    As click does: first the words (unknown option, missing value, a value given
+    to a flag), then each option's value, those given in the order first given,
+    then the rest in declaration order (a missing required one), last any extra
+    argument. A single-valued option given twice keeps the last value."""
+    by_flag = {f: o for o in options for f in o.flags}
+    raw: dict[str, list[str | bool]] = {}          # option name -> values, in the order given
     extra: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not arg.startswith("--") or arg == "--":
+    rest = list(argv)
+
+    def take(flag: str, opt: Opt, value: str | None) -> None:
+        if opt.type is bool:
+            raw.setdefault(opt.name, []).append(True)
+            return
+        if value is None:
+            if not rest:
+                raise Fail(f"Option '{flag}' requires an argument.")
+            value = rest.pop(0)
+        raw.setdefault(opt.name, []).append(value)
+
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            extra += rest
+            break
+        if not arg.startswith("-") or arg == "-":
             extra.append(arg)
             continue
         flag, eq, inline = arg.partition("=")
-        if flag not in table:
-            raise common.Fail(f"No such option: {flag}")
-        name, kind, _default = table[flag]
-        if kind is bool:
-            if eq:
-                raise common.Fail(f"Option '{flag}' does not take a value.")
-            given[name] = True
-            continue
-        if eq:
-            text = inline
-        elif i < len(argv):
-            text = argv[i]
-            i += 1
+        opt = by_flag.get(flag) if flag.startswith("--") else None
+        if opt is not None:
+            if eq and opt.type is bool:
+                raise Fail(f"Option '{flag}' does not take a value.")
+            take(flag, opt, inline if eq else None)
+        elif flag.startswith("--"):
+            raise Fail(_no_such_option(flag, by_flag))
         else:
-            raise common.Fail(f"Option '{flag}' requires an argument.")
-        item = kind[0] if isinstance(kind, list) else kind
-        try:
-            value = item(text)
-        except ValueError:
-            raise common.Fail(f"Invalid value for '{flag}': {text!r} is not a valid {_TYPE_WORD[item]}.") from None
-        if isinstance(kind, list):
-            given.setdefault(name, []).append(value)
-        else:
-            given[name] = value
-    if extra:
-        raise common.Fail(f"Got unexpected extra argument{'s' if len(extra) > 1 else ''} ({' '.join(extra)})")
+            # short options, clustered as click reads them: -qv, -n5, -w=... (`=` is one more option)
+            for k, ch in enumerate(arg[1:], start=2):
+                opt = by_flag.get("-" + ch)
+                if opt is None:
+                    raise Fail(f"No such option: -{ch}")
+                if opt.type is not bool:
+                    take("-" + ch, opt, arg[k:] or None)
+                    break
+                take("-" + ch, opt, None)
     out = {}
-    for flag, (name, _kind, default) in table.items():
-        if name in given:
-            out[name] = given[name]
-        elif default is REQUIRED:
-            raise common.Fail(f"Missing option '{flag}'.")
+    given = sorted((o for o in options if o.name in raw), key=lambda o: list(raw).index(o.name))
+    for opt in given + [o for o in options if o.name not in raw]:
+        if opt.name in raw:
+            values = [_convert(opt, v) for v in (raw[opt.name] if opt.multiple else raw[opt.name][-1:])]
+            out[opt.name] = values if opt.multiple else values[0]
+        elif opt.default is REQUIRED:
+            raise Fail(f"Missing option '{opt.flag}'.")
         else:
-            out[name] = list(default) if isinstance(default, list) else default
-    return out
+            out[opt.name] = list(opt.default) if opt.multiple else opt.default
+    if extra:
+        raise Fail(f"Got unexpected extra argument{'s' if len(extra) > 1 else ''} ({' '.join(extra)})")
+    return {o.name: out[o.name] for o in options}
+
+
+def _convert(opt: Opt, text):
+    if opt.type in (bool, str):
+        return text
+    try:
+        return opt.type(text)
+    except ValueError:
+        raise Fail(f"Invalid value for '{opt.flag}': {text!r} is not a valid {_TYPE_WORD[opt.type]}.") from None
+
+
+def _no_such_option(flag: str, by_flag: dict) -> str:
+    """click's words (8.1), with its guess at a misspelt long flag."""
+    from difflib import get_close_matches
+    near = get_close_matches(flag, [f for f in [*by_flag, "--help"] if f.startswith("--")])
+    if not near:
+        return f"No such option: {flag}"
+    if len(near) == 1:
+        return f"No such option: {flag} Did you mean {near[0]}?"
+    return f"No such option: {flag} (Possible options: {', '.join(sorted(near))})"
 
 
 def run(command: str, argv: list[str]) -> int:
     """Parse and run one hook command; the exit code (errors already printed)."""
+    options, body = common.HOOKS[command]
     try:
-        return getattr(common, command)(**parse(command, argv))
-    except common.Fail as e:
+        return body(**parse(options, argv))
+    except Fail as e:
         common.fail_exit(e)
     except KeyboardInterrupt:
         common.interrupted()

@@ -1,34 +1,12 @@
 """Track the TCP sockets of watched VIPs and ports with BPF (bcc), as they change.
 
-The kernel side is bpf/flowtrack.c (package data of nfsreset.bpf). It filters
-in BPF - local port, then TCP, local address, optionally netns - before
-touching any per-flow map, keeps one entry per socket (state, first seen, last
-change, snd_nxt/rcv_nxt refreshed on every sent state change and every segment
-an ESTABLISHED flow receives) in an mmapable array of slots indexed by a hash
-of the socket pointer (a hash map takes the collisions), and sends open and
-close records, and the state changes of flows older than STATE_AGE_S (told in
-jiffies, paired with the monotonic clock at start), through a ring buffer.
-
-Cheap under connection churn (bench/bench_tracker.py, docs/internals.md): the
-kernel wakes the reader at most about once per WAKE_GAP_S instead of once
-per record, the reader maps the ring and folds a batch per socket (a
-connection that came and went between two reads costs two records and no
-Python object), and a young flow's state changes reach poll() through one
-map look-up instead of two records per connection.
-
-Kernel facts this is built on (6.18, Debian 12's bcc 0.26):
-- kprobes are not built and fentry/kfunc are refused: tracepoints only. Raw
-  tracepoints (inet_sock_set_state, tcp_probe) cost less than classic ones
-  and, unlike them, need no tracefs: the tracker loads under `ip netns exec`
-  as it is.
-- bcc compiles against headers that may belong to another kernel; struct
-  offsets come from BTF (nfsreset.flows.btf) and reach the C code as -D flags.
-- Compile + load + attach takes ~0.2-0.4 s (the program includes no kernel
-  headers beyond linux/types.h). BTF offsets and the source are cached per
-  process; the compiled object cannot be (bcc 0.26 has no API to load one).
-- bcc 0.26's BPF_RINGBUF_OUTPUT has no query method and bcc does not turn
-  `&events` into a map reference for raw helpers: the wakeup policy counts
-  bytes itself rather than calling bpf_ringbuf_query().
+The kernel side is bpf/flowtrack.c (package data of nfsreset.bpf): it filters in
+BPF before touching any per-flow map, keeps one entry per socket in an mmapable
+array of slots, and sends opens, closes and the state changes of flows older than
+STATE_AGE_S through a ring buffer. Raw tracepoints only (no kprobes or fentry
+here; no tracefs needed), struct offsets from BTF as -D flags (bcc may compile
+against another kernel's headers). Why it is built so, and what churn costs:
+docs/internals.md, "The BPF flow tracker"; bench/bench_tracker.py.
 
 bcc is imported inside functions: hooks import this module and must start fast.
 """

@@ -1,45 +1,11 @@
 """TCP sockets through sock_diag netlink: dump with a kernel-side filter, destroy.
 
-This is what `ss -K 'src VIP and sport = :2049'` does, without the
-subprocess and without one round trip per socket: the dump carries an
-INET_DIAG_REQ_BYTECODE filter so the kernel only returns sockets on the VIPs
-and ports asked for, and SOCK_DESTROY requests are sent many per send(). Each
-request asks for an ack, and every ack is read: the kernel runs the requests
-of one send() synchronously, so a batch's acks are all queued when send()
-returns, and the batch size bounds what sits in our receive buffer.
-
-pyroute2 has neither bytecode filters nor SOCK_DESTROY, so this is plain
-`socket` + `struct`. Layouts: include/uapi/linux/{netlink,sock_diag,inet_diag}.h;
-semantics: net/ipv4/inet_diag.c (inet_diag_bc_run, inet_diag_bc_audit,
-inet_diag_find_one_icsk) and tcp_diag.c (tcp_diag_destroy -> tcp_abort).
-
-Kernel facts this module relies on (checked on 6.18):
-- A sock_diag socket only sees the network namespace it was created in: every
-  call opens its socket in the calling thread's current netns.
-- SOCK_DIAG_BY_FAMILY picks its handler by sdiag_family and AF_UNSPEC has
-  none, so it walks the (global, all-netns) socket hash once per family. The
-  older TCPDIAG_GETSOCK request (still in 6.18) dumps both families in one
-  walk with the same bytecode; we use it when both are needed and fall back
-  to a walk per family if the kernel refuses it. Dumps on one socket run one
-  after the other (a second dump request while one runs fails with EBUSY).
-- A bytecode host condition of family AF_INET also matches an AF_INET6 socket
-  whose address is ::ffff:a.b.c.d, which is how one v4 VIP condition finds
-  both plain v4 sockets and dual-stack ([::]:2049) ones.
-- Bytecode runs as forward jumps; a program accepts when it jumps exactly to
-  its end and rejects when it jumps past it. The audit requires every `yes`
-  to be at least the op's own length, and `no` to land on an op boundary, on
-  the end, or 4 bytes past it.
-- Minisockets: TIME_WAIT ones are dumped with tw_substate, so an orphan that
-  entered timewait from FIN_WAIT2 shows as FIN_WAIT2; asking for SYN_RECV
-  also returns NEW_SYN_RECV request socks. tcp_abort() handles both kinds on
-  recent kernels (destroying a TIME_WAIT deschedules it); older ones may say
-  EOPNOTSUPP: that is reported in DestroyResult.failed, not hidden.
-- The destroy lookup is by 4-tuple (+ bound device) in the established hash,
-  so it still finds a socket whose local address was deleted (v4 and v6).
-  A cookie mismatch (4-tuple reused by a newer socket) is ENOENT, like a
-  socket that is gone: never destroy a newer connection by accident.
-- Without CONFIG_INET_DIAG_DESTROY every destroy is EOPNOTSUPP (ss -K then
-  silently does nothing); probe_destroy() finds out on a connection of its own.
+What `ss -K 'src VIP and sport = :2049'` does, without the subprocess and without
+a round trip per socket: the dump carries an INET_DIAG_REQ_BYTECODE filter, and
+SOCK_DESTROY requests go many per send(), each acked, every ack read. pyroute2 has
+neither, so this is plain `socket` + `struct` (layouts: include/uapi/linux/
+{netlink,sock_diag,inet_diag}.h). Every call works in the calling thread's netns.
+The kernel behaviour relied on (6.18): docs/internals.md, "sock_diag".
 """
 from __future__ import annotations
 
@@ -179,7 +145,8 @@ def encode_bytecode(local_ips: Iterable[str] | None, local_ports: Iterable[int] 
 
     A matching Ci falls through (yes) to its J, which jumps to the end:
     accept. The last condition falls through to the end itself; its `no`
-    jumps 4 bytes past the end: reject. Returns b"" when nothing filters.
+    jumps 4 bytes past the end: reject (inet_diag_bc_audit allows `no` on an op
+    boundary, the end, or 4 bytes past it). Returns b"" when nothing filters.
     """
     ips = [norm_ip(ip) for ip in _as_list(local_ips, str)] or [None]
     ports = _as_list(local_ports, int) or [None]
@@ -263,14 +230,12 @@ def _plain_frozen(cls, filled: set[str]) -> bool:
 _object_new, _object_setattr = object.__new__, object.__setattr__
 _FLOW_FROM_DUMP = {"key", "state", "netns", "cookie", "inode", "recvq", "sendq"}
 _FLOW_REST = {f.name: f.default for f in dataclasses.fields(Flow) if f.name not in _FLOW_FROM_DUMP}
-# A frozen dataclass's __init__ does one object.__setattr__ per field: 0.85 us
-# for Flow, a third of the cost of decoding a socket, and what decides whether
-# we beat `ss -K` at 10,000 sockets. Filling __dict__ in one go makes the same
-# object (eq, hash, repr and replace() all read the fields), so do that when
-# the classes allow it.
+# A frozen dataclass's __init__ does one object.__setattr__ per field (0.85 us
+# for Flow, a third of decoding a socket); filling __dict__ in one go makes the
+# same object (eq, hash, repr and replace() read the fields). bench/README.md.
 _FAST_OBJECTS = (_plain_frozen(Flow, _FLOW_FROM_DUMP)
-                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)})
-                 and _plain_frozen(FlowKey, {f.name for f in dataclasses.fields(FlowKey)}))
+                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)}))
+_new_key = tuple.__new__      # FlowKey is a named tuple: skip its Python-level __new__
 _STATE_NAMES = tuple(TCP_STATES.get(n, str(n)) for n in range(256))
 # inet_diag_msg: ports are __be16, the rest host order; two unpacks.
 _MSG = struct.Struct("=BBBB4x16s16sIIIIIIII")
@@ -286,13 +251,8 @@ def decode_diag_msg(buf: bytes, start: int, netns_inode: int | None) -> tuple[Fl
     texts = _TEXT_CACHE.get(family)
     if texts is None:
         raise SockDiagError(errno.EBADMSG, f"inet_diag message of family {family}")
-    key_fields = {"vip": texts.get(src) or _addr_text(family, src), "vport": sport,
-                  "client": texts.get(dst) or _addr_text(family, dst), "cport": dport}
-    if _FAST_OBJECTS:
-        key = _object_new(FlowKey)
-        _object_setattr(key, "__dict__", key_fields)
-    else:
-        key = FlowKey(**key_fields)
+    key = _new_key(FlowKey, (texts.get(src) or _addr_text(family, src), sport,
+                             texts.get(dst) or _addr_text(family, dst), dport))
     flow_fields = {"key": key, "state": _STATE_NAMES[state], "netns": netns_inode, "cookie": cookie,
                    "inode": inode, "recvq": rqueue, "sendq": wqueue, **_FLOW_REST}
     sid_fields = {"family": family, "src": src, "dst": dst, "sport": sport, "dport": dport,
@@ -360,6 +320,8 @@ _dump_seqs = itertools.count(1)
 
 def _families_for(ips: list[str]) -> tuple[int, ...]:
     # A v4 address also lives in AF_INET6 sockets (v4-mapped); a v6 one only there.
+    # AF_UNSPEC: TCPDIAG_GETSOCK, one walk of the (host-wide) hash for both families;
+    # SOCK_DIAG_BY_FAMILY has no AF_UNSPEC handler and walks once per family.
     if ips and all(":" in ip for ip in ips):
         return (socket.AF_INET6,)
     return (socket.AF_UNSPEC,) if _both_in_one_walk else (socket.AF_INET, socket.AF_INET6)
@@ -428,9 +390,12 @@ def destroy(socks: Iterable[SockId], batch: int = DEFAULT_BATCH) -> DestroyResul
     """SOCK_DESTROY each socket (current thread's netns); classify every ack.
 
     The kernel answers a destroyed socket with an RST to its peer (when the
-    local address still routes) and ECONNABORTED to its owner. ENOENT means
-    gone (or 4-tuple reused by a socket with another cookie: left alone).
-    At most `batch` requests are in flight: one send(), then all their acks.
+    local address still routes) and ECONNABORTED to its owner. It looks the
+    socket up by 4-tuple, so one whose local address was deleted is still found.
+    ENOENT means gone (or 4-tuple reused by a socket with another cookie: left
+    alone); EOPNOTSUPP, no CONFIG_INET_DIAG_DESTROY (or a minisocket on an old
+    kernel): reported in `failed`. At most `batch` requests are in flight: the
+    kernel runs one send()'s requests synchronously, so its acks are all queued.
     """
     if batch < 1:
         raise ValueError("batch must be >= 1")
