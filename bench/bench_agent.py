@@ -4,24 +4,25 @@
 Run as root from the checkout (corosync + pacemaker + resource-agents installed):
     .venv/bin/python bench/bench_agent.py [--moves 6] [--rounds 1] [--family 4|6] [--json]
 
-Each round builds the lab's two-node Corosync + Pacemaker cluster twice, the
-same way `nfsreset lab --mover pacemaker,pacemaker-ocf` does (sim server on
-both heads, the lab client talking to the VIP, one state dir per head):
+Each round builds the lab's two-node Corosync + Pacemaker cluster twice, side
+by side in two labs, the same way `nfsreset lab --mover pacemaker,pacemaker-ocf`
+does (sim server on both heads, the lab client talking to the VIP, one state
+dir per head):
     pacemaker      the VIP as plain ocf:heartbeat:IPaddr2: the baseline
     pacemaker-ocf  the VIP as ocf:nfsreset:IPaddr2nfs (cli/ocf/nfsreset)
 and moves the VIP back and forth --moves times with `crm_resource --move`
 (node1 -> node2, back, ...). Per move it takes pacemaker-execd's execution
 time of the stop and of the start ("exited with status 0 (execution time
-75ms)"), and the client's first reply after the VIP was usable. The two
-clusters run one after the other, never at once; with --rounds N they
-alternate (baseline, agent, baseline, agent ...) so a change of the
-machine's load hits both.
+75ms)"), and the client's first reply after the VIP was usable. The moves
+alternate between the two clusters (baseline, agent, baseline ...), --pause
+seconds apart (the previous move's background work, IPaddr2's send_arp and
+the agent's tickle, is over by then), so a change of the machine's load
+hits both; --rounds N repeats it with fresh clusters.
 
 Printed: median (and range) of stop and start per agent, the agent's median
 minus IPaddr2's median, the first failover's usable-to-first-reply of each
-(the move before any list was published by the agent... or not: the agent's
-stop publishes the list, so its first failover is tickled), and the load
-average before and after.
+(IPaddr2: the client's own retransmission; the agent: tickled from the list
+its stop published), and the load average before and after.
 """
 from __future__ import annotations
 
@@ -40,22 +41,28 @@ from nfsreset.lab.run import _Run  # noqa: E402
 MOVERS = ("pacemaker", "pacemaker-ocf")
 
 
-def one_cluster(mover: str, family: int, moves: int, cap: float, log) -> dict:
-    """One cluster, `moves` moves; per move stop_s, start_s, usable_to_first_reply."""
-    run = _Run(family, cap, Remedy(), 180.0, 1.0, lambda *_: None, None, log, 1.0, 0.2,
-               mover=mover, server="sim", vers="echo", crash=False, state="per-head")
-    out = []
+def interleaved(family: int, moves: int, cap: float, pause: float, log) -> list[dict]:
+    """Both clusters up at once; their moves alternate (baseline, agent, baseline
+    ...), `pause` s apart, so both see the same load. Per move stop_s,
+    start_s, usable_to_first_reply."""
+    runs = {m: _Run(family, cap, Remedy(), 180.0, 1.0, lambda *_: None, None, log, 1.0, 0.2,
+                    mover=m, server="sim", vers="echo", crash=False, state="per-head") for m in MOVERS}
+    out = {m: [] for m in MOVERS}
     try:
-        run.begin()
+        for run in runs.values():
+            run.begin()
         here, there = "node1", "node2"
         for i in range(moves):
-            d = run.move("failover" if i == 0 else f"move{i + 1}", here, there)
-            out.append({"stop_s": d.stop_s, "start_s": d.start_s,
-                        "usable_to_first_reply": d.usable_to_first_reply, "recovered": d.recovered})
+            for mover, run in runs.items():
+                time.sleep(pause)    # the previous move's background work (send_arp, the tickle) is done
+                d = run.move("failover" if i == 0 else f"move{i + 1}", here, there)
+                out[mover].append({"stop_s": d.stop_s, "start_s": d.start_s,
+                                   "usable_to_first_reply": d.usable_to_first_reply, "recovered": d.recovered})
             here, there = there, here
     finally:
-        run.teardown()
-    return {"mover": mover, "moves": out}
+        for run in runs.values():
+            run.teardown()
+    return [{"mover": m, "moves": out[m]} for m in MOVERS]
 
 
 def _med(xs):
@@ -68,7 +75,8 @@ def main() -> int:
     ap.add_argument("--moves", type=int, default=6, help="moves per cluster (default 6)")
     ap.add_argument("--rounds", type=int, default=1, help="baseline/agent cluster pairs (default 1)")
     ap.add_argument("--family", type=int, choices=(4, 6), default=4)
-    ap.add_argument("--cap", type=float, default=5.0, help="longest wait for the client per move (s)")
+    ap.add_argument("--cap", type=float, default=3.0, help="longest wait for the client per move (s)")
+    ap.add_argument("--pause", type=float, default=2.0, help="seconds between two moves (default 2)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
@@ -82,11 +90,10 @@ def main() -> int:
     load0 = os.getloadavg()
     runs = []
     for r in range(a.rounds):
-        for mover in MOVERS:
-            t = time.monotonic()
-            runs.append(one_cluster(mover, a.family, a.moves, a.cap, log))
-            if not a.json:
-                print(f"round {r + 1}: {mover} {a.moves} moves in {time.monotonic() - t:.0f} s", file=sys.stderr)
+        t = time.monotonic()
+        runs += interleaved(a.family, a.moves, a.cap, a.pause, log)
+        if not a.json:
+            print(f"round {r + 1}: {a.moves} moves per agent in {time.monotonic() - t:.0f} s", file=sys.stderr)
     load1 = os.getloadavg()
     summary = {}
     for mover in MOVERS:
