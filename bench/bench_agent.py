@@ -35,22 +35,32 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nfsreset.lab import mover_pacemaker  # noqa: E402
 from nfsreset.lab.remedies import Remedy  # noqa: E402
 from nfsreset.lab.run import _Run  # noqa: E402
 
 MOVERS = ("pacemaker", "pacemaker-ocf")
+OLD = "pacemaker-ocf-old"     # --old-agent: another copy of the agent, e.g. main's
 
 
-def interleaved(family: int, moves: int, cap: float, pause: float, log) -> list[dict]:
+def interleaved(family: int, moves: int, cap: float, pause: float, log, old_agent: str | None) -> list[dict]:
     """Both clusters up at once; their moves alternate (baseline, agent, baseline
     ...), `pause` s apart, so both see the same load. Per move stop_s,
     start_s, usable_to_first_reply."""
+    labels = [*MOVERS, OLD] if old_agent else list(MOVERS)
     runs = {m: _Run(family, cap, Remedy(), 180.0, 1.0, lambda *_: None, None, log, 1.0, 0.2,
-                    mover=m, server="sim", vers="echo", crash=False, state="per-head") for m in MOVERS}
-    out = {m: [] for m in MOVERS}
+                    mover=m if m != OLD else "pacemaker-ocf", server="sim", vers="echo", crash=False,
+                    state="per-head") for m in labels}
+    out = {m: [] for m in labels}
+    repo_agent = mover_pacemaker.REPO_AGENT
     try:
-        for run in runs.values():
-            run.begin()
+        for label, run in runs.items():
+            # the cluster binds mover_pacemaker.REPO_AGENT into its nodes when it is built
+            mover_pacemaker.REPO_AGENT = old_agent if label == OLD else repo_agent
+            try:
+                run.begin()
+            finally:
+                mover_pacemaker.REPO_AGENT = repo_agent
         here, there = "node1", "node2"
         for i in range(moves):
             for mover, run in runs.items():
@@ -62,7 +72,7 @@ def interleaved(family: int, moves: int, cap: float, pause: float, log) -> list[
     finally:
         for run in runs.values():
             run.teardown()
-    return [{"mover": m, "moves": out[m]} for m in MOVERS]
+    return [{"mover": m, "moves": out[m]} for m in labels]
 
 
 def _med(xs):
@@ -77,6 +87,8 @@ def main() -> int:
     ap.add_argument("--family", type=int, choices=(4, 6), default=4)
     ap.add_argument("--cap", type=float, default=3.0, help="longest wait for the client per move (s)")
     ap.add_argument("--pause", type=float, default=2.0, help="seconds between two moves (default 2)")
+    ap.add_argument("--old-agent", metavar="PATH",
+                    help="a third cluster with this copy of the agent (e.g. `git show main:cli/ocf/nfsreset`)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args()
@@ -91,12 +103,13 @@ def main() -> int:
     runs = []
     for r in range(a.rounds):
         t = time.monotonic()
-        runs += interleaved(a.family, a.moves, a.cap, a.pause, log)
+        runs += interleaved(a.family, a.moves, a.cap, a.pause, log, a.old_agent)
         if not a.json:
             print(f"round {r + 1}: {a.moves} moves per agent in {time.monotonic() - t:.0f} s", file=sys.stderr)
     load1 = os.getloadavg()
     summary = {}
-    for mover in MOVERS:
+    labels = [*MOVERS, OLD] if a.old_agent else list(MOVERS)
+    for mover in labels:
         moves = [m for run in runs if run["mover"] == mover for m in run["moves"]]
         firsts = [run["moves"][0]["usable_to_first_reply"] for run in runs if run["mover"] == mover]
         summary[mover] = {
@@ -109,6 +122,8 @@ def main() -> int:
     base, agent = summary["pacemaker"], summary["pacemaker-ocf"]
     over = {k: (agent[k] - base[k]) if None not in (agent[k], base[k]) else None
             for k in ("stop_median", "start_median")}
+    if a.old_agent:
+        over["old"] = {k: summary[OLD][k] - base[k] for k in ("stop_median", "start_median")}
     doc = {"family": a.family, "moves": a.moves, "rounds": a.rounds, "load_before": load0, "load_after": load1,
            "summary": summary, "agent_over_ipaddr2": over, "runs": runs}
     if a.json:
@@ -117,13 +132,18 @@ def main() -> int:
     print(f"IPv{a.family}, {a.rounds} x {a.moves} moves per agent, pacemaker-execd execution times; "
           f"load {load0[0]:.2f} -> {load1[0]:.2f}")
     print(f"{'':24s}{'stop median (range)':>28s}{'start median (range)':>28s}")
-    for mover, label in (("pacemaker", "IPaddr2"), ("pacemaker-ocf", "IPaddr2nfs")):
+    names = [("pacemaker", "IPaddr2"), ("pacemaker-ocf", "IPaddr2nfs")] + ([(OLD, "IPaddr2nfs (old)")]
+                                                                          if a.old_agent else [])
+    for mover, label in names:
         s = summary[mover]
         rng = lambda xs: f"{min(x for x in xs if x is not None):.3f}-{max(x for x in xs if x is not None):.3f}"  # noqa: E731
         print(f"{label:24s}{s['stop_median']:>10.3f} s ({rng(s['stop_s'])}){s['start_median']:>10.3f} s "
               f"({rng(s['start_s'])})")
     print(f"{'agent over IPaddr2':24s}{over['stop_median']:>+10.3f} s{'':15s}{over['start_median']:>+10.3f} s")
-    for mover, label in (("pacemaker", "IPaddr2"), ("pacemaker-ocf", "IPaddr2nfs")):
+    if a.old_agent:
+        print(f"{'old agent over IPaddr2':24s}{over['old']['stop_median']:>+10.3f} s{'':15s}"
+              f"{over['old']['start_median']:>+10.3f} s")
+    for mover, label in names:
         s = summary[mover]
         firsts = " ".join("-" if x is None else f"{x:.3f}" for x in s["first_failover_usable_to_first_reply"])
         med = s["usable_to_first_reply_median"]
