@@ -14,7 +14,9 @@ With crash=True the failover is a crash of node1 instead: SIGKILL to PID 1 of
 its PID namespace (corosync and pacemaker die at once), the VIP deleted from
 its interface and its bridge port taken down (a dead machine's address is
 gone; left in place, IPv6 DAD fails on the survivor). Corosync on node2 sees
-the token lost and Pacemaker starts the VIP there. Before the failback node1
+the token lost and Pacemaker starts the VIP there. With pacemaker-ocf the crash
+waits (at most 15 s) until node1's monitor has published the client list
+to attrd for node2, as it would have on a head up for more than 10 s. Before the failback node1
 is started again (bridge port up, same node directories) and rejoins; then a
 planned move brings the VIP back. The network namespace, and so the server
 and its sockets, survives the "crash": like a head whose cluster stack died,
@@ -45,6 +47,7 @@ COLD_START_TIMEOUT_S = 45.0   # seeded cold start to VIP usable: ~8 s measured
 MOVE_TIMEOUT_S = 30.0         # command -> address event; Pacemaker answers within ~1 s
 CRASH_TIMEOUT_S = 30.0        # crash -> VIP on the survivor; ~2.5 s (token 1000 ms + consensus)
 REJOIN_TIMEOUT_S = 45.0
+PUBLISH_TIMEOUT_S = 15.0      # the agent's monitor publishes a changed list every 10 s
 TOOLS = ("corosync", "corosync-cfgtool", "pacemakerd", "crm_resource", "crm_mon", "unshare", "nsenter")
 
 
@@ -151,8 +154,25 @@ class PacemakerMover(Mover):
         times.t_done = time.monotonic()
         return times
 
+    def _wait_published(self, node: str, peer: str, timeout: float = PUBLISH_TIMEOUT_S) -> None:
+        """The agent: wait until `node`'s monitor published the VIP's clients under
+        `peer`'s name in attrd (a crashed head runs no stop: what the peer
+        tickles is what the monitor last published). Bounded; going on without."""
+        t0 = time.monotonic()
+        attr = f"nfsreset-clients-{self.vip}"
+        while time.monotonic() - t0 < timeout:
+            res = self.cluster.tool(peer, "attrd_updater", "-Q", "-n", attr, "-N", peer, check=False, timeout=5.0)
+            if res.returncode == 0 and 'value="g1:' in res.stdout:
+                self.log(f"{node}'s client list is in attrd for {peer} {time.monotonic() - t0:.3f} s after the wait began")
+                return
+            time.sleep(0.5)
+        self.log(f"{node} published no client list for {peer} within {timeout:g} s; crashing anyway")
+
     def _crash(self, node: str, times: MoveTimes) -> None:
         """Kill `node`'s cluster stack at once, its VIP and its link gone with it."""
+        if self.name == "pacemaker-ocf":
+            self._wait_published(node, "node2" if node == "node1" else "node1")
+            times.t_start = time.monotonic()
         self.cluster.kill_node(node)
         if self.topo.has_addr(node, self.vip, usable=False):
             self.topo.del_addr(node, self.vip)

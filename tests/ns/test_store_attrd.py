@@ -132,6 +132,30 @@ def test_failover_with_one_state_dir_per_head_is_tickled_through_attrd():
     assert fb["usable_to_first_reply"] is not None and fb["usable_to_first_reply"] <= 0.3, fb
 
 
+def test_crash_failover_is_tickled_from_what_the_monitor_published():
+    """A crashed head runs no stop, so only what it published before tells the
+    survivor its clients: the agent's monitor (every 10 s) publishes the VIP's
+    list to attrd when it changed. IPv4, sim server, one state dir per head
+    (no shared storage), node1 crashed once its monitor had published. Before,
+    node2 had no list ("no known client") and the client waited for its own
+    retransmission (~0.9 s after usable)."""
+    proc = subprocess.run([NFSRESET, "lab", "--family", "4", "--mover", "pacemaker-ocf", "--crash",
+                           "--cap", "10", "--json", "--verbose"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(proc.stdout)["runs"]
+    lines = proc.stderr.splitlines()
+    assert any("[node1 pacemaker-ocf]" in x and "nfsreset (monitor) 198.51.100.10: published 1 client tuple(s): "
+               "attrd(for node2)" in x for x in lines), proc.stderr[-3000:]
+    assert any("node1's client list is in attrd for node2" in x for x in lines), proc.stderr[-3000:]
+    assert any("node1 crashed" in x for x in lines)
+    tickles = [x for x in lines if "[node2 pacemaker-ocf]" in x and "tickle (post-start)" in x]
+    assert tickles and not any("no known client" in x for x in tickles), (tickles, proc.stderr[-3000:])
+    fo = run["failover"]
+    assert fo["stop_s"] is None and fo["recovered"], fo
+    print(f"crash failover: usable -> first reply {fo['usable_to_first_reply']} s")
+    assert fo["usable_to_first_reply"] <= 0.3, fo
+
+
 def test_watch_publishes_a_new_session_to_the_peer_within_1_s(cluster, tmp_path):
     """`nfsreset watch --store attrd` on node1 (inside the node: attrd's IPC is
     an abstract socket of the netns plus files in the node's /dev/shm): a new
