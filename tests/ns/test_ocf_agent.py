@@ -634,3 +634,34 @@ def test_failed_and_skipped_steps_are_warnings_with_their_reason_once(topo, tmp_
     stop_line = [(lv, msg) for lv, msg in lines if msg.startswith(f"nfsreset (stop) {VIP4}: ")]
     assert [lv for lv, _ in stop_line] == ["INFO"], lines
     assert [x for x in lines if x not in stop_line] == expected, lines
+
+
+@pytest.mark.parametrize("action", ["stop", "start"])
+def test_a_vip_local_through_a_local_route_keeps_its_sessions(topo, tmp_path, listener, action, ends):
+    """A VIP with no address but inside a `local` route range (AnyIP, LVS-DR) is
+    here: its sessions are live. The agent's ss -K path must ask the FIB, not only
+    the address table (it asked only the address table and ended the live session)."""
+    import subprocess
+    rng, vip = "198.51.100.64/27", "198.51.100.70"
+    topo.run("node1", "ip", "route", "add", "local", rng, "dev", "lo", "table", "local")
+    node1_addr = topo.run("node1", "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.split()[3].split("/")[0]
+    topo.run("client", "ip", "route", "add", rng, "via", node1_addr, "dev", "eth0")
+    keeper = topo.popen("client", "python3", "-c",
+                        "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
+                        "print('up', flush=True); time.sleep(30)", vip, stdout=subprocess.PIPE, text=True)
+    ends.append(keeper)
+    assert keeper.stdout.readline().strip() == "up"
+    assert wait_for(lambda: sessions_on(topo, "node1", vip))
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state"}
+    res, _ = run_agent(topo, tmp_path, action, ip=vip, **params)
+    assert res.returncode == 0, res.stderr
+    assert "ss -K" not in res.stderr, res.stderr
+    # the background post-stop (real nfsreset) refuses a VIP that is here; give it time to act
+    poststop = tmp_path / "rsctmp" / "nfsreset-vip1.poststop"
+    if action == "stop":
+        assert wait_for(poststop.exists, timeout=15), res.stderr
+    else:
+        time.sleep(1.0)
+    live = sessions_on(topo, "node1", vip)
+    assert live and all(line.startswith("ESTAB") for line in live), (live, res.stderr)
+    assert keeper.poll() is None
