@@ -51,6 +51,7 @@ def _test_seconds(name: str, default: float, lo: float = 0.05, hi: float = 60.0)
 # is for tests, which need several passes in a few seconds; not a setting.
 AWAY_CHECK_S = _test_seconds("NFSRESET_AWAY_CHECK_S", 2.0)
 STATE_FLUSH_S = 0.5       # client list written within this (issue: within 1 s)
+PUBLISH_RETRY_S = 2.0     # a list attrd did not take (not up, no peer online) is offered again
 DUMP_PERIOD_S = 1.0       # without BPF: how often the table is rebuilt from dumps
 # Idle wakeups: the main loop wakes once per STATE_FLUSH_S and the BPF reader
 # once per BPF_POLL_MS (events wake it at once); VIP workers sleep on their
@@ -585,11 +586,20 @@ class DaemonState(StateDir):
         # a thread of its own (an attrd_updater exec per peer, ~20 ms each, must
         # not hold up the loop that reacts to a VIP leaving); only the newest list
         # of a VIP is published, and one that did not change is not published again.
+        # `auto` is decided at each publish and read, not once: the daemon
+        # usually starts before Pacemaker (network-online.target), and a cluster
+        # stack restarted under it comes back.
         from nfsreset import store as S
+        self.store = store
         self.backend = S.choose(store)
-        self.attrd = S.Attrd(log=self.log) if self.backend == "attrd" else None
+        self.attrd = S.Attrd(log=self.log) if store != "dir" else None
+        self._attrd_seen = self.backend == "attrd"
         self._to_publish: dict[str, frozenset[FlowKey]] = {}
         self._published: dict[str, frozenset[FlowKey]] = {}
+        # Lists attrd did not take (not up yet, no peer online): offered again
+        # every PUBLISH_RETRY_S until it does or the list changes.
+        self._unpublished: dict[str, frozenset[FlowKey]] = {}
+        self._retry_at = 0.0
         self._publish_cv = threading.Condition()
         self._publisher: threading.Thread | None = None
         self._stop_publisher = False
@@ -605,11 +615,42 @@ class DaemonState(StateDir):
             try:
                 self.attrd.publish(vip, keys)
                 self._published[vip] = keys
+                self._unpublished.pop(vip, None)
             except Exception as e:   # attrd down or refusing: the dir still has the list
-                self.log(f"publishing the clients of {vip} to attrd failed: {e}")
+                if self._unpublished.get(vip) != keys:    # one line per list, not per retry
+                    self.log(f"publishing the clients of {vip} to attrd failed: {e}; "
+                             f"trying again every {PUBLISH_RETRY_S:g} s")
+                self._unpublished[vip] = keys
+
+    def attrd_now(self):
+        """The Attrd to use now (None: the dir alone). `auto` follows attrd coming and going."""
+        if self.attrd is None:
+            return None
+        if self.store == "auto":
+            from nfsreset.store import attrd_present
+            up = attrd_present()
+            if up != self._attrd_seen:
+                self._attrd_seen = up
+                self.log("client lists: Pacemaker's attrd is " + ("reachable now; lists go through it too"
+                                                                  if up else "gone; the state dir only"))
+            if not up:
+                return None
+        return self.attrd
+
+    def retry_publish(self, now: float) -> None:
+        """Offer lists attrd did not take again (from the flush, at most every PUBLISH_RETRY_S)."""
+        if not self._unpublished or now < self._retry_at:
+            return
+        self._retry_at = now + PUBLISH_RETRY_S
+        for vip, keys in list(self._unpublished.items()):
+            self.publish(vip, keys)
 
     def publish(self, vip: str, keys: frozenset[FlowKey]) -> None:
-        if self.attrd is None or not keys or self._published.get(vip) == keys:
+        if not keys or self._published.get(vip) == keys:
+            return
+        if self.attrd_now() is None:
+            if self.attrd is not None:
+                self._unpublished[vip] = keys     # published once attrd is up
             return
         with self._publish_cv:
             self._to_publish[vip] = keys
@@ -631,12 +672,13 @@ class DaemonState(StateDir):
         try:
             out.update(dict.fromkeys(super().read_clients(vip)))
         except StateError as e:
-            if self.attrd is None:
+            if self.attrd_now() is None:
                 raise
             self.log(str(e))
-        if self.attrd is not None:
+        attrd = self.attrd_now()
+        if attrd is not None:
             try:
-                out.update(dict.fromkeys(self.attrd.read(vip, self.max_entries)))
+                out.update(dict.fromkeys(attrd.read(vip, self.max_entries)))
             except StateError as e:
                 self.log(str(e))
         return list(out)[: self.max_entries]
@@ -1004,6 +1046,8 @@ class Daemon:
     def flush_state(self) -> None:
         """Keep each local VIP's client list current (the peer tickles them), and
         the live table file for `nfsreset flows`; both only when the table changed."""
+        if self.state is not None and not self.cfg.dry_run:
+            self.state.retry_publish(time.monotonic())
         with self.table_lock:
             dirty, self.dirty = self.dirty, set()
             version = self.version
@@ -1085,7 +1129,9 @@ class Daemon:
         self.netns_ino = netns.current_inode()
         self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log, store=self.cfg.store)
         self.log(f"client lists: {self.state.backend} backend"
-                 + (" (Pacemaker's attrd, and the state dir)" if self.state.backend == "attrd" else ""))
+                 + (" (Pacemaker's attrd, and the state dir)" if self.state.backend == "attrd" else
+                    " for now (store auto: attrd as soon as Pacemaker's is reachable)" if self.cfg.store == "auto"
+                    else ""))
         ipr = self.open_rtnl()   # before the first read of presence: no event falls between
         if self.cfg.bpf:
             try:

@@ -96,6 +96,11 @@ class PacemakerMover(Mover):
         # Figures for the report (report.FamilyResult.cluster).
         self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None}
 
+    def host_argv(self, node: str) -> list[str]:
+        """Run a command on `node`'s host (Cluster.host_argv): where a daemon of
+        a real head runs, Pacemaker's attrd reachable while the node is up."""
+        return self.cluster.host_argv(node)
+
     # -- first start: the cluster's cold start ---------------------------------------
     def start(self, node: str, times: MoveTimes, pre_start: Hook | None = None,
               post_start: Hook | None = None) -> MoveTimes:
