@@ -51,6 +51,7 @@ def _test_seconds(name: str, default: float, lo: float = 0.05, hi: float = 60.0)
 # is for tests, which need several passes in a few seconds; not a setting.
 AWAY_CHECK_S = _test_seconds("NFSRESET_AWAY_CHECK_S", 2.0)
 STATE_FLUSH_S = 0.5       # client list written within this (issue: within 1 s)
+ATTRD_READ_REUSE_S = 2.0  # one attrd read serves an arrival (IPv6 DAD takes ~1 s)
 PUBLISH_RETRY_S = 2.0     # a list attrd did not take (not up, no peer online) is offered again
 DUMP_PERIOD_S = 1.0       # without BPF: how often the table is rebuilt from dumps
 # Idle wakeups: the main loop wakes once per STATE_FLUSH_S and the BPF reader
@@ -600,6 +601,9 @@ class DaemonState(StateDir):
         # every PUBLISH_RETRY_S until it does or the list changes.
         self._unpublished: dict[str, frozenset[FlowKey]] = {}
         self._retry_at = 0.0
+        self._read_cache: dict[str, tuple[float, list[FlowKey]]] = {}
+        self._read_lock = threading.Lock()
+        self._read_locks: dict[str, threading.Lock] = {}
         self._publish_cv = threading.Condition()
         self._publisher: threading.Thread | None = None
         self._stop_publisher = False
@@ -678,10 +682,25 @@ class DaemonState(StateDir):
         attrd = self.attrd_now()
         if attrd is not None:
             try:
-                out.update(dict.fromkeys(attrd.read(vip, self.max_entries)))
+                out.update(dict.fromkeys(self._attrd_read(attrd, vip)))
             except StateError as e:
                 self.log(str(e))
         return list(out)[: self.max_entries]
+
+    def _attrd_read(self, attrd, vip: str) -> list[FlowKey]:
+        """attrd's lists of `vip`, read once per arrival: the move report and the
+        post-start read at the same moment, and IPv6's tentative post-start
+        ~1 s before its usable one (an attrd_updater exec is 20-40 ms of the
+        path to the tickle here)."""
+        with self._read_lock:
+            lock = self._read_locks.setdefault(vip, threading.Lock())
+        with lock:
+            hit = self._read_cache.get(vip)
+            if hit is not None and time.monotonic() - hit[0] < ATTRD_READ_REUSE_S:
+                return hit[1]
+            keys = attrd.read(vip, self.max_entries)
+            self._read_cache[vip] = (time.monotonic(), keys)
+            return keys
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
         try:
@@ -692,6 +711,7 @@ class DaemonState(StateDir):
 
     def write_clients(self, vip: str, keys) -> int:
         keys = frozenset(keys)
+        self._read_cache.pop(vip, None)     # owner of the VIP now, or it left: read afresh next time
         self.publish(vip, keys)
         last = self.written.get(vip)
         if keys and last is not None and last[0] == keys and last[1:] == self._stamp(vip):
