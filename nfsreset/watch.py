@@ -52,6 +52,10 @@ def _test_seconds(name: str, default: float, lo: float = 0.05, hi: float = 60.0)
 AWAY_CHECK_S = _test_seconds("NFSRESET_AWAY_CHECK_S", 2.0)
 STATE_FLUSH_S = 0.5       # client list written within this (issue: within 1 s)
 ATTRD_READ_REUSE_S = 2.0  # one attrd read serves an arrival (IPv6 DAD takes ~1 s)
+ATTRD_FRESH_S = 0.1       # a copy older than this is read again after the arrival's tickle
+PREFETCH_S = 1.0          # peers' lists of an away VIP are read this often (off the path)
+ATTRD_TIMEOUT_JOIN_S = 6.0   # attrd_updater is bounded at 5 s (store.ATTRD_TIMEOUT_S)
+PREFETCH_PER_S = 4.0      # at most this many attrd_updater reads a second for it
 PUBLISH_RETRY_S = 2.0     # a list attrd did not take (not up, no peer online) is offered again
 DUMP_PERIOD_S = 1.0       # without BPF: how often the table is rebuilt from dumps
 # Idle wakeups: the main loop wakes once per STATE_FLUSH_S and the BPF reader
@@ -570,6 +574,25 @@ class MetricsServer:
         return hdr + (b"" if method == b"HEAD" else body)
 
 
+class _Later:
+    """A read started now in a thread, its result (minus `known`) taken later."""
+
+    def __init__(self, read: Callable[[], list[FlowKey]]):
+        self._out: list[FlowKey] = []
+        self._thread = threading.Thread(target=self._run, args=(read,), name="attrd-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, read) -> None:
+        try:
+            self._out = read()
+        except Exception:   # the arrival's first read already reported a bad list
+            pass
+
+    def result(self, known: set[FlowKey]) -> list[FlowKey]:
+        self._thread.join(ATTRD_TIMEOUT_JOIN_S)
+        return [k for k in self._out if k not in known]
+
+
 class DaemonState(StateDir):
     """The state dir as the daemon and its engines share it: a client list is not
     written again while the file on disk is still the one this process wrote
@@ -604,6 +627,9 @@ class DaemonState(StateDir):
         self._read_cache: dict[str, tuple[float, list[FlowKey]]] = {}
         self._read_lock = threading.Lock()
         self._read_locks: dict[str, threading.Lock] = {}
+        self._used = threading.local()       # .age: of the attrd copy this thread's last read used
+        self._prefetch_at = 0.0
+        self._prefetching = False
         self._publish_cv = threading.Condition()
         self._publisher: threading.Thread | None = None
         self._stop_publisher = False
@@ -670,8 +696,10 @@ class DaemonState(StateDir):
         if self._publisher is not None:
             self._publisher.join(timeout)
 
-    def read_clients(self, vip: str) -> list[FlowKey]:
-        """The dir's list, plus every node's list in attrd (attrd backend)."""
+    def read_clients(self, vip: str, max_age: float = ATTRD_READ_REUSE_S) -> list[FlowKey]:
+        """The dir's list, plus every node's list in attrd (attrd backend; a copy
+        read at most `max_age` s ago is used as is)."""
+        self._used.age = 0.0
         out: dict[FlowKey, None] = {}
         try:
             out.update(dict.fromkeys(super().read_clients(vip)))
@@ -682,25 +710,52 @@ class DaemonState(StateDir):
         attrd = self.attrd_now()
         if attrd is not None:
             try:
-                out.update(dict.fromkeys(self._attrd_read(attrd, vip)))
+                out.update(dict.fromkeys(self._attrd_read(attrd, vip, max_age)))
             except StateError as e:
                 self.log(str(e))
         return list(out)[: self.max_entries]
 
-    def _attrd_read(self, attrd, vip: str) -> list[FlowKey]:
-        """attrd's lists of `vip`, read once per arrival: the move report and the
-        post-start read at the same moment, and IPv6's tentative post-start
-        ~1 s before its usable one (an attrd_updater exec is 20-40 ms of the
-        path to the tickle here)."""
+    def _attrd_read(self, attrd, vip: str, max_age: float) -> list[FlowKey]:
+        """attrd's lists of `vip`. An attrd_updater exec is 20-40 ms here, so a
+        copy at most `max_age` s old is used instead: the one prefetched while
+        the VIP was away, the move report's and the post-start's read of the
+        same arrival, IPv6's tentative read at usable."""
         with self._read_lock:
             lock = self._read_locks.setdefault(vip, threading.Lock())
         with lock:
             hit = self._read_cache.get(vip)
-            if hit is not None and time.monotonic() - hit[0] < ATTRD_READ_REUSE_S:
+            if hit is not None and time.monotonic() - hit[0] < max_age:
+                self._used.age = time.monotonic() - hit[0]
                 return hit[1]
             keys = attrd.read(vip, self.max_entries)
             self._read_cache[vip] = (time.monotonic(), keys)
             return keys
+
+    def used_copy(self) -> bool:
+        """Did this thread's last read_clients() use an attrd copy older than ATTRD_FRESH_S?"""
+        return getattr(self._used, "age", 0.0) > ATTRD_FRESH_S
+
+    def prefetch(self, away, now: float) -> None:
+        """Keep a copy of the peers' lists of the VIPs away from here, read by a
+        thread at most every PREFETCH_S (slower with many VIPs: at most
+        PREFETCH_PER_S execs a second): the VIP's arrival then tickles without
+        waiting for attrd_updater, and reads it afresh in parallel (Daemon.act)."""
+        away = sorted(away)
+        if not away or now < self._prefetch_at or self._prefetching or self.attrd_now() is None:
+            return
+        self._prefetch_at = now + max(PREFETCH_S, len(away) / PREFETCH_PER_S)
+        self._prefetching = True
+
+        def run() -> None:
+            try:
+                for vip in away:
+                    try:
+                        self._attrd_read(self.attrd, vip, 0.0)
+                    except Exception:   # the arrival's own read reports what is wrong
+                        self._read_cache.pop(vip, None)
+            finally:
+                self._prefetching = False
+        threading.Thread(target=run, name="attrd-prefetch", daemon=True).start()
 
     def _stamp(self, vip: str) -> tuple[int, int] | None:
         try:
@@ -828,11 +883,15 @@ class Daemon:
             log, news = self._once_log(vip, fresh=moment is P.Moment.POST_STOP)
         eng = self.engine(vip, announce=usable, log=log)
         known: list[FlowKey] = []
+        fresh = None
         if moment is P.Moment.POST_START and self.state is not None:
             try:
-                known = self.state.read_clients(vip)
+                # tentative (IPv6 DAD): time to read attrd afresh; usable: the copy
+                known = self.state.read_clients(vip, ATTRD_READ_REUSE_S if usable else 0.0)
             except Exception as e:   # a bad file must not stop the teardown
                 self.log(f"cannot read client list of {vip}: {e}")
+            if usable and self.state.used_copy():
+                fresh = _Later(lambda: self.state.read_clients(vip, 0.0))
         teardown = moment is not P.Moment.POST_START
         if teardown:
             with self.table_lock:
@@ -841,6 +900,13 @@ class Daemon:
         try:
             out = eng.run(moment, vip, known_clients=known, vip_since=self.since,
                           old_cookies=self.old_cookies.get(vip, frozenset()))
+            late = fresh.result(set(known)) if fresh is not None else []
+            if late and not out.code:
+                # published after the copy the first tickle used (a client new in the last second)
+                self.say(f"{len(late)} client tuple(s) of {vip} newer than the copy of attrd's lists "
+                         "tickled first: tickling them too", "info")
+                out = eng.run(moment, vip, known_clients=late, vip_since=self.since,
+                              old_cookies=self.old_cookies.get(vip, frozenset()))
         finally:
             if teardown:
                 with self.table_lock:
@@ -1068,6 +1134,7 @@ class Daemon:
         the live table file for `nfsreset flows`; both only when the table changed."""
         if self.state is not None and not self.cfg.dry_run:
             self.state.retry_publish(time.monotonic())
+            self.state.prefetch([v for v in self.cfg.vips if self.present.get(v) is False], time.monotonic())
         with self.table_lock:
             dirty, self.dirty = self.dirty, set()
             version = self.version
