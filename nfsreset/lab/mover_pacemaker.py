@@ -17,8 +17,9 @@ gone; left in place, IPv6 DAD fails on the survivor). Corosync on node2 sees
 the token lost and Pacemaker starts the VIP there. Before the failback node1
 is started again (bridge port up, same node directories) and rejoins; then a
 planned move brings the VIP back. The network namespace, and so the server
-and its sockets, survives the "crash": like a head whose cluster stack died,
-not one that rebooted.
+and its sockets, survives the "crash", and so does the head's host (Cluster's
+mount and UTS namespaces around the node) with the daemons on it (the lab's
+`watch`): like a head whose cluster stack died, not one that rebooted.
 
 As with the agent movers, the address events come from the kernel (one `ip
 monitor address` per node, mover_ocf.AddrMonitor). stop_s / start_s are the
