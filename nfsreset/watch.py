@@ -667,13 +667,18 @@ class DaemonState(StateDir):
                 return None
         return self.attrd
 
-    def retry_publish(self, now: float) -> None:
-        """Offer lists attrd did not take again (from the flush, at most every PUBLISH_RETRY_S)."""
+    def retry_publish(self, now: float, here) -> None:
+        """Offer lists attrd did not take again (from the flush, at most every
+        PUBLISH_RETRY_S), for the VIPs still `here` only: once a VIP left, its
+        slots belong to the next owner's lists."""
         if not self._unpublished or now < self._retry_at:
             return
         self._retry_at = now + PUBLISH_RETRY_S
         for vip, keys in list(self._unpublished.items()):
-            self.publish(vip, keys)
+            if vip in here:
+                self.publish(vip, keys)
+            else:
+                self._unpublished.pop(vip, None)
 
     def publish(self, vip: str, keys: frozenset[FlowKey]) -> None:
         if not keys or self._published.get(vip) == keys:
@@ -1133,7 +1138,7 @@ class Daemon:
         """Keep each local VIP's client list current (the peer tickles them), and
         the live table file for `nfsreset flows`; both only when the table changed."""
         if self.state is not None and not self.cfg.dry_run:
-            self.state.retry_publish(time.monotonic())
+            self.state.retry_publish(time.monotonic(), {v for v in self.cfg.vips if self.present.get(v)})
             self.state.prefetch([v for v in self.cfg.vips if self.present.get(v) is False], time.monotonic())
         with self.table_lock:
             dirty, self.dirty = self.dirty, set()

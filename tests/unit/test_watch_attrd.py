@@ -70,7 +70,7 @@ def test_auto_started_before_pacemaker_publishes_once_attrd_is_up(tmp_path, up):
     st.write_clients(VIP, [K1])           # attrd not up yet: the dir only
     assert fake.published == []
     up["up"] = True
-    st.retry_publish(time.monotonic())    # the next flush
+    st.retry_publish(time.monotonic(), {VIP})    # the next flush
     assert wait(lambda: fake.published == [(VIP, frozenset({K1}))]), fake.published
     assert any("reachable now" in m for m in logs), logs
     st.close_publisher()
@@ -83,14 +83,28 @@ def test_a_list_attrd_refused_is_offered_again_and_logged_once(tmp_path, up):
     st.write_clients(VIP, [K1])
     assert wait(lambda: VIP in st._unpublished)
     for _ in range(3):
-        st.retry_publish(time.monotonic() + 10 * W.PUBLISH_RETRY_S)
+        st.retry_publish(time.monotonic() + 10 * W.PUBLISH_RETRY_S, {VIP})
         st._retry_at = 0.0
         time.sleep(0.05)
     assert len([m for m in logs if "failed" in m]) == 1, logs
     fake.refuse = False
-    st.retry_publish(time.monotonic() + 10 * W.PUBLISH_RETRY_S)
+    st.retry_publish(time.monotonic() + 10 * W.PUBLISH_RETRY_S, {VIP})
     assert wait(lambda: (VIP, frozenset({K1})) in fake.published), fake.published
     assert wait(lambda: VIP not in st._unpublished)
+    st.close_publisher()
+
+
+def test_a_vip_that_left_is_not_published_again(tmp_path, up):
+    """Its slots are the next owner's now: a late retry would overwrite its list."""
+    up["up"] = True
+    st, fake, _ = make(tmp_path)
+    fake.refuse = True
+    st.write_clients(VIP, [K1])
+    assert wait(lambda: VIP in st._unpublished)
+    fake.refuse = False
+    st.retry_publish(time.monotonic() + 10 * W.PUBLISH_RETRY_S, set())
+    time.sleep(0.1)
+    assert fake.published == [] and VIP not in st._unpublished
     st.close_publisher()
 
 
