@@ -99,10 +99,11 @@ if [ ! -e "$kdir/build/include" ]; then
     fi
 fi
 
-# bcc reads tracepoint formats from tracefs.
+# The flow tracker needs no tracefs (raw tracepoints); mounted for bcc programs
+# with classic tracepoints and for debugging.
 if [ ! -e /sys/kernel/tracing/events ]; then
     mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null \
-        || say "warning: could not mount tracefs at /sys/kernel/tracing; BPF flow tracking will be off"
+        || say "warning: could not mount tracefs at /sys/kernel/tracing (the flow tracker does not need it)"
 fi
 [ -r /sys/kernel/btf/vmlinux ] || say "warning: /sys/kernel/btf/vmlinux missing; BPF flow tracking will be off (CONFIG_DEBUG_INFO_BTF)"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: a VIP's client list through Pacemaker's attribute daemon (nfsreset.store).
+"""Benchmark: a VIP's client list through Pacemaker's attribute daemon (nfsreset.state.store).
 
 Run as root from the checkout:
     .venv/bin/python bench/bench_attrd.py [--sizes 10 1000 10000] [--repeat 5] [--family 4|6] [--json]
@@ -10,7 +10,7 @@ encodings and the time to encode + decode (decode includes every record's
 validation, as `tickle` does it):
     json   the state file's JSON (statedir.write_clients's document): the baseline
     text   sorted "vport client cport" lines, uncompressed, base64
-    g1     nfsreset.store.encode: the same lines, gzip -9, base64 (the chosen one)
+    g1     nfsreset.state.store.encode: the same lines, gzip -9, base64 (the chosen one)
 
 Part 2, with --lab (root, corosync + pacemaker installed): a real two-node
 cluster (nfsreset.lab.cluster, one node per head namespace, ~8 s cold start).
@@ -40,8 +40,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nfsreset.model import FlowKey  # noqa: E402
-from nfsreset.store import attr_name, decode, encode  # noqa: E402
+from nfsreset.core.model import FlowKey  # noqa: E402
+from nfsreset.state.store import attr_name, decode, encode  # noqa: E402
 
 
 def clients(n: int, family: int) -> list[FlowKey]:
@@ -124,7 +124,7 @@ def lab(sizes, family, repeat) -> dict:
                             break
                     t1 = time.perf_counter()
                     _, text = timed("node2", "attrd_updater", "-Q", "-A", "-n", name)
-                    from nfsreset.store import parse_query
+                    from nfsreset.state.store import parse_query
                     got_keys = decode(parse_query(text, name)["node1"], vip, "bench", print)
                     rd.append(time.perf_counter() - t1)
                     assert len(got_keys) == n

@@ -119,7 +119,7 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 
 
 def measure(load, inode: int, pairs: int, phase_s: float, say) -> dict:
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     order = []
     rng = random.Random(2049)

@@ -41,7 +41,7 @@ VIPS = ("198.51.100.10", "198.51.100.11", "198.51.100.12", "198.51.100.13")
 READY_TIMEOUT_S = 30.0
 EVENT_TIMEOUT_S = 5.0
 LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'nfsreset'; " \
-         "from nfsreset import cli; cli.main()"
+         "from nfsreset.cli.main import main; main()"
 
 
 def run(*argv: str) -> None:

@@ -33,7 +33,7 @@ node1 = the head the hook runs on, client; namespaces `nfsr-<pid>-...`):
   `HOW PATH`. Its floor is exec-to-exit of its interpreter (`#!` line) `-c pass`.
 
 Reported: median (and min/max) of --runs runs, ratio to the floor. Also
-`python -X importtime -c 'import nfsreset.cli'` (top 5 by cumulative time),
+`python -X importtime -c 'import nfsreset.cli.main'` (top 5 by cumulative time),
 and the same for one real `nfsreset kill` run (PYTHONPROFILEIMPORTTIME),
 which includes the adapters `kill` imports lazily.
 """
@@ -54,7 +54,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from nfsreset import netns, sockdiag  # noqa: E402
+from nfsreset.kernel import netns, sockdiag  # noqa: E402
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, Topology  # noqa: E402
 
 VENV = os.path.join(os.path.abspath(ROOT), ".venv", "bin")
@@ -279,7 +279,7 @@ def parse_importtime(text: str, top: int = 5) -> list[tuple[str, int, int]]:
 
 
 def import_profile() -> list[tuple[str, int, int]]:
-    res = subprocess.run([PYTHON, "-X", "importtime", "-c", "import nfsreset.cli"], capture_output=True,
+    res = subprocess.run([PYTHON, "-X", "importtime", "-c", "import nfsreset.cli.main"], capture_output=True,
                          text=True, timeout=PROC_TIMEOUT_S, cwd=ROOT)
     return parse_importtime(res.stderr)
 
@@ -439,7 +439,7 @@ def print_table(rep: dict) -> None:
                   f"{ms(r['exit']['median'])} {ms(r['engine']['median'])}"
                   f"{'  MISSING ' + str(fa['missing']) if fa['missing'] else ''}"
                   f"{'  exit codes ' + str(r['exit_codes']) if r['exit_codes'] != [0] else ''}")
-    for title, rows in (("python -X importtime -c 'import nfsreset.cli'", rep["imports_cli"]),
+    for title, rows in (("python -X importtime -c 'import nfsreset.cli.main'", rep["imports_cli"]),
                         ("one real `nfsreset kill` run (PYTHONPROFILEIMPORTTIME)", rep["imports_kill_run"])):
         print(f"top 5 cumulative imports, {title}:")
         for name, self_us, cum_us in rows:

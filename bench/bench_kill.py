@@ -44,7 +44,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from nfsreset import netns  # noqa: E402
+from nfsreset.kernel import netns  # noqa: E402
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, Topology  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manyconns import (CLIENT, CLIENT_ADDRS, PORT, SERVER, SETUP_TIMEOUT_S, VIPS,  # noqa: E402

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: nfsreset.sockdiag destroy(dump(...)) against `ss -K`, same run.
+"""Benchmark: nfsreset.kernel.sockdiag destroy(dump(...)) against `ss -K`, same run.
 
 Run as root from the checkout:  .venv/bin/python bench/bench_sockdiag.py [-n 100 1000 10000] [-r 3]
 
@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nfsreset import netns, sockdiag  # noqa: E402
+from nfsreset.kernel import netns, sockdiag  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manyconns import accept_all, raise_nofile  # noqa: E402
 

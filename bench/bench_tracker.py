@@ -207,7 +207,7 @@ class LoLoad:
 
     def setup(self) -> int:
         """Builds the namespace; returns the inode the tracker is to watch."""
-        from nfsreset import netns
+        from nfsreset.kernel import netns
         from nfsreset.lab.topology import sh
 
         sh("ip", "netns", "add", self.ns)
@@ -245,7 +245,7 @@ class NetLoad:
         self.srv, self.cli = f"nfsr-{os.getpid()}-bsrv", f"nfsr-{os.getpid()}-bcli"
 
     def setup(self) -> int:
-        from nfsreset import netns
+        from nfsreset.kernel import netns
         from nfsreset.lab.topology import sh
 
         if not {self.SRV_CPU, self.CLI_CPU} <= os.sched_getaffinity(0):
@@ -407,8 +407,8 @@ class _BpfStatsOn:
     def __enter__(self):
         import ctypes
 
-        from nfsreset.netns import libc
-        from nfsreset.tracker import _SYS_BPF
+        from nfsreset.kernel.netns import libc
+        from nfsreset.flows.clock import _SYS_BPF
 
         attr = ctypes.create_string_buffer(8)       # enable_stats.type = BPF_STATS_RUN_TIME (0)
         self.fd = libc.syscall(_SYS_BPF, BPF_ENABLE_STATS, attr, len(attr)) if _SYS_BPF else -1
@@ -424,7 +424,7 @@ class _BpfStatsOn:
 # -- the measurement ------------------------------------------------------------------
 def measure(load, inode: int, seconds: float, rounds: int, modes: list[str], say,
             bpf_stats: bool = False) -> dict:
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     kind = load.kind
     rng = random.Random(2049)
@@ -536,7 +536,7 @@ def main() -> None:
     # closes with the process).
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -57,7 +57,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from nfsreset import netns, sockdiag  # noqa: E402
+from nfsreset.kernel import netlink, netns, sockdiag  # noqa: E402
 from nfsreset.lab.topology import HOST_ADDRS, Topology  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manyconns import (CLIENT, CLIENT_ADDRS, PORT, SERVER, SETUP_TIMEOUT_S, VIPS,  # noqa: E402
@@ -199,13 +199,13 @@ def anything_left(family: int, bytecode: bytes) -> bool:
         s.settimeout(5)
         s.sendto(sockdiag.encode_dump_request(fam, mask, bytecode, 1), (0, 0))
         buf = s.recv(1 << 16)
-    for kind, _flags, _seq, start, _end in sockdiag.iter_messages(buf):
+    for kind, _flags, _seq, start, _end in netlink.messages(buf):
         if kind == sockdiag.SOCK_DIAG_BY_FAMILY:
             return True
-        if kind == sockdiag.NLMSG_DONE:
+        if kind == netlink.NLMSG_DONE:
             return False
-        if kind == sockdiag.NLMSG_ERROR:
-            err, _ = sockdiag.decode_error(buf, start)
+        if kind == netlink.NLMSG_ERROR:
+            err, _ = netlink.error(buf, start)
             raise OSError(err, "sock_diag dump failed")
     raise RuntimeError("empty sock_diag reply")
 

@@ -10,7 +10,7 @@ import select
 import socket
 import time
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 
 PORT = 2049
 SERVER, CLIENT = "node1", "client"

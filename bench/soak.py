@@ -96,7 +96,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 
-from nfsreset import netns, sockdiag  # noqa: E402
+from nfsreset.kernel import netns, sockdiag  # noqa: E402
 from nfsreset.lab.mover import Mover, MoveTimes, stop_process  # noqa: E402
 from nfsreset.lab.remedies import LabContext  # noqa: E402
 from nfsreset.lab.remedy_hooks import Hooks  # noqa: E402
@@ -199,7 +199,7 @@ def bpf_flow_entries(pid: int) -> int | None:
     None when the daemon holds no such maps (no BPF)."""
     from bcc.libbcc import lib
 
-    from nfsreset.tracker import map_slots, occupied_slots
+    from nfsreset.flows.ring import map_slots, occupied_slots
 
     ids = set()
     try:

@@ -1,1 +1,1 @@
-"""BPF C sources, shipped as package data (see nfsreset.tracker)."""
+"""BPF C sources, shipped as package data (see nfsreset.flows.tracker)."""

@@ -2,7 +2,7 @@
 /*
  * flowtrack: the TCP sockets of watched VIPs and ports, as the kernel changes them.
  *
- * Loaded by nfsreset/tracker.py through bcc. Only raw tracepoints are used:
+ * Loaded by nfsreset/flows/tracker.py through bcc. Only raw tracepoints are used:
  * this kernel has no kprobes and refuses fentry, and a raw tracepoint skips
  * building the event record that a classic tracepoint fills for every socket
  * of the host (measured: the classic sock:inet_sock_set_state alone cost ~6%
@@ -34,7 +34,7 @@
     !defined(OFF_SK_RCV_SADDR) || !defined(OFF_SK_DADDR) || !defined(OFF_SK_V6_RCV_SADDR) || \
     !defined(OFF_SK_V6_DADDR) || !defined(COMMON_LO) || !defined(COMMON_LEN) || \
     !defined(SEQS_LO) || !defined(SEQS_LEN) || !defined(TCB_LO) || !defined(TCB_LEN)
-#error "struct offsets must come from BTF: see nfsreset.tracker.bpf_offsets()"
+#error "struct offsets must come from BTF: see nfsreset.flows.program.bpf_offsets()"
 #endif
 #ifndef SLOT_BITS
 #define SLOT_BITS 16
@@ -480,7 +480,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
  * tcp_probe fires at the top of tcp_rcv_established(), for every segment an
  * ESTABLISHED socket receives, before the segment is processed. A raw
  * tracepoint skips building the event record (which would also generate a
- * socket cookie per segment); unwatched sockets cost one hash lookup.
+ * socket cookie per segment). An unwatched socket costs find(): its slot and
+ * the spill count, two array look-ups; the `flows` hash only while it holds any.
  * rcv_nxt read here does not yet include this segment; an in-order segment
  * will move it to the segment's end_seq (data + FIN), so that is stored: a
  * segment the stack then drops (zero window, memory pressure) leaves rcv_nxt

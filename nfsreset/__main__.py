@@ -1,3 +1,3 @@
-from nfsreset.cli import main
+from nfsreset.cli.main import main
 
 main()

@@ -40,7 +40,7 @@ class Adapters:
         raise NotImplementedError
 
     def dump(self, vip: str, ports) -> list:
-        """Flows (nfsreset.model.Flow) on vip:ports in this thread's netns."""
+        """Flows (nfsreset.core.model.Flow) on vip:ports in this thread's netns."""
         raise NotImplementedError
 
     # -- the ladder
@@ -87,7 +87,7 @@ class Adapters:
         raise NotImplementedError
 
     def tickle_sender(self):
-        """A context manager with send_many(packets) -> int (nfsreset.rawsend.RawSender)."""
+        """A context manager with send_many(packets) -> int (nfsreset.kernel.rawsend.RawSender)."""
         raise NotImplementedError
 
 
@@ -107,27 +107,27 @@ class Kernel(Adapters):
         self._sids: dict[int, object] = {}   # cookie -> sockdiag.SockId of the last dumps
 
     def local_addrs(self, vips) -> frozenset[str]:
-        from nfsreset import addrs
+        from nfsreset.kernel import addrs
         return addrs.local_ips(vips=vips)
 
     def arrival_stamps(self, vip: str) -> list[int]:
-        from nfsreset import addrs
+        from nfsreset.kernel import addrs
         return [a.cstamp for a in addrs.dump() if a.ip == vip and a.cstamp is not None]
 
     def dump(self, vip: str, ports) -> list:
-        from nfsreset import sockdiag
+        from nfsreset.kernel import sockdiag
         pairs = sockdiag.dump(local_ips=[vip], local_ports=sorted(ports))
         self._sids.update({f.cookie: sid for f, sid in pairs})
         return [f for f, _ in pairs]
 
     def destroy(self, flows) -> DestroyAcks:
-        from nfsreset import sockdiag
+        from nfsreset.kernel import sockdiag
         res = sockdiag.destroy([self._sids[f.cookie] for f in flows])
         return DestroyAcks([s.cookie for s in res.destroyed], [s.cookie for s in res.gone],
                            [(s.cookie, e) for s, e in res.failed])
 
     def exact_rst(self, flows, timeout: float) -> int:
-        from nfsreset import seqprobe
+        from nfsreset.kernel import seqprobe
         return len(seqprobe.kill_local_many([f.key for f in flows], timeout=timeout))
 
     def guard(self):
@@ -164,11 +164,11 @@ class Kernel(Adapters):
         self.state.clear_pending(vip)
 
     def announce(self, vip: str) -> str:
-        from nfsreset.announce import announce
+        from nfsreset.kernel.announce import announce
         return announce(vip)
 
     def tickle_sender(self):
-        from nfsreset.rawsend import RawSender
+        from nfsreset.kernel.rawsend import RawSender
         return RawSender()
 
 
@@ -180,7 +180,7 @@ def _new_guard():
     that as "Exception ignored in ... Traceback" when the half-made object is
     freed: that happens here, under a hook that swallows exactly that."""
     import sys
-    from nfsreset.guard import Guard
+    from nfsreset.kernel.guard import Guard
 
     def quiet(u) -> None:
         if not (u.exc_type is AttributeError and getattr(u.object, "__qualname__", "") == "Nftables.__del__"):

@@ -25,8 +25,8 @@ import errno
 import time
 from collections.abc import Callable
 
-from nfsreset import plan as P
-from nfsreset.model import Flow, FlowKey, format_endpoint
+from nfsreset.core import plan as P
+from nfsreset.core.model import Flow, FlowKey, format_endpoint
 
 TICKLE_POLL_S = 0.05    # how often a tickle run looks for reconnected clients
 TICKLE_LINGER_S = 0.5   # after the last round, how long to wait for late reconnects
@@ -575,7 +575,7 @@ class Engine:
         """Tickle at the scheduled offsets; a tuple is done once a live (not stale)
         ESTABLISHED connection on it exists: the client has reconnected. A client
         that reconnected before we started (its own retransmission found this
-        node) is not tickled at all. Paced (nfsreset.pace): at most act.rate ACKs
+        node) is not tickled at all. Paced (nfsreset.core.pace): at most act.rate ACKs
         per second and act.max_packets in all; a round starts at its offset or
         once the previous round has been sent, whichever is later."""
         old = stale_cookies
@@ -584,7 +584,8 @@ class Engine:
             self.log(f"would tickle {len(act.keys)} client tuple(s) at {list(act.schedule)} s, at most "
                      f"{act.rate:,}/s and {act.max_packets:,} in all (dry run)")
             return
-        from nfsreset import packets, pace
+        from nfsreset.kernel import packets
+        from nfsreset.core import pace
         todo = set(act.keys)
         sent = 0
         capped = False

@@ -11,7 +11,7 @@ mkdir "$tmp/bin"
 cat >"$tmp/bin/nfsreset" <<'PY'
 #!/usr/bin/python3
 import sys
-from nfsreset.cli import main
+from nfsreset.cli.main import main
 sys.exit(main())
 PY
 chmod 755 "$tmp/bin/nfsreset"

@@ -1,4 +1,4 @@
-"""`nfsreset lab`: the failover lab as a command (registered by nfsreset/cli.py).
+"""`nfsreset lab`: the failover lab as a command (registered by nfsreset/cli/main.py).
 
 Module-level imports stay at typer: the lab modules load when the command runs.
 """
@@ -175,7 +175,7 @@ def lab(
         _fail(f"--gap must be between 0 and 60 seconds, not {gap:g}")
     if not (math.isfinite(user_timeout) and user_timeout >= 1):
         _fail(f"--user-timeout must be at least 1 second, not {user_timeout:g}")
-    from nfsreset.plan import STRATEGIES
+    from nfsreset.core.plan import STRATEGIES
 
     if strategy is not None and strategy not in STRATEGIES:
         _fail(f"--strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")

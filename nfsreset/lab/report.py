@@ -107,10 +107,10 @@ def replies_between(replies: list[float], start: float, end: float) -> list[floa
 def parse_ss_line(line: str) -> tuple[str, str, int, str, int] | None:
     """`ss -tan` line -> (state, local ip, local port, peer ip, peer port); None if not one.
 
-    Addresses come back normalised (nfsreset.model.norm_ip): brackets and
+    Addresses come back normalised (nfsreset.core.model.norm_ip): brackets and
     v4-mapped prefixes gone, so they compare with the lab's VIP constants.
     """
-    from nfsreset.model import norm_ip
+    from nfsreset.core.model import norm_ip
 
     fields = line.split()
     if len(fields) < 5 or not fields[1].isdigit():

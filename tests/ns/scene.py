@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP4_B, VIP6, VIP6_B
-from nfsreset.model import format_endpoint, norm_ip
+from nfsreset.core.model import format_endpoint, norm_ip
 
 NFSRESET = os.path.join(os.path.dirname(sys.executable), "nfsreset")
 NFS_PORT = 2049

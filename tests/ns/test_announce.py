@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from nfsreset import announce, netns
+from nfsreset.kernel import announce, netns
 from nfsreset.lab.topology import VIP4, VIP6, IFACE
 
 pytestmark = pytest.mark.netns

@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from nfsreset.lab.topology import VIP4, VIP6
-from nfsreset.model import format_endpoint
-from tests.ns.scene import NFSRESET, Scene, nft_tables
+from nfsreset.core.model import format_endpoint
+from tests.ns.scene import NFSRESET, Scene, nft_tables, wait_until
 
 pytestmark = [pytest.mark.netns]
 
@@ -106,6 +106,53 @@ def test_flows_table_fits_80_columns_with_ipv6_and_wide_adds_the_queues(scene):
     assert plain == extended and {"recvq", "sendq", "snd_nxt", "rcv_nxt", "age_s"} <= set(plain["sessions"][0])
 
 
+@pytest.mark.bpf   # watch loads the BPF flow tracker
+def test_flows_of_flows_tracked_by_watch_fit_80_columns_and_wide_adds_sequence_numbers(scene, tmp_path):
+    # A real tracked flow: `watch` (BPF) in node1 knows each session's age and
+    # sequence numbers; the default table stays within 80 columns with IPv6.
+    vip = VIP6
+    node1 = scene.topo.ns("node1")
+    scene.topo.add_addr("node1", vip, nodad=True)
+    with open(tmp_path / "watch.log", "w") as log:
+        proc = scene.popen("node1", "watch", "--vip", vip, "--state-dir", scene.state,
+                           stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        def tracked():
+            if proc.poll() is not None:
+                return None
+            doc = json.loads(outside("flows", "--netns", node1, "--vip", vip, "--json").stdout)
+            return (doc["source"] == f"watch pid {proc.pid}" and len(doc["sessions"]) == 2
+                    and all(s["snd_nxt"] is not None and s["age_s"] is not None for s in doc["sessions"]))
+        ready = wait_until(lambda: "ready" in (tmp_path / "watch.log").read_text() or proc.poll() is not None, 60)
+        assert ready is not None and proc.poll() is None, (tmp_path / "watch.log").read_text()
+        clients = [scene.connect(vip, p) for p in (46003, 65002)]
+        assert all(c.echo() for c in clients)
+        assert wait_until(tracked, 10) is not None, (tmp_path / "watch.log").read_text()
+        res = outside("flows", "--netns", node1)
+        wide = outside("flows", "--netns", node1, "-w")
+        print(f"\n$ nfsreset flows --netns NODE1\n{res.stdout}$ nfsreset flows --netns NODE1 -w\n{wide.stdout}")
+        assert res.returncode == 0 and wide.returncode == 0, res.stderr + wide.stderr
+        lines = res.stdout.splitlines()
+        assert lines[0].split() == ["VIP", "CLIENT", "STATE", "AGE", "STALE"], res.stdout
+        rows = [ln for ln in lines if ln.startswith(f"[{vip}]:2049 ")]
+        assert sorted(column(res.stdout, r, "CLIENT") for r in rows) == sorted(c.endpoint for c in clients)
+        assert all(re.fullmatch(r"\d+s", column(res.stdout, r, "AGE")) for r in rows), res.stdout
+        assert f"# source: watch pid {proc.pid}" in lines
+        assert max(len(ln) for ln in lines) <= 80, res.stdout
+        assert wide.stdout.splitlines()[0].split() == ["VIP", "CLIENT", "STATE", "AGE", "STALE", "RECVQ", "SENDQ",
+                                                       "SND_NXT", "RCV_NXT"], wide.stdout
+        for r in (ln for ln in wide.stdout.splitlines() if ln.startswith(f"[{vip}]:2049 ")):
+            assert column(wide.stdout, r, "SND_NXT").isdigit() and column(wide.stdout, r, "RCV_NXT").isdigit(), r
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, (tmp_path / "watch.log").read_text()
+
+
 @pytest.mark.bpf   # the bpf-tracker check compiles and loads flowtrack.c
 def test_doctor_in_a_test_namespace_reports_sock_destroy_and_the_strategies(topo):
     ns = topo.ns("node1")
@@ -113,6 +160,11 @@ def test_doctor_in_a_test_namespace_reports_sock_destroy_and_the_strategies(topo
     assert res.returncode == 0, res.stdout + res.stderr
     assert re.search(r"^ok\s+sock-destroy\s", res.stdout, re.M), res.stdout
     assert re.search(r"^yes\s+strategy destroy\s", res.stdout, re.M), res.stdout
+    assert max(len(ln) for ln in res.stdout.splitlines()) <= 80, res.stdout
+    wide = outside("doctor", "--netns", ns, "-w")
+    assert wide.returncode == 0, wide.stderr
+    assert " ".join(wide.stdout.split()) == " ".join(res.stdout.split())      # the same words, unwrapped
+    assert not any(ln.startswith(" " * 19) for ln in wide.stdout.splitlines()), wide.stdout
     res = outside("doctor", "--netns", ns, "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)

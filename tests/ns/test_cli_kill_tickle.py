@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 from nfsreset.lab.topology import VIP4
 from tests.ns.scene import NFS_PORT, NFSRESET, VIPS, Client, nft_tables, one_line
 

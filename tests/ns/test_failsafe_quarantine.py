@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 from nfsreset.lab.topology import IFACE, VIP4, VIP4_B, VIP6
 from tests.ns.scene import NFS_PORT, client_ip, nft_tables, wait_until
 from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines, remove_live_table
@@ -204,7 +204,7 @@ def test_a_quarantined_v4_source_sends_only_while_it_is_local(scene):
     only with IP_TRANSPARENT (IPv6 UDP did not here; its TCP case is in
     tests/ns/test_guard.py)."""
     vip = VIP4_B
-    from nfsreset.guard import Guard
+    from nfsreset.kernel.guard import Guard
     topo = scene.topo
     fam = socket.AF_INET
     with netns.entered(topo.ns("client")):
@@ -248,7 +248,7 @@ def test_a_quarantined_v4_source_sends_only_while_it_is_local(scene):
 # -- what a watch owns ---------------------------------------------------------------------------
 def _elements(topo, node: str) -> dict[str, set]:
     """{'quarantine': {vip}, 'stale': {vip}}: which VIPs have elements in node's table."""
-    from nfsreset.guard import Guard
+    from nfsreset.kernel.guard import Guard
     with netns.entered(topo.ns(node)):
         g = Guard()
     return {"quarantine": g.quarantined(), "stale": {k.vip for k, _ in g.stale()}}

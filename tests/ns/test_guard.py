@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from nfsreset import netns
-from nfsreset.guard import Guard, available
+from nfsreset.kernel import netns
+from nfsreset.kernel.guard import Guard, available
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, VIP4, VIP4_B, VIP6, VIP6_B
-from nfsreset.model import FlowKey
+from nfsreset.core.model import FlowKey
 from tests.ns.scene import wait_for
 
 pytestmark = pytest.mark.netns
@@ -229,7 +229,7 @@ def test_a_stale_view_of_the_table_is_recovered(topo):
     # Two writers in one namespace: the second deletes the table between the
     # first one's listing and its change. The retry with a fresh listing
     # rebuilds the whole table.
-    from nfsreset import guard as G
+    from nfsreset.kernel import guard as G
     with netns.entered(topo.ns("node1")):
         first, second = Guard(), Guard()
     try:

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from nfsreset import announce, netns, packets
+from nfsreset.kernel import announce, netns, packets
 from nfsreset.lab.topology import VIP4, VIP6, HOST_ADDRS
-from nfsreset.model import FlowKey, norm_ip
-from nfsreset.rawsend import RawSender
+from nfsreset.core.model import FlowKey, norm_ip
+from nfsreset.kernel.rawsend import RawSender
 
 pytestmark = pytest.mark.netns
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, VIP4, VIP4_B, VIP6, VIP6_B
 from tests.ns.scene import one_line, wait_for
 from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines, remove_live_table
@@ -96,8 +96,8 @@ def add_range(topo, fam: int) -> str:
 
 # -- the adapter against the kernel ---------------------------------------------------------------
 def test_kernel_presence_counts_every_device_local_routes_and_tentative_v6(topo):
-    from nfsreset import addrs
-    from nfsreset.presence import Presence
+    from nfsreset.kernel import addrs
+    from nfsreset.core.presence import Presence
 
     ip(topo, "node1", "addr", "add", f"{VIP4}/24", "dev", IFACE)
     ip(topo, "node1", "addr", "add", f"{VIP4}/32", "dev", "lo")          # the same VIP on two devices
@@ -271,8 +271,8 @@ def test_watch_sees_four_vips_leave_at_once(scene, fam):
 def test_event_reader_reports_lost_events_and_goes_on(topo):
     """ENOBUFS on the event socket (a burst larger than its buffer) is reported
     once as lost, and the events queued after it are still read."""
-    from nfsreset.addrs import RTM_NEWADDR
-    from nfsreset.watch import RTNL_GROUPS, read_rtnl
+    from nfsreset.kernel.addrs import RTM_NEWADDR
+    from nfsreset.daemon.rtnl import RTNL_GROUPS, read_rtnl
 
     with netns.entered(topo.ns("node1")):
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)

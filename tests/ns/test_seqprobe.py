@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from nfsreset import netns, packets, seqprobe
+from nfsreset.kernel import netns, packets, seqprobe
 from nfsreset.lab.topology import VIP4, VIP6
-from nfsreset.model import FlowKey, norm_ip
-from nfsreset.rawsend import RawSender
+from nfsreset.core.model import FlowKey, norm_ip
+from nfsreset.kernel.rawsend import RawSender
 from tests.ns.test_packets import connection, corrupt_tcp_checksum
 
 pytestmark = pytest.mark.netns

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from nfsreset import netns, sockdiag
+from nfsreset.kernel import netns, sockdiag
 from nfsreset.lab.topology import VIP4, VIP4_B, VIP6, VIP6_B
 
 pytestmark = pytest.mark.netns

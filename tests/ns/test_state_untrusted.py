@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from nfsreset import netns, sockdiag
+from nfsreset.kernel import netns, sockdiag
 from nfsreset.lab.topology import HOST_ADDRS, IFACE, VIP4, VIP6
 from tests.ns.scene import NFS_PORT, NFSRESET, VIPS, nft_tables, one_line, wait_until
 
@@ -346,7 +346,7 @@ def test_tickle_paces_itself_at_rate_and_stops_at_max_packets(scene, capture):
 
 def test_ten_thousand_tuples_at_the_default_rate(scene, capture):
     """The measurement for docs/internals.md: default rate, one round."""
-    from nfsreset.pace import TICKLE_RATE_PPS
+    from nfsreset.core.pace import TICKLE_RATE_PPS
     vip = VIP4
     scene.topo.add_addr("node2", vip, nodad=True)
     _write_clients(scene, vip, 10_000)
@@ -369,7 +369,7 @@ def test_ten_thousand_tuples_at_the_default_rate(scene, capture):
 
 # -- 6. the live table of `watch` is root-only -------------------------------------------------------------
 def test_the_live_table_is_0600_and_flows_still_reads_it_as_root(scene):
-    from nfsreset.watch import RUN_DIR, live_table_path, read_live_table
+    from nfsreset.daemon.livetable import RUN_DIR, live_table_path, read_live_table
     topo = scene.topo
     topo.add_addr("node1", VIP4, nodad=True)
     c = scene.connect(VIP4, 46101)

@@ -1,4 +1,4 @@
-"""Client lists through Pacemaker's attribute daemon (nfsreset.store), in the lab's
+"""Client lists through Pacemaker's attribute daemon (nfsreset.state.store), in the lab's
 real two-node Corosync + Pacemaker cluster (nfsreset.lab.cluster), with one state
 dir per head (no shared storage).
 
@@ -53,13 +53,13 @@ def py(c, node, code, check=True):
 
 
 PUBLISH = f"""
-from nfsreset.model import FlowKey
-from nfsreset.store import Attrd
+from nfsreset.core.model import FlowKey
+from nfsreset.state.store import Attrd
 keys = [FlowKey("{VIP4}", 2049, "203.0.113.%d" % (1 + i % 200), 700 + i // 200) for i in range(1000)]
 print(Attrd().publish("{VIP4}", keys))
 """
 READ = f"""
-from nfsreset.store import Attrd
+from nfsreset.state.store import Attrd
 got = Attrd().read("{VIP4}")
 print(len(got), len(set(got)))
 """
@@ -85,8 +85,8 @@ def test_hostile_attribute_content_is_refused_in_one_line(cluster, tmp_path):
     cluster.tool("node1", "attrd_updater", "-p", "-n", name, "-N", "node1", "-U", "$(reboot)")
     code = f"""
 import sys
-from nfsreset.statedir import StateDir
-from nfsreset.store import AttrdStateDir
+from nfsreset.state.statedir import StateDir
+from nfsreset.state.store import AttrdStateDir
 s = AttrdStateDir("{tmp_path}/state-node2", log=lambda m: print("LOG", m))
 print("GOT", sorted((k.client, k.cport) for k in s.read_clients("{VIP4}")))
 """
@@ -165,7 +165,7 @@ def test_watch_publishes_a_new_session_to_the_peer_within_1_s(cluster, tmp_path)
         cport = int(client.stdout.readline())
         t0 = time.monotonic()
         code = f"""
-from nfsreset.store import Attrd
+from nfsreset.state.store import Attrd
 print(sorted(k.cport for k in Attrd().read("{VIP4}")))
 """
         seen = None

@@ -41,7 +41,7 @@ import time
 
 import pytest
 
-from nfsreset import netns, sockdiag
+from nfsreset.kernel import netns, sockdiag
 from tests import debpkg
 from nfsreset.lab.topology import HOST_ADDRS, VIP4
 

@@ -10,6 +10,7 @@ changes through a map look-up, and has tests of its own below.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import sys
@@ -17,8 +18,10 @@ import time
 
 import pytest
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 from nfsreset.lab import topology as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
@@ -56,7 +59,7 @@ def lab(topo):
 def tracker(lab, request):
     """Watches PORT on VIP4 and VIP6 in node1. An indirect parameter gives
     FlowTracker keywords (default: as the daemon runs it)."""
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, _ = lab
     kw = getattr(request, "param", {})
@@ -252,7 +255,7 @@ def test_filters_and_runtime_changes(lab, tracker):
 
 @pytest.mark.parametrize("coalesce", [False, True], ids=["every-change", "coalesced"])
 def test_flow_that_predates_the_tracker_is_reported_when_it_closes(lab, coalesce):
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     c, s = connect(topo, listeners, T.VIP4, PORT)
@@ -281,10 +284,11 @@ def test_loads_under_ip_netns_exec(topo):
     """`ip netns exec` hides tracefs: the tracker (raw tracepoints) loads
     without it, and ensure_tracefs() mounts it privately for whoever needs it."""
     code = (
-        "import os; from nfsreset import tracker as t;"
+        f"import os, sys; sys.path.insert(0, {ROOT!r}); from nfsreset.flows import probe, tracker as t;"
+        "from tests.ns.tracefs import ensure_tracefs;"
         "ev = '/sys/kernel/tracing/events'; before = os.path.exists(ev);"
         "tr = t.FlowTracker([2049], ['198.51.100.10']); tr.close();"
-        "t.ensure_tracefs(); print(before, os.path.exists(ev), t.available()[0])"
+        "ensure_tracefs(); print(before, os.path.exists(ev), probe.available()[0])"
     )
     res = topo.run("node1", sys.executable, "-c", code, timeout=60)
     assert res.stdout.split() == ["False", "True", "True"], res.stderr
@@ -292,7 +296,8 @@ def test_loads_under_ip_netns_exec(topo):
 
 def test_full_ring_counts_lost_events(lab):
     """A one-page ring overflows; the loss is counted and can be acknowledged."""
-    from nfsreset.tracker import _STRIDE, FlowTracker
+    from nfsreset.flows.ring import _STRIDE
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     fits = (4096 - 1) // _STRIDE        # the kernel keeps one byte free
@@ -312,7 +317,8 @@ def test_full_ring_in_the_default_mode(lab):
     """Folded, a connection costs two records (the state changes of a flow
     younger than STATE_AGE_S stay in the map). The open whose close did not
     fit is still reported: `lost` says the picture is incomplete."""
-    from nfsreset.tracker import _STRIDE, FlowTracker
+    from nfsreset.flows.ring import _STRIDE
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     fits = (4096 - 1) // _STRIDE
@@ -333,7 +339,7 @@ def test_sockets_whose_slots_collide_are_kept_in_the_hash_map(lab):
     every change and leave it on close. (Not 1024 slots hoping for collisions:
     slab neighbours' pointers are spread evenly by the Fibonacci hash, and CI
     once saw 150 sockets in 150 distinct slots.)"""
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     pairs = []
@@ -388,7 +394,7 @@ def test_young_flows_state_change_is_in_the_map_then_reported(lab, tracker):
     """The kernel sends no record for a state change in a flow's first
     STATE_AGE_S: flows() shows it at once, and poll() reports it once the
     flow is that old (one map look-up), with the exact rcv_nxt."""
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     age = FlowTracker.STATE_AGE_S
@@ -436,7 +442,7 @@ def test_batched_wakeups_deliver_within_the_recheck_time(lab, tracker):
     """Records mostly go without waking the reader. A lone one wakes it; those
     right after it (no wakeup of their own) are read within RECHECK_S: well
     inside the caller's poll timeout, never after it."""
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     topo, listeners = lab
     socks = []
@@ -464,7 +470,7 @@ def test_batched_wakeups_deliver_within_the_recheck_time(lab, tracker):
 def test_folding_a_batch_by_socket():
     """The fold itself, on batches the kernel produces (pure: no BPF needed).
     One socket pointer recurs because the allocator reuses a freed socket."""
-    from nfsreset.tracker import FlowTracker
+    from nfsreset.flows.tracker import FlowTracker
 
     O, S, C = 1, 2, 3
     EST, CW, LA, SR = 1, 8, 9, 3          # ESTABLISHED, CLOSE_WAIT, LAST_ACK, SYN_RECV
@@ -496,7 +502,8 @@ def test_jiffies_and_monotonic_clock_are_paired_exactly(tracker):
     (a tick slightly off would put births ever further off)."""
     import ctypes
 
-    from nfsreset.tracker import FlowTracker, _clock_pairs
+    from nfsreset.flows.clock import _clock_pairs
+    from nfsreset.flows.tracker import FlowTracker
 
     c = tracker._bpf[b"clock"][ctypes.c_int(0)]
     assert c.tick_ns in (10_000_000, 4_000_000, 3_333_333, 1_000_000), c.tick_ns

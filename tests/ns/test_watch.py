@@ -86,7 +86,7 @@ def loaded_prog_ids() -> set[int]:
 
 
 def remove_live_table(topo, node: str) -> None:
-    from nfsreset.watch import live_table_path
+    from nfsreset.daemon.livetable import live_table_path
     try:
         os.unlink(live_table_path(os.stat(f"/run/netns/{topo.ns(node)}").st_ino))
     except FileNotFoundError:
@@ -186,7 +186,7 @@ def test_watch_live_table_is_written_on_change_and_refused_once_its_writer_is_go
     rewritten when the daemon's table changes and not while it is idle; a
     reader trusts it only while the very process that wrote it (pid and start
     time) is alive, so a killed daemon's file is ignored however fresh it is."""
-    from nfsreset.watch import _start_ticks, live_table_path, read_live_table
+    from nfsreset.daemon.livetable import _start_ticks, live_table_path, read_live_table
 
     topo = scene.topo
     topo.add_addr("node1", VIP4, nodad=True)

@@ -18,9 +18,10 @@ import time
 
 import pytest
 
-from nfsreset import netns
+from nfsreset.kernel import netns
 from nfsreset.lab.topology import HOST_ADDRS, VIP4
-from nfsreset.watch import METRICS_MAX_CONNS, live_table_path
+from nfsreset.daemon.livetable import live_table_path
+from nfsreset.daemon.metrics import METRICS_MAX_CONNS
 from tests.ns.scene import nft_tables, one_line, wait_until
 from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines, remove_live_table
 
@@ -163,7 +164,7 @@ def test_metrics_port_in_use_exits_2_and_creates_nothing(scene, tmp_path, host):
 # with EMFILE, and the endpoint must live through it and answer once it can.
 _EMFILE_CHILD = r"""
 import os, resource, sys, time
-from nfsreset.watch import Metrics, MetricsServer, bind_metrics
+from nfsreset.daemon.metrics import Metrics, MetricsServer, bind_metrics
 sock = bind_metrics(sys.argv[1], int(sys.argv[2]))
 srv = MetricsServer(Metrics(), sock, lambda line: print(line, file=sys.stderr, flush=True))
 srv.start()

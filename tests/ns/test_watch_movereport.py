@@ -23,7 +23,7 @@ import pytest
 from nfsreset.lab.remedy_watch import Watch
 from nfsreset.lab.run import _Run
 from nfsreset.lab.topology import HOST_ADDRS
-from nfsreset.watch import read_live_table
+from nfsreset.daemon.livetable import read_live_table
 from tests.ns.scene import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -128,7 +128,7 @@ def test_move_report_without_bpf_sees_the_return_in_its_dumps(scene):
     import signal
 
     from nfsreset.lab.topology import VIP4
-    from nfsreset.watch import MOVE_DUMP_PERIOD_S
+    from nfsreset.daemon.daemon import MOVE_DUMP_PERIOD_S
     from tests.ns.test_watch import READY_TIMEOUT_S, StderrLines, remove_live_table
 
     topo = scene.topo

@@ -26,7 +26,7 @@ from nfsreset.lab.remedies import LabContext
 from nfsreset.lab.remedy_watch import READY_TIMEOUT_S, Watch
 from nfsreset.lab.run import ClientLog, _Run
 from nfsreset.lab.topology import HOST_ADDRS, VIP4, VIP6
-from nfsreset.watch import live_table_path
+from nfsreset.daemon.livetable import live_table_path
 from tests.ns.scene import NFS_PORT, needs_ganesha, nft_tables, vip_sockets, wait_for, wait_until
 from tests.ns.test_watch import StderrLines, loaded_prog_ids, prog_ids_held_by, remove_live_table
 
@@ -41,7 +41,7 @@ def netns_inode(topo, node: str) -> int:
 
 
 def node_id(topo, node: str) -> str:
-    """What nfsreset.statedir.node_id() says inside `node` (hostname-netns inode)."""
+    """What nfsreset.state.statedir.node_id() says inside `node` (hostname-netns inode)."""
     import socket
     return f"{socket.gethostname()}-{netns_inode(topo, node)}"
 
@@ -83,7 +83,7 @@ def flows_map_entries(pid: int) -> int:
     `slots` array (mapped by map id) plus the `flows` hash map (bpftool dump)."""
     from bcc.libbcc import lib
 
-    from nfsreset.tracker import map_slots, occupied_slots
+    from nfsreset.flows.ring import map_slots, occupied_slots
 
     found, count = set(), 0
     for mid in bpf_ids_held_by(pid, "map_id"):

@@ -1,4 +1,4 @@
-"""nfsreset.btf on a hand-made blob (every layout rule) and on the running kernel.
+"""nfsreset.flows.btf on a hand-made blob (every layout rule) and on the running kernel.
 
 The kernel part compares with bpftool's own decoding of the same file, so a
 reader bug cannot agree with itself. Needs no root: the BTF file is readable.
@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from nfsreset import btf
+from nfsreset.flows import btf
 
 
 # -- a BTF blob built by hand ------------------------------------------------------
@@ -125,7 +125,7 @@ def bpftool_members() -> dict[str, dict[str, int]]:
         if line.startswith("["):
             m = re.match(r"\[\d+\] (?:STRUCT|UNION) '([^']+)' size=\d+ vlen=\d+", line)
             name = m.group(1) if m else None
-            # first definition wins, as in nfsreset.btf
+            # first definition wins, as in nfsreset.flows.btf
             current = name if name in STRUCTS and name not in found else None
             if current:
                 found[current] = {}

@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from nfsreset import netns
-from nfsreset.model import host_address, vip_address
-from nfsreset.watch import ConfigError, check_config, load_config
+from nfsreset.kernel import netns
+from nfsreset.core.model import host_address, vip_address
+from nfsreset.daemon.config import ConfigError, check_config, load_config
 
 # -- VIPs and client addresses ------------------------------------------------------------------
 GOOD_VIPS = [

@@ -15,7 +15,7 @@ import sys
 import pytest
 import typer
 
-from nfsreset import cli, cli_app, cli_hooks
+from nfsreset.cli import main as cli, app as cli_app, common as cli_common, hooks as cli_hooks
 
 COMMANDS = sorted(typer.main.get_command(cli_app.app).commands)
 ENV = {**os.environ, "COLUMNS": "80"}
@@ -66,7 +66,7 @@ def test_version_falls_back_to_the_package_constant(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
     monkeypatch.setattr(importlib.metadata, "version", missing)
     monkeypatch.setattr(nfsreset, "__version__", "9.9.9")
-    from nfsreset import cli_common
+    from nfsreset.cli import common as cli_common
     assert cli_common.version() == "9.9.9"
 
 
@@ -115,7 +115,7 @@ def test_every_help_ends_with_worked_examples_that_parse(command):
         ctx = sub.make_context(command, argv[2:])     # raises on an unknown option or a bad type
         assert ctx.params
         if command in cli.HOOK_COMMANDS:
-            cli_hooks.parse(command, argv[2:])        # and the parser the hooks really use
+            cli_hooks.parse(cli_common.HOOKS[command][0], argv[2:])   # and the parser the hooks use
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -145,7 +145,7 @@ def test_metavars_name_the_thing(command):
 
 
 def test_lab_offers_only_strategies_that_exist():
-    from nfsreset.plan import STRATEGIES
+    from nfsreset.core.plan import STRATEGIES
     text = " ".join(_help("lab").split())
     assert "guard" not in text and ", ".join(STRATEGIES[:-1]) + " or nft" in text
     # refused before anything is built; --server bogus: the old code failed on that
@@ -190,3 +190,27 @@ def test_flows_table_columns_line_up():
         for name in ("RECVQ", "SENDQ", "RCV_NXT"):
             end = header.index(name) + len(name)
             assert ln[end - 1] != " " and (end == len(ln) or ln[end] == " "), (name, ln)
+
+
+# -- the doctor report -------------------------------------------------------------------------------
+LONG = ("SOCK_DESTROY unavailable: the kernel refused sock_diag destroy with EOPNOTSUPP "
+        "(CONFIG_INET_DIAG_DESTROY is not set in /boot/config-6.1.0-28-amd64)")
+
+
+def test_doctor_report_wraps_within_80_columns_and_wide_keeps_one_line_each():
+    results = {"sock-destroy": {"ok": False, "why": LONG}, "btf": {"ok": True, "why": "/sys/kernel/btf/vmlinux"}}
+    strat = {"destroy": {"ok": False, "why": LONG}, "rst": {"ok": True, "why": "raw sockets"}}
+    store = {"ok": True, "backend": "dir", "why": "state dir /var/lib/nfsreset",
+             "vips": {"2001:db8::10": {"node1": 3, "node2": "unreadable: " + LONG}}}
+    lines = cli_app.doctor_lines(results, strat, store, wide=False)
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    assert lines[0].startswith("--  sock-destroy   SOCK_DESTROY unavailable:")
+    assert lines[1].startswith(" " * 19) and lines[1][19] != " "          # continued under its column
+    assert "ok  btf            /sys/kernel/btf/vmlinux" in lines
+    wide = cli_app.doctor_lines(results, strat, store, wide=True)
+    assert len(wide) == 2 + 1 + 2 + 1 + 1 + 1 and max(map(len, wide)) > 80
+    assert wide[0] == f"--  sock-destroy   {LONG}"
+    assert wide[4] == "yes  strategy rst      raw sockets"
+    assert wide[-1] == f"    2001:db8::10: node1: 3 tuple(s), node2: unreadable: {LONG}"
+    # the same words either way
+    assert " ".join(" ".join(lines).split()) == " ".join(" ".join(wide).split())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from nfsreset.tracker import clock_pair_from
+from nfsreset.flows.clock import clock_pair_from
 
 T0 = 5_000_000_123          # some CLOCK_MONOTONIC ns
 J0 = 4_294_937_296          # jiffies start near a 32-bit wrap on purpose: 64-bit values go on

@@ -14,10 +14,10 @@ import time
 import pytest
 
 from nfsreset import engine as E
-from nfsreset import plan as P
+from nfsreset.core import plan as P
 from nfsreset.adapters import Adapters, DestroyAcks
-from nfsreset.model import Flow, FlowKey
-from nfsreset.statedir import PendingRecords
+from nfsreset.core.model import Flow, FlowKey
+from nfsreset.state.statedir import PendingRecords
 
 VIP, OTHER = "198.51.100.10", "198.51.100.11"
 HOST = "198.51.100.1"
@@ -190,7 +190,7 @@ def test_nft_raising_on_quarantine_still_destroys_and_exits_1():
 
 
 def test_a_guard_error_on_quarantine_turns_nft_off_for_the_rest_of_the_run():
-    from nfsreset.guard import GuardError
+    from nfsreset.kernel.guard import GuardError
     fake = Fake([flow(801)], fail={"quarantine": GuardError("quarantine 198.51.100.10: Operation not permitted")})
     out, lines, eng = run(fake, opts={"strategy": "nft"})
     # strategy nft: the guard rung is skipped (nft found missing), nothing else may be used
@@ -299,7 +299,7 @@ def test_announce_refused_skips_the_tickle_and_reports_both():
 
 
 def test_tickle_failing_is_reported():
-    from nfsreset.rawsend import RawSocketError
+    from nfsreset.kernel.rawsend import RawSocketError
     err = RawSocketError("cannot open a raw IPv4 socket: [Errno 1] Operation not permitted")
     err.__cause__ = PermissionError(errno.EPERM, "Operation not permitted")
     fake = Fake([], local={HOST, VIP}, fail={"tickle_sender": err})
@@ -349,7 +349,7 @@ def test_a_dump_failing_still_quarantines():
 
 
 def test_a_corrupt_pending_file_still_announces_and_tickles():
-    from nfsreset.statedir import StateError
+    from nfsreset.state.statedir import StateError
     fake = Fake([], local={HOST, VIP}, fail={"read_pending": StateError("x.pending.json: bad entry 1")})
     out, _, _ = run(fake, P.Moment.POST_START, known_clients=[FlowKey(VIP, 2049, CLIENT, 900)])
     assert "announce" in fake.names() and "send_many" in fake.names()
@@ -398,7 +398,7 @@ def test_all_well_is_exit_0_with_the_same_json_keys_as_before():
 
 
 def test_metrics_count_typed_steps():
-    from nfsreset.watch import Metrics
+    from nfsreset.daemon.metrics import Metrics
     fake = Fake([flow(801), flow(802)], fail={"destroy": RuntimeError("boom")})
     out, _, _ = run(fake)
     m = Metrics()

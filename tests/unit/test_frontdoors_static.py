@@ -459,7 +459,7 @@ def test_notify_lifts_the_quarantine_by_the_names_guard_uses():
     # The script deletes nfsreset's quarantine element with nft itself (faster than
     # a Python start-up); if guard.py renamed its table or sets, that would silently
     # become a no-op and the new MASTER's first resets would be dropped again.
-    from nfsreset import guard
+    from nfsreset.kernel import guard
     text = NOTIFY.read_text()
     assert f"inet {guard.TABLE} " in text
     for name in guard.QUARANTINE_SETS.values():

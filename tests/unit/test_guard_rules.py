@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from nfsreset import guard as G
-from nfsreset.model import FlowKey
+from nfsreset.kernel import guard as G
+from nfsreset.core.model import FlowKey
 
 K4 = FlowKey("198.51.100.10", 2049, "198.51.100.100", 800)
 K4B = FlowKey("198.51.100.11", 2049, "198.51.100.100", 800)
@@ -29,7 +29,7 @@ def _verbs(cmds):
 
 def test_module_import_stays_light():
     # Hooks must reach their first packet fast: no libnftables at import.
-    code = "import sys, nfsreset.guard; print('nftables' in sys.modules)"
+    code = "import sys, nfsreset.kernel.guard; print('nftables' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"

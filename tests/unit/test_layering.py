@@ -1,4 +1,5 @@
-"""The layering of nfsreset/, read from the source: no import cycles, and a pure core.
+"""The layering of nfsreset/, read from the source: no import cycles, a pure core,
+and every import pointing down the layers the tree is made of.
 
 The graph is built with ast from every `import` / `from ... import` in
 nfsreset/, at module level AND inside functions: a function-level import is
@@ -10,10 +11,16 @@ the hooks' start-up short must not hide a cycle. Left out, and why:
 - the implicit import of a parent package's __init__.py (each is a docstring
   and constants; test_package_inits_import_nothing_of_nfsreset holds that).
 
-The pure core is plain Python over plain data: it imports only itself and the
-standard library, never a kernel adapter, and none of the modules through which
-Python reaches the kernel (socket, ctypes, fcntl, ...) nor bcc, nftables or
-pyroute2. model.py uses socket.inet_pton/inet_ntop, which only convert text
+The layers, bottom up (LAYERS): core/ (pure decisions) - kernel/ (one module per
+kernel interface) and state/ (client lists on disk and in attrd) - flows/ (the
+BPF flow table) - adapters.py - engine.py - daemon/ and lab/ - cli/. A module
+imports its own package or packages of lower layers, never a sibling of its own
+layer nor anything above: the tree tells kernel -> table -> plan -> actions.
+
+The pure core (every module in nfsreset/core/) is plain Python over plain data:
+it imports only itself and the standard library, never a kernel adapter, and
+none of the modules through which Python reaches the kernel (socket, ctypes,
+fcntl, ...) nor bcc, nftables or pyroute2. model.py uses socket.inet_pton/inet_ntop, which only convert text
 (no socket, no syscall): those names, and only those, are allowed.
 """
 from __future__ import annotations
@@ -23,13 +30,46 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "nfsreset"
 
-CORE = ("nfsreset.plan", "nfsreset.model", "nfsreset.presence", "nfsreset.pace")
-KERNEL_MODULES = {f"nfsreset.{m}" for m in (
-    "sockdiag", "rawsend", "packets", "guard", "tracker", "btf", "addrs", "netns", "announce",
-    "seqprobe", "adapters", "watch", "engine", "doctor", "statedir")}
+# package (or top-level module) below nfsreset -> its layer; bottom = 0
+LAYERS = {"": 0, "bpf": 0, "core": 0,
+          "kernel": 1, "state": 1,
+          "flows": 2,
+          "adapters": 3,
+          "engine": 4,
+          "daemon": 5, "lab": 5,
+          "cli": 6,
+          "__main__": 7}
+# the modules through which nfsreset reaches the kernel (named in a core violation)
+KERNEL_PACKAGES = ("kernel", "flows")
 KERNEL_LIBS = {"bcc", "nftables", "pyroute2", "socket", "ctypes", "fcntl", "subprocess", "select",
                "selectors", "mmap", "signal", "os", "shutil", "threading", "multiprocessing", "asyncio"}
 SOCKET_TEXT_ONLY = {"inet_pton", "inet_ntop", "AF_INET", "AF_INET6"}
+
+
+def package_of(module: str) -> str:
+    """nfsreset.kernel.addrs -> kernel, nfsreset.engine -> engine, nfsreset -> ''."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def core_modules(root: pathlib.Path) -> tuple[str, ...]:
+    return tuple(m for m in sources(root) if package_of(m) == "core" and m != "nfsreset.core")
+
+
+def layer_violations(root: pathlib.Path, layers=LAYERS) -> list[str]:
+    """Imports that go up a layer or sideways into another package of the same layer,
+    and modules in a package the layer table does not know."""
+    g = graph(root)
+    bad = [f"{m}: package {package_of(m)!r} has no layer in LAYERS" for m in g if package_of(m) not in layers]
+    for src, dsts in g.items():
+        for dst, (line, top) in dsts.items():
+            a, b = package_of(src), package_of(dst)
+            if a == b or a not in layers or b not in layers:
+                continue
+            if layers[b] >= layers[a]:
+                bad.append(f"{src}:{line} imports {dst} ({a} is layer {layers[a]}, {b} is layer {layers[b]}; "
+                           f"{'module level' if top else 'in a function'})")
+    return bad
 
 
 def module_name(root: pathlib.Path, path: pathlib.Path) -> str:
@@ -148,13 +188,14 @@ def closure(g, start: str) -> set[str]:
     return seen
 
 
-def core_violations(root: pathlib.Path, core=CORE) -> list[str]:
+def core_violations(root: pathlib.Path) -> list[str]:
     g = graph(root)
+    core = core_modules(root)
     bad = []
     for m in core:
-        outside = closure(g, m) - set(core)
+        outside = closure(g, m) - set(core) - {"nfsreset.core"}
         if outside:
-            kernel = sorted(outside & KERNEL_MODULES)
+            kernel = sorted(o for o in outside if package_of(o) in KERNEL_PACKAGES)
             bad.append(f"{m} reaches {sorted(outside)}" + (f" (kernel: {kernel})" if kernel else ""))
     for src, dst, top, line, _level in imports(root):
         if src in core and top in KERNEL_LIBS and top != "socket":
@@ -175,10 +216,12 @@ def core_violations(root: pathlib.Path, core=CORE) -> list[str]:
 # -- the project ---------------------------------------------------------------------------------
 def test_the_graph_sees_the_project():
     g = graph(ROOT)
-    assert set(CORE) <= set(g) and "nfsreset.cli_app" in g
+    core = core_modules(ROOT)
+    assert {"nfsreset.core.plan", "nfsreset.core.model", "nfsreset.core.presence", "nfsreset.core.pace",
+            "nfsreset.core.movereport"} <= set(core) and "nfsreset.cli.app" in g
     # known edges, one at module level and one inside a function, so an empty graph cannot pass
-    assert g["nfsreset.plan"]["nfsreset.model"][1] is True
-    assert g["nfsreset.cli_common"]["nfsreset.engine"][1] is False
+    assert g["nfsreset.core.plan"]["nfsreset.core.model"][1] is True
+    assert g["nfsreset.cli.common"]["nfsreset.engine"][1] is False
 
 
 def test_no_import_cycle_in_nfsreset():
@@ -189,6 +232,16 @@ def test_no_import_cycle_in_nfsreset():
 
 def test_the_core_imports_only_the_core_and_nothing_that_reaches_the_kernel():
     assert core_violations(ROOT) == []
+
+
+def test_every_import_points_down_the_layers():
+    assert layer_violations(ROOT) == []
+
+
+def test_nfsreset_is_packages_and_the_seam():
+    """Nothing flat at the top but the package's own files and the seam (adapters, engine)."""
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "adapters.py", "engine.py"], top
 
 
 def test_package_inits_import_nothing_of_nfsreset():
@@ -219,12 +272,34 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
 
 
 def test_a_core_module_reaching_the_kernel_is_found(tmp_path):
-    root = _tree(tmp_path, {"plan.py": "from nfsreset import helper\n",
-                            "helper.py": "def f():\n    from nfsreset import sockdiag\n",
-                            "sockdiag.py": "", "model.py": "import socket\nsocket.inet_pton\nsocket.socket()\n",
-                            "presence.py": "def f():\n    import ctypes\n", "pace.py": "import time\n"})
+    root = _tree(tmp_path, {"core/__init__.py": "", "kernel/__init__.py": "",
+                            "core/plan.py": "from nfsreset.core import helper\n",
+                            "core/helper.py": "def f():\n    from nfsreset.kernel import sockdiag\n",
+                            "kernel/sockdiag.py": "",
+                            "core/model.py": "import socket\nsocket.inet_pton\nsocket.socket()\n",
+                            "core/presence.py": "def f():\n    import ctypes\n", "core/pace.py": "import time\n"})
     bad = core_violations(root)
-    assert any(b.startswith("nfsreset.plan reaches") and "kernel: ['nfsreset.sockdiag']" in b for b in bad), bad
-    assert "nfsreset.model:3 uses socket.socket" in bad and "nfsreset.presence:2 imports ctypes" in bad
+    assert any(b.startswith("nfsreset.core.plan reaches") and "kernel: ['nfsreset.kernel.sockdiag']" in b for b in bad), bad
+    assert "nfsreset.core.model:3 uses socket.socket" in bad and "nfsreset.core.presence:2 imports ctypes" in bad
+    assert any(b.startswith("nfsreset.core.helper reaches ['nfsreset.kernel.sockdiag']") for b in bad), bad
     assert not any("pace" in b or "inet_pton" in b for b in bad), bad
+
+
+def test_an_import_up_or_sideways_is_found(tmp_path):
+    root = _tree(tmp_path, {"core/__init__.py": "", "kernel/__init__.py": "", "state/__init__.py": "",
+                            "flows/__init__.py": "", "misc/__init__.py": "",
+                            "core/model.py": "",
+                            "kernel/addrs.py": "from nfsreset.core import model\nfrom nfsreset.kernel import netns\n",
+                            "kernel/netns.py": "def f():\n    from nfsreset.flows import tracker\n",
+                            "state/store.py": "from nfsreset.kernel import addrs\n",
+                            "flows/tracker.py": "from nfsreset.kernel import netns\n",
+                            "engine.py": "from nfsreset.core import model\n",
+                            "misc/x.py": ""})
+    bad = layer_violations(root)
+    assert sorted(bad) == sorted([
+        "nfsreset.kernel.netns:2 imports nfsreset.flows.tracker (kernel is layer 1, flows is layer 2; in a function)",
+        "nfsreset.state.store:1 imports nfsreset.kernel.addrs (state is layer 1, kernel is layer 1; module level)",
+        "nfsreset.misc: package 'misc' has no layer in LAYERS",
+        "nfsreset.misc.x: package 'misc' has no layer in LAYERS",
+    ]), bad
 

@@ -1,5 +1,5 @@
-"""The move report (nfsreset.movereport): events in, one report out."""
-from nfsreset.movereport import MOVE_REPORT_BOUND_S, Move, Tuple
+"""The move report (nfsreset.core.movereport): events in, one report out."""
+from nfsreset.core.movereport import MOVE_REPORT_BOUND_S, Move, Tuple
 
 VIP = "198.51.100.10"
 A, B, C = "198.51.100.20", "198.51.100.21", "198.51.100.22"
@@ -59,7 +59,7 @@ def test_no_client_known_reports_at_once_and_many_missing_are_cut():
 
 
 def test_the_report_feeds_the_prometheus_histogram():
-    from nfsreset.watch import Metrics
+    from nfsreset.daemon.metrics import Metrics
     m = Move(VIP, 0.0, [Tuple(A, 871, 2049), Tuple(B, 700, 2049)], bound_s=1.0)
     m.seen(A, 871, 2049, 0.02)
     metrics = Metrics()

@@ -1,14 +1,14 @@
-"""Pacing of the tickle (nfsreset.pace): bounded per second and per call."""
+"""Pacing of the tickle (nfsreset.core.pace): bounded per second and per call."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nfsreset import pace
+from nfsreset.core import pace
 
 
 def test_defaults_are_the_documented_ones():
     assert pace.TICKLE_RATE_PPS == 25_000 and pace.TICKLE_MAX_PACKETS == 200_000
     # three rounds of the longest list the state dir keeps fit the per-call bound
-    from nfsreset.statedir import MAX_CLIENTS_PER_VIP
+    from nfsreset.state.statedir import MAX_CLIENTS_PER_VIP
     assert 3 * MAX_CLIENTS_PER_VIP <= pace.TICKLE_MAX_PACKETS
 
 

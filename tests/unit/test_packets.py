@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
-from nfsreset import packets as P
-from nfsreset.model import FlowKey
+from nfsreset.kernel import packets as P
+from nfsreset.core.model import FlowKey
 
 K4 = FlowKey("198.51.100.10", 2049, "198.51.100.100", 44552)
 K6 = FlowKey("2001:db8::10", 2049, "2001:db8::100", 55424)
@@ -129,7 +129,7 @@ def test_ipv4_total_length_and_ttl():
 def test_announce_frames_match_known_good():
     # tcpdump -e -vvv: "Request who-has 198.51.100.10 tell 198.51.100.10", "Reply 198.51.100.10
     # is-at 02:00:5e:00:00:aa", "[icmp6 sum ok] ... neighbor advertisement ... Flags [override]".
-    from nfsreset import announce as A
+    from nfsreset.kernel import announce as A
 
     mac = bytes.fromhex("02005e0000aa")
     request, reply = A.arp_frames("198.51.100.10", mac)
@@ -144,7 +144,7 @@ def test_announce_frames_match_known_good():
 
 
 def test_seqprobe_filter_jumps_land_on_drop():
-    from nfsreset import seqprobe
+    from nfsreset.kernel import seqprobe
 
     for key, whole in ((K4, True), (K6, True), (K4, False), (K6, False)):
         prog = seqprobe.filter_program(key, whole)

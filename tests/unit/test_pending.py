@@ -8,8 +8,8 @@ another run) may name a live session, and rule zero says those are never touched
 """
 from hypothesis import given, settings, strategies as st
 
-from nfsreset import plan as P
-from nfsreset.model import Flow, FlowKey
+from nfsreset.core import plan as P
+from nfsreset.core.model import Flow, FlowKey
 
 VIP, VIP6 = "198.51.100.10", "2001:db8::10"
 LOCAL = frozenset({"198.51.100.1", VIP})

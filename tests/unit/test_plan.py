@@ -1,9 +1,9 @@
 """The planning core: staleness, the ladder, the order of actions, and rule zero."""
 from hypothesis import given, settings, strategies as st
 
-from nfsreset import plan as P
-from nfsreset import presence
-from nfsreset.model import TCP_STATES, Flow, FlowKey
+from nfsreset.core import plan as P
+from nfsreset.core import presence
+from nfsreset.core.model import TCP_STATES, Flow, FlowKey
 
 VIP, OTHER = "198.51.100.10", "198.51.100.11"
 VIP6 = "2001:db8::10"
@@ -184,14 +184,14 @@ def test_pending_cookies_from_pre_start_mark_sockets_stale_at_post_start():
     assert d.flows == (old,)
 
 
-# --- rule zero when local_addrs is the kernel's answer (nfsreset.presence) ---------
+# --- rule zero when local_addrs is the kernel's answer (nfsreset.core.presence) ---------
 RANGES = {"198.51.100.64/27": ("198.51.100.70",), "2001:db8::40/124": ("2001:db8::4a",),
           "198.51.100.0/28": (VIP, OTHER)}
 kernel_addrs = st.sampled_from([VIP, OTHER, VIP6, "2001:db8::11", "198.51.100.70", "2001:db8::4a"])
 
 
 class Row:
-    """An address-table row as nfsreset.addrs.Addr has it."""
+    """An address-table row as nfsreset.kernel.addrs.Addr has it."""
     def __init__(self, ip, tentative=False):
         self.ip, self.tentative = ip, tentative
 

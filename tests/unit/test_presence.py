@@ -1,4 +1,4 @@
-"""Presence from the kernel's rows (nfsreset.presence): a configured VIP never looks away.
+"""Presence from the kernel's rows (nfsreset.core.presence): a configured VIP never looks away.
 
 A small model of the kernel stands in for it: address rows per (ip, device)
 with their DAD state, and `local` route ranges; the FIB says local for an
@@ -13,7 +13,7 @@ import ipaddress
 
 from hypothesis import given, settings, strategies as st
 
-from nfsreset.presence import ARRIVED, AWAY, LEFT, USABLE, Presence, change, covered, decide, local_set, presence
+from nfsreset.core.presence import ARRIVED, AWAY, LEFT, USABLE, Presence, change, covered, decide, local_set, presence
 
 VIP, VIP6 = "198.51.100.10", "2001:db8::10"
 IN_RANGE, IN_RANGE6 = "198.51.100.70", "2001:db8::4a"
@@ -24,7 +24,7 @@ RANGES = ("198.51.100.64/27", "2001:db8::40/124", "198.51.100.0/28")
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """An address-table row as nfsreset.addrs.Addr has it (ip, tentative: in DAD or failed it)."""
+    """An address-table row as nfsreset.kernel.addrs.Addr has it (ip, tentative: in DAD or failed it)."""
     ip: str
     dev: str = "eth0"
     tentative: bool = False

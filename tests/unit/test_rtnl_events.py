@@ -14,8 +14,10 @@ import sys
 
 import pytest
 
-from nfsreset import addrs as A
-from nfsreset.watch import Config, Daemon, decode_rtnl
+from nfsreset.kernel import addrs as A
+from nfsreset.daemon.config import Config
+from nfsreset.daemon.daemon import Daemon
+from nfsreset.daemon.rtnl import decode_rtnl
 
 IFA_LOCAL, IFA_ADDRESS, RTA_DST = 2, 1, 1
 RTN_UNICAST = 1
@@ -84,8 +86,8 @@ def test_one_batch_of_events_rereads_every_vip_it_concerns_once():
 def test_hooks_and_flows_do_not_import_pyroute2():
     """pyroute2 costs ~0.1 s to import: the hooks (addrs) and `nfsreset flows`
     (watch.read_live_table) must not pay it; only the daemon's event socket does."""
-    code = ("import sys\nimport nfsreset.addrs, nfsreset.watch\n"
+    code = ("import sys\nimport nfsreset.kernel.addrs, nfsreset.daemon.daemon\n"
             "print('pyroute2' in sys.modules)\n"
-            "nfsreset.watch._event_classes()\nprint('pyroute2' in sys.modules)")
+            "nfsreset.daemon.rtnl._event_classes()\nprint('pyroute2' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert res.stdout.split() == ["False", "True"], res.stdout + res.stderr

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfsreset import sockdiag
-from nfsreset.model import Flow, FlowKey, norm_ip
+from nfsreset.kernel import netlink, sockdiag
+from nfsreset.core.model import Flow, FlowKey, norm_ip
 
 AF4, AF6 = socket.AF_INET, socket.AF_INET6
 
@@ -288,17 +288,17 @@ def test_iter_messages_multipart_and_errors():
     m1 = diag_msg(AF4, 1, src, dst, 2049, 1, cookie=1, attrs=struct.pack("=HHB3x", 5, 8, 0))  # + SHUTDOWN attr
     m2 = diag_msg(AF4, 1, src, dst, 2049, 2, cookie=2)
     done = struct.pack("=IHHIIi", 20, 3, 0x2, 1, 0, 0)
-    msgs = list(sockdiag.iter_messages(m1 + m2 + done))
+    msgs = list(netlink.messages(m1 + m2 + done))
     assert [(k, s) for k, _f, s, _b, _e in msgs] == [(20, 1), (20, 1), (3, 1)]
     assert sockdiag.decode_diag_msg(m1 + m2, msgs[1][3], None)[0].key.cport == 2
     with pytest.raises(OSError):
-        list(sockdiag.iter_messages(m1[:40] + struct.pack("=I", 0)))
+        list(netlink.messages(m1[:40] + struct.pack("=I", 0)))
     with pytest.raises(OSError):                                      # not AF_INET/AF_INET6
         sockdiag.decode_diag_msg(diag_msg(1, 1, src, dst, 1, 2, cookie=1), 16, None)
     # NLMSG_ERROR: int error, then the header of the request it answers (NETLINK_CAP_ACK: nothing more)
     ack = struct.pack("=IHHIIi", 36, 2, 0x100, 9, 0, -errno.ENOENT) + struct.pack("=IHHII", 72, 21, 5, 9, 0)
-    ((kind, _f, seq, start, _e),) = sockdiag.iter_messages(ack)
-    assert (kind, seq) == (2, 9) and sockdiag.decode_error(ack, start) == (errno.ENOENT, 9)
+    ((kind, _f, seq, start, _e),) = netlink.messages(ack)
+    assert (kind, seq) == (2, 9) and netlink.error(ack, start) == (errno.ENOENT, 9)
 
 
 def test_fast_construction_only_for_plain_dataclasses():

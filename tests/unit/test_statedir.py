@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from nfsreset.model import FlowKey
-from nfsreset.statedir import MAX_ENTRIES, StateDir, StateError, StateUnsafe
+from nfsreset.core.model import FlowKey
+from nfsreset.state.statedir import MAX_ENTRIES, StateDir, StateError, StateUnsafe
 
 VIP = "198.51.100.10"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks expect root-owned files")
@@ -99,8 +99,8 @@ import contextlib
 import math
 import signal
 
-from nfsreset.model import client_address
-from nfsreset.statedir import MAX_CLIENTS_PER_VIP, MAX_FILE_BYTES, boot_id
+from nfsreset.core.model import client_address
+from nfsreset.state.statedir import MAX_CLIENTS_PER_VIP, MAX_FILE_BYTES, boot_id
 
 VIP6 = "2001:db8::10"
 
@@ -387,7 +387,7 @@ def test_client_address_says_why_not(bad, why, vip):
 
 def test_no_nan_or_infinite_number_slips_through_as_a_port():
     with pytest.raises(ValueError):
-        from nfsreset.statedir import _row
+        from nfsreset.state.statedir import _row
         _row([math.nan, "198.51.100.100", 800], VIP)
 
 

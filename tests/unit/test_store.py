@@ -1,4 +1,4 @@
-"""nfsreset.store: the attrd encoding round-trips, and what is read back is
+"""nfsreset.state.store: the attrd encoding round-trips, and what is read back is
 validated like a state file (family, scope, ports, limits), refused in one line."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import zlib
 
 import pytest
 
-from nfsreset import store
-from nfsreset.model import FlowKey
-from nfsreset.statedir import StateError
+from nfsreset.state import store
+from nfsreset.core.model import FlowKey
+from nfsreset.state.statedir import StateError
 
 VIP4, VIP6 = "198.51.100.10", "2001:db8::10"
 

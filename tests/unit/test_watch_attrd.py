@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from nfsreset import store as S
-from nfsreset import watch as W
-from nfsreset.model import FlowKey
-from nfsreset.statedir import StateError
+from nfsreset.state import store as S
+from nfsreset.daemon import clientlists as W
+from nfsreset.core.model import FlowKey
+from nfsreset.state.statedir import StateError
 
 VIP = "198.51.100.10"
 K1 = FlowKey(VIP, 2049, "203.0.113.7", 900)

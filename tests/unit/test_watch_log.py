@@ -1,9 +1,9 @@
-"""The daemon's log lines (nfsreset.watch.Log): level, time, journald priority."""
+"""The daemon's log lines (nfsreset.daemon.log.Log): level, time, journald priority."""
 import io
 import os
 import re
 
-from nfsreset.watch import Log, journal_stream, level_of
+from nfsreset.daemon.log import Log, journal_stream, level_of
 
 
 def test_engine_lines_get_their_level_from_their_wording():

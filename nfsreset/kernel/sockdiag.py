@@ -1,45 +1,11 @@
 """TCP sockets through sock_diag netlink: dump with a kernel-side filter, destroy.
 
-This is what `ss -K 'src VIP and sport = :2049'` does, without the
-subprocess and without one round trip per socket: the dump carries an
-INET_DIAG_REQ_BYTECODE filter so the kernel only returns sockets on the VIPs
-and ports asked for, and SOCK_DESTROY requests are sent many per send(). Each
-request asks for an ack, and every ack is read: the kernel runs the requests
-of one send() synchronously, so a batch's acks are all queued when send()
-returns, and the batch size bounds what sits in our receive buffer.
-
-pyroute2 has neither bytecode filters nor SOCK_DESTROY, so this is plain
-`socket` + `struct`. Layouts: include/uapi/linux/{netlink,sock_diag,inet_diag}.h;
-semantics: net/ipv4/inet_diag.c (inet_diag_bc_run, inet_diag_bc_audit,
-inet_diag_find_one_icsk) and tcp_diag.c (tcp_diag_destroy -> tcp_abort).
-
-Kernel facts this module relies on (checked on 6.18):
-- A sock_diag socket only sees the network namespace it was created in: every
-  call opens its socket in the calling thread's current netns.
-- SOCK_DIAG_BY_FAMILY picks its handler by sdiag_family and AF_UNSPEC has
-  none, so it walks the (global, all-netns) socket hash once per family. The
-  older TCPDIAG_GETSOCK request (still in 6.18) dumps both families in one
-  walk with the same bytecode; we use it when both are needed and fall back
-  to a walk per family if the kernel refuses it. Dumps on one socket run one
-  after the other (a second dump request while one runs fails with EBUSY).
-- A bytecode host condition of family AF_INET also matches an AF_INET6 socket
-  whose address is ::ffff:a.b.c.d, which is how one v4 VIP condition finds
-  both plain v4 sockets and dual-stack ([::]:2049) ones.
-- Bytecode runs as forward jumps; a program accepts when it jumps exactly to
-  its end and rejects when it jumps past it. The audit requires every `yes`
-  to be at least the op's own length, and `no` to land on an op boundary, on
-  the end, or 4 bytes past it.
-- Minisockets: TIME_WAIT ones are dumped with tw_substate, so an orphan that
-  entered timewait from FIN_WAIT2 shows as FIN_WAIT2; asking for SYN_RECV
-  also returns NEW_SYN_RECV request socks. tcp_abort() handles both kinds on
-  recent kernels (destroying a TIME_WAIT deschedules it); older ones may say
-  EOPNOTSUPP: that is reported in DestroyResult.failed, not hidden.
-- The destroy lookup is by 4-tuple (+ bound device) in the established hash,
-  so it still finds a socket whose local address was deleted (v4 and v6).
-  A cookie mismatch (4-tuple reused by a newer socket) is ENOENT, like a
-  socket that is gone: never destroy a newer connection by accident.
-- Without CONFIG_INET_DIAG_DESTROY every destroy is EOPNOTSUPP (ss -K then
-  silently does nothing); probe_destroy() finds out on a connection of its own.
+What `ss -K 'src VIP and sport = :2049'` does, without the subprocess and without
+a round trip per socket: the dump carries an INET_DIAG_REQ_BYTECODE filter, and
+SOCK_DESTROY requests go many per send(), each acked, every ack read. pyroute2 has
+neither, so this is plain `socket` + `struct` (layouts: include/uapi/linux/
+{netlink,sock_diag,inet_diag}.h). Every call works in the calling thread's netns.
+The kernel behaviour relied on (6.18): docs/internals.md, "sock_diag".
 """
 from __future__ import annotations
 
@@ -54,18 +20,17 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
-from nfsreset import netns
-from nfsreset.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
+from nfsreset.kernel import netlink as nl
+from nfsreset.kernel import netns
+from nfsreset.kernel.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR
+from nfsreset.core.model import STATE_NUMBERS, TCP_STATES, Flow, FlowKey, norm_ip
 
 # include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h
 NETLINK_SOCK_DIAG = 4
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10          # acks without a copy of our request: 36 bytes each
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLM_F_DUMP = 0x300
 TCPDIAG_GETSOCK = 18            # the pre-3.3 request: still the only one dumping both families at once
 SOCK_DIAG_BY_FAMILY = 20
 SOCK_DESTROY = 21
@@ -77,8 +42,6 @@ BC_JMP, BC_S_COND = 1, 7
 ALL_STATES_MASK = sum(1 << n for n in TCP_STATES)
 LISTEN_BIT = 1 << STATE_NUMBERS["LISTEN"]
 
-_NLMSGHDR = struct.Struct("=IHHII")                      # len type flags seq pid
-_NLATTR = struct.Struct("=HH")
 _BC_OP = struct.Struct("=BBH")                          # code yes no
 _HOSTCOND = struct.Struct("=BBxxi")                     # family prefix_len port(-1 = any)
 # nlmsghdr + inet_diag_req_v2 with its inet_diag_sockid; ports go in already
@@ -86,7 +49,6 @@ _HOSTCOND = struct.Struct("=BBxxi")                     # family prefix_len port
 _REQUEST = struct.Struct("=IHHII" "BBBxI" "HH16s16sIII")
 # nlmsghdr + inet_diag_req (v1): family src_len dst_len ext, sockid, states, dbs
 _REQUEST_V1 = struct.Struct("=IHHII" "BBBB" "HH16s16sIII" "II")
-_ERR = struct.Struct("=i")
 _ACK = struct.Struct("=IHHIIi")                          # nlmsghdr + nlmsgerr.error
 
 RCVBUF = 8 << 20
@@ -183,7 +145,8 @@ def encode_bytecode(local_ips: Iterable[str] | None, local_ports: Iterable[int] 
 
     A matching Ci falls through (yes) to its J, which jumps to the end:
     accept. The last condition falls through to the end itself; its `no`
-    jumps 4 bytes past the end: reject. Returns b"" when nothing filters.
+    jumps 4 bytes past the end: reject (inet_diag_bc_audit allows `no` on an op
+    boundary, the end, or 4 bytes past it). Returns b"" when nothing filters.
     """
     ips = [norm_ip(ip) for ip in _as_list(local_ips, str)] or [None]
     ports = _as_list(local_ports, int) or [None]
@@ -208,11 +171,6 @@ def encode_bytecode(local_ips: Iterable[str] | None, local_ports: Iterable[int] 
     return bytes(out)
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    pad = (-len(payload)) % 4
-    return _NLATTR.pack(4 + len(payload), kind) + payload + b"\0" * pad
-
-
 def encode_dump_request(family: int, states: int, bytecode: bytes, seq: int) -> bytes:
     """Request for a TCP dump (+ INET_DIAG_REQ_BYTECODE when `bytecode`).
 
@@ -222,7 +180,7 @@ def encode_dump_request(family: int, states: int, bytecode: bytes, seq: int) -> 
     (inet_diag_dump_compat); SOCK_DIAG_BY_FAMILY has no AF_UNSPEC handler.
     Replies carry the request's type.
     """
-    attrs = _attr(INET_DIAG_REQ_BYTECODE, bytecode) if bytecode else b""
+    attrs = nl.attr(INET_DIAG_REQ_BYTECODE, bytecode) if bytecode else b""
     flags = NLM_F_REQUEST | NLM_F_DUMP
     if family == socket.AF_UNSPEC:
         return _REQUEST_V1.pack(_REQUEST_V1.size + len(attrs), TCPDIAG_GETSOCK, flags, seq, 0,
@@ -241,24 +199,6 @@ def encode_destroy_request(sock: SockId, seq: int) -> bytes:
                          sock.family, socket.IPPROTO_TCP, 0, ALL_STATES_MASK,
                          socket.htons(sock.sport), socket.htons(sock.dport), sock.src, sock.dst,
                          sock.if_index, sock.cookie & 0xFFFFFFFF, sock.cookie >> 32)
-
-
-def iter_messages(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
-    """(type, flags, seq, payload offset, payload end) for each nlmsg in buf."""
-    off, size = 0, len(buf)
-    while off + 16 <= size:
-        length, kind, flags, seq, _pid = _NLMSGHDR.unpack_from(buf, off)
-        if length < 16 or off + length > size:
-            raise SockDiagError(errno.EBADMSG, f"truncated netlink message at {off} (len {length})")
-        yield kind, flags, seq, off + 16, off + length
-        off += (length + 3) & ~3
-
-
-def decode_error(buf: bytes, start: int) -> tuple[int, int]:
-    """NLMSG_ERROR payload -> (positive errno or 0, seq of the request it answers)."""
-    (err,) = _ERR.unpack_from(buf, start)
-    seq = _NLMSGHDR.unpack_from(buf, start + 4)[3]
-    return -err, seq
 
 
 _TEXT_CACHE: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
@@ -290,14 +230,12 @@ def _plain_frozen(cls, filled: set[str]) -> bool:
 _object_new, _object_setattr = object.__new__, object.__setattr__
 _FLOW_FROM_DUMP = {"key", "state", "netns", "cookie", "inode", "recvq", "sendq"}
 _FLOW_REST = {f.name: f.default for f in dataclasses.fields(Flow) if f.name not in _FLOW_FROM_DUMP}
-# A frozen dataclass's __init__ does one object.__setattr__ per field: 0.85 us
-# for Flow, a third of the cost of decoding a socket, and what decides whether
-# we beat `ss -K` at 10,000 sockets. Filling __dict__ in one go makes the same
-# object (eq, hash, repr and replace() all read the fields), so do that when
-# the classes allow it.
+# A frozen dataclass's __init__ does one object.__setattr__ per field (0.85 us
+# for Flow, a third of decoding a socket); filling __dict__ in one go makes the
+# same object (eq, hash, repr and replace() read the fields). bench/README.md.
 _FAST_OBJECTS = (_plain_frozen(Flow, _FLOW_FROM_DUMP)
-                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)})
-                 and _plain_frozen(FlowKey, {f.name for f in dataclasses.fields(FlowKey)}))
+                 and _plain_frozen(SockId, {f.name for f in dataclasses.fields(SockId)}))
+_new_key = tuple.__new__      # FlowKey is a named tuple: skip its Python-level __new__
 _STATE_NAMES = tuple(TCP_STATES.get(n, str(n)) for n in range(256))
 # inet_diag_msg: ports are __be16, the rest host order; two unpacks.
 _MSG = struct.Struct("=BBBB4x16s16sIIIIIIII")
@@ -313,13 +251,8 @@ def decode_diag_msg(buf: bytes, start: int, netns_inode: int | None) -> tuple[Fl
     texts = _TEXT_CACHE.get(family)
     if texts is None:
         raise SockDiagError(errno.EBADMSG, f"inet_diag message of family {family}")
-    key_fields = {"vip": texts.get(src) or _addr_text(family, src), "vport": sport,
-                  "client": texts.get(dst) or _addr_text(family, dst), "cport": dport}
-    if _FAST_OBJECTS:
-        key = _object_new(FlowKey)
-        _object_setattr(key, "__dict__", key_fields)
-    else:
-        key = FlowKey(**key_fields)
+    key = _new_key(FlowKey, (texts.get(src) or _addr_text(family, src), sport,
+                             texts.get(dst) or _addr_text(family, dst), dport))
     flow_fields = {"key": key, "state": _STATE_NAMES[state], "netns": netns_inode, "cookie": cookie,
                    "inode": inode, "recvq": rqueue, "sendq": wqueue, **_FLOW_REST}
     sid_fields = {"family": family, "src": src, "dst": dst, "sport": sport, "dport": dport,
@@ -387,6 +320,8 @@ _dump_seqs = itertools.count(1)
 
 def _families_for(ips: list[str]) -> tuple[int, ...]:
     # A v4 address also lives in AF_INET6 sockets (v4-mapped); a v6 one only there.
+    # AF_UNSPEC: TCPDIAG_GETSOCK, one walk of the (host-wide) hash for both families;
+    # SOCK_DIAG_BY_FAMILY has no AF_UNSPEC handler and walks once per family.
     if ips and all(":" in ip for ip in ips):
         return (socket.AF_INET6,)
     return (socket.AF_UNSPEC,) if _both_in_one_walk else (socket.AF_INET, socket.AF_INET6)
@@ -425,11 +360,11 @@ def _dump_into(sock, families, mask: int, bytecode: bytes, inode: int, found: li
 
 
 def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
-    # The message walk is iter_messages() inlined: at 10,000 sockets the
+    # The message walk is netlink.messages() inlined: at 10,000 sockets the
     # generator alone costs as much as the kernel takes to fill the buffers.
     count = 0
     deadline = time.monotonic() + 60
-    header, decode, append = _NLMSGHDR.unpack_from, decode_diag_msg, found.append
+    header, decode, append = NLMSGHDR.unpack_from, decode_diag_msg, found.append
     while True:
         buf = _recv(sock)
         off, size = 0, len(buf)
@@ -444,7 +379,7 @@ def _read_dump(sock: socket.socket, seq: int, inode: int, found: list) -> None:
                 elif kind == NLMSG_DONE:
                     return
                 elif kind == NLMSG_ERROR:
-                    err, _ = decode_error(buf, off + 16)
+                    err, _ = nl.error(buf, off + 16)
                     raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
             off += (length + 3) & ~3
         if count > MAX_DUMP_MESSAGES or time.monotonic() > deadline:
@@ -455,9 +390,12 @@ def destroy(socks: Iterable[SockId], batch: int = DEFAULT_BATCH) -> DestroyResul
     """SOCK_DESTROY each socket (current thread's netns); classify every ack.
 
     The kernel answers a destroyed socket with an RST to its peer (when the
-    local address still routes) and ECONNABORTED to its owner. ENOENT means
-    gone (or 4-tuple reused by a socket with another cookie: left alone).
-    At most `batch` requests are in flight: one send(), then all their acks.
+    local address still routes) and ECONNABORTED to its owner. It looks the
+    socket up by 4-tuple, so one whose local address was deleted is still found.
+    ENOENT means gone (or 4-tuple reused by a socket with another cookie: left
+    alone); EOPNOTSUPP, no CONFIG_INET_DIAG_DESTROY (or a minisocket on an old
+    kernel): reported in `failed`. At most `batch` requests are in flight: the
+    kernel runs one send()'s requests synchronously, so its acks are all queued.
     """
     if batch < 1:
         raise ValueError("batch must be >= 1")
@@ -564,7 +502,7 @@ class _AckReader:
             buf = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return []
-        return [decode_error(buf, start) for kind, _f, _s, start, _e in iter_messages(buf)
+        return [nl.error(buf, start) for kind, _f, _s, start, _e in nl.messages(buf, error=SockDiagError)
                 if kind == NLMSG_ERROR]
 
 

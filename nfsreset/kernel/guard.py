@@ -2,74 +2,16 @@
 
 Everything lives in one table, `inet nfsreset`, that we own: created on demand,
 deleted when nothing is left in it. Documents go through libnftables' JSON API
-(python3-nftables), built the way firewalld's nftables backend builds them.
+(python3-nftables), built the way firewalld's nftables backend builds them
+(the table as `nft list` shows it: docs/internals.md).
 
-    table inet nfsreset {
-        set stale4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; flags timeout; counter; }
-        set stale6 { ... ipv6_addr ... }
-        set quarantine4 { type ipv4_addr; }
-        set quarantine6 { type ipv6_addr; }
-        chain guard { type filter hook input priority filter - 10;
-            tcp flags ! syn,rst  ip saddr . tcp sport . ip daddr . tcp dport @stale4  reject with tcp reset
-            tcp flags syn / syn,rst,ack  delete @stale4 { ip saddr . tcp sport . ip daddr . tcp dport }
-            (same two for ip6)
-        }
-        chain quarantine { type filter hook output priority filter;
-            ip saddr @quarantine4 fib saddr type != local drop
-            ip6 saddr @quarantine6 fib saddr type != local drop
-        }
-    }
-
-Guard: the last rung of the ladder for a stale server socket (after
-SOCK_DESTROY and the exact RST). Elements are keyed as packets *from the
-client* arrive: client . cport . vip . vport. Only segments that are neither
-SYN nor RST are rejected. Why not all of them: a rule that rejected every
-packet of the tuple was measured to swallow the client's RST (the very packet
-that kills the stale socket) and then to reset the *new* connection on the same
-4-tuple right after its handshake: 47 s failback. The client's first SYN of
-the tuple deletes the element from the packet path (nft `delete @set`,
-NFT_DYNSET_OP_DELETE); the SYN itself passes, meets the stale socket, draws a
-challenge ACK, and the client's RST answering it kills that socket.
-
-Quarantine: while a VIP is away, drop output whose source is the VIP. IPv6
-sockets keep sending from a deleted address (FIN, retransmissions, even the RST
-of SOCK_DESTROY), and those were measured to push clients into SYN back-off.
-The rule drops only while the source is not a local address (`fib saddr type
-!= local`), so an element can never mute a VIP that is back, whoever added it
-back and whether or not anyone lifts the element: the elements are the record
-of intent, the kernel's address table decides (docs/internals.md).
-
-Every mutation sends the skeleton with it, in the same transaction: `add` of
-an existing table/chain is a no-op, flush-then-add makes the rules idempotent,
-and sets are added only when the last listing lacked them (see skeleton()). So
-the table reappears whole if someone deleted it, two writers never duplicate
-rules, and a change costs one listing plus one netlink round trip; a change
-that fails against a stale listing is retried once with a fresh one.
-
-What the guard does to a reconnecting client, as captured in the lab (v4):
-data -> RST from the guard; SYN (same tuple) -> element deleted, the stale
-socket answers with a challenge ACK -> the client's RST (seq = the stale
-socket's rcv_nxt) kills it -> the client resends its SYN 14 ms later (Linux
-retries at TCP_TIMEOUT_MIN after a bad ACK in SYN_SENT) -> handshake.
-
-Namespace: libnftables 1.0.6 opens its netlink socket in nft_ctx_new(), i.e.
-in the network namespace of the calling *thread* at the time Nftables() is
-created, and keeps it. Guard creates the context in __init__ and verifies the
-socket's namespace (SIOCGSKNS) against the thread's; create it inside
-`nfsreset.netns.entered(...)`. Afterwards it may be used from anywhere.
-
-Quirks of nft 1.0.6 / kernel 6.18 found here:
-- The JSON parser refuses the set flag "dynamic" ("Invalid set flag"). A set
-  created in the same transaction as a rule writing to it gets it anyway
-  (nft adds it), and the kernel then refuses a later `add set` without it:
-  "File exists". Hence existing sets are never re-sent.
-- `add element` of an existing element succeeds and refreshes its timeout
-  (the counter is kept).
-- `delete element` of a missing element fails the whole transaction (ENOENT);
-  `destroy element` only came with nft 1.0.8. So removal lists first.
-- Per-element counters come from the set's `counter` statement and are only
-  bumped by a lookup that matched, so with the flag test placed before the
-  lookup they count exactly the rejected segments.
+Guard: the ladder's last rung (after SOCK_DESTROY and the exact RST). It resets
+the client's non-SYN, non-RST segments of a stale 4-tuple, keyed as they arrive
+(client . cport . vip . vport); the client's first SYN deletes the element in the
+kernel, and its RST to the challenge ACK kills the stale socket.
+Quarantine: while a VIP is away nothing leaves from it (IPv6 keeps sending from a
+deleted address); the fib test lifts it by itself once the VIP is local again.
+Why each piece is so, with what was measured: docs/internals.md, "The nft table".
 """
 from __future__ import annotations
 
@@ -80,8 +22,8 @@ import socket
 import threading
 from typing import Iterable
 
-from nfsreset import netns
-from nfsreset.model import FlowKey, family_of, norm_ip
+from nfsreset.kernel import netns
+from nfsreset.core.model import FlowKey, family_of, norm_ip
 
 TABLE = "nfsreset"
 FAMILY = "inet"
@@ -374,13 +316,16 @@ def open_context():
 
 
 class Guard:
-    """The `inet nfsreset` table of the namespace this object was created in."""
+    """The `inet nfsreset` table of the namespace this object was created in
+    (libnftables opens its socket in nft_ctx_new(): create it inside
+    netns.entered(...); afterwards any thread may use it)."""
 
     def __init__(self, dry_run: bool = False):
         self.dry_run = dry_run
         self.documents: list[dict] = []   # what dry_run would have sent
-        # False when the kernel refused `delete @set` from a rule: then the
-        # caller (who sees SYNs through BPF) must call remove_stale itself.
+        # False when the kernel refused `delete @set` from a rule (before 5.19):
+        # elements then last their timeout; no caller removes them early
+        # (docs/internals.md, "Known limits").
         self.syn_delete = True
         self._lock = threading.Lock()
         self._nft = None if dry_run else open_context()
@@ -415,8 +360,8 @@ class Guard:
 
         Retried once with a fresh listing (another writer may have created a
         set meanwhile), then once without the SYN rule: kernels before 5.19
-        have no NFT_DYNSET_OP_DELETE, and there the guard still rejects but
-        remove_stale becomes the caller's job (it sees SYNs through BPF)."""
+        have no NFT_DYNSET_OP_DELETE; there the guard still rejects, until the
+        element times out (see syn_delete)."""
         if self.dry_run:
             self._send(skeleton(self.syn_delete) + commands, what)
             return
@@ -456,7 +401,8 @@ class Guard:
 
     def remove_stale(self, keys: Iterable[FlowKey]) -> int:
         """Stop guarding these 4-tuples; returns how many were guarded. Drops the
-        table if nothing is left."""
+        table if nothing is left. Lists first: `delete element` of a missing
+        element fails the whole transaction (`destroy element` is nft >= 1.0.8)."""
         wanted = {key_of(t) for tups in group_stale(keys).values() for t in tups}
         if self.dry_run:
             self._send(delete_stale_commands(group_stale(wanted)), "remove stale tuples")

@@ -16,7 +16,7 @@ Sockets belong to the network namespace the thread was in when they were
 made, and they are made lazily, at the first packet of each family. So a
 sender remembers the namespace it was *constructed* in (or the one named by
 `netns`) and makes its sockets there even when the first send() happens after
-the caller left nfsreset.netns.entered(): a sender built for a lab node must
+the caller left nfsreset.kernel.netns.entered(): a sender built for a lab node must
 never send from the host's namespace by accident.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ class RawSender:
             fam = socket.AF_INET if version == 4 else socket.AF_INET6
             try:
                 if self.netns is not None:
-                    from nfsreset import netns as _netns
+                    from nfsreset.kernel import netns as _netns
                     with _netns.entered(self.netns):
                         sock = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
                 elif os.fstat(self._home).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
@@ -78,7 +78,7 @@ class RawSender:
         return sock
 
     def _socket_at_home(self, fam: int) -> socket.socket:
-        from nfsreset import netns as _netns
+        from nfsreset.kernel import netns as _netns
 
         back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:

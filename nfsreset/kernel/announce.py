@@ -3,7 +3,7 @@
 Frames are written whole through an AF_PACKET socket on the interface that
 holds the VIP, in the current network namespace. The interface comes from the
 same RTM_GETADDR dump as every other "is this address here" question
-(nfsreset.addrs; no pyroute2 import in a hook), named by if_indextoname() on a
+(nfsreset.kernel.addrs; no pyroute2 import in a hook), named by if_indextoname() on a
 socket of the calling thread's namespace. Not /sys: sysfs shows the namespace
 it was mounted in.
 
@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 
-from nfsreset.packets import _addr, checksum
+from nfsreset.kernel.packets import _addr, checksum
 
 ARPHRD_ETHER = 1
 ETH_P_ARP, ETH_P_IP, ETH_P_IPV6 = 0x0806, 0x0800, 0x86DD
@@ -40,8 +40,8 @@ class AnnounceError(Exception):
 
 
 def devices_of(vip: str) -> list[tuple[str, "object"]]:
-    """(device, nfsreset.addrs.Addr) for each place `vip` is configured here."""
-    from nfsreset import addrs
+    """(device, nfsreset.kernel.addrs.Addr) for each place `vip` is configured here."""
+    from nfsreset.kernel import addrs
     return [(socket.if_indextoname(a.ifindex), a) for a in addrs.dump() if a.ip == vip]
 
 
@@ -84,7 +84,7 @@ def announce(vip: str, ifname: str | None = None, count: int = 1, interval: floa
     With `ifname`, the VIP must be on that device. Raises AnnounceError when
     the VIP is not configured (or still tentative), or the device is not Ethernet.
     """
-    # Canonical text (v4-mapped becomes v4) without nfsreset.model: ipaddress
+    # Canonical text (v4-mapped becomes v4) without nfsreset.core.model: ipaddress
     # costs ~5 ms of import in a hook that should reach its packets first.
     family, packed = _addr(vip.strip().strip("[]"))
     vip = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, packed)
@@ -94,7 +94,7 @@ def announce(vip: str, ifname: str | None = None, count: int = 1, interval: floa
         if ifname not in {d for d, _ in devices_of(vip)}:
             raise AnnounceError(f"{vip} is not configured on {ifname} (it is on {dev})")
         dev = ifname
-    from nfsreset.rawsend import close_later
+    from nfsreset.kernel.rawsend import close_later
 
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:

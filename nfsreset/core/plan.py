@@ -19,8 +19,8 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 
-from nfsreset.model import Flow, FlowKey, key_order
-from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
+from nfsreset.core.model import Flow, FlowKey
+from nfsreset.core.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
 
 # Tickle repeats (seconds after the first). The client answers at most one
 # invalid segment per 500 ms (tcp_invalid_ratelimit), so a tickle right after
@@ -65,7 +65,7 @@ class Options:
     force: bool = False                    # allow acting on a configured VIP for named sessions
     tickle_rounds: int = len(TICKLE_SCHEDULE)
     announce: bool = True                  # False while an IPv6 VIP is still in DAD
-    tickle_rate: int = TICKLE_RATE_PPS     # forged ACKs per second (nfsreset.pace)
+    tickle_rate: int = TICKLE_RATE_PPS     # forged ACKs per second (nfsreset.core.pace)
     tickle_max_packets: int = TICKLE_MAX_PACKETS   # forged ACKs per call, all rounds
 
 
@@ -193,15 +193,10 @@ def may_touch(flow: Flow, local_addrs, opts: Options, vip_since=None,
 
 
 # --- pending files: sockets a hook saw while their VIP was away -----------------
-# The clock: the kernel stamps an address with its creation time (IFA_CACHEINFO
-# cstamp) in centiseconds of the jiffies clock since boot, 10 ms steps. That clock
-# runs at CLOCK_MONOTONIC's rate but not from its zero (0.27 s behind it on the
-# test machine), so a pending file's CLOCK_MONOTONIC write time cannot be compared
-# with cstamp to 10 ms without calibrating that offset. times(2) reads the same
-# jiffies counter, in 1/100 s from INITIAL_JIFFIES (2**32 - 300*HZ jiffies): a file
-# stamped with it is ordered against the address exactly, whatever the offset:
-# a jiffies count read at the write below the one the address was stamped with
-# means the write came first. Only the 10 ms steps of both stamps are lost.
+# The clock: the address's IFA_CACHEINFO cstamp is jiffies (10 ms steps), not
+# CLOCK_MONOTONIC; times(2) reads the same counter, so a file stamped with it is
+# ordered against the address exactly, with no offset to calibrate.
+# docs/internals.md, "The state dir is untrusted input", has the measured details.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +340,7 @@ def plan(moment: Moment, vip: str, flows: Iterable[Flow], local_addrs: frozenset
     targets = [f for f in mine if may_touch(f, local_addrs, opts, vip_since, old_cookies)]
     actions: list[Action] = []
     if moment is Moment.POST_STOP and not tried:
-        actions.append(Record(vip, tuple(sorted({f.key for f in mine}, key=key_order))))
+        actions.append(Record(vip, tuple(sorted({f.key for f in mine}))))
     if moment in (Moment.POST_STOP, Moment.AWAY) and not vip_local and caps.nft and not tried:
         actions.append(Quarantine(vip))
     actions += _end(targets, vip, opts, caps, vip_local, tried)
@@ -375,8 +370,8 @@ def _post_start(vip, mine, local_addrs, caps, opts, vip_since, known_clients, tr
     known = {k for k in known_clients
              if k.vip == vip and k.vport in opts.ports
              and (not opts.clients or any(s.matches(k) for s in opts.clients))}
-    keys = tuple(sorted(known - live, key=key_order))
-    back = tuple(sorted(known & live, key=key_order))
+    keys = tuple(sorted(known - live))
+    back = tuple(sorted(known & live))
     if caps.raw and opts.announce:
         actions.append(Announce(vip))
         if keys and opts.tickle_rounds > 0:

@@ -1,32 +1,19 @@
 """Where a VIP's client list travels from the old owner to the new one.
 
-Backends:
-    dir     the state dir (nfsreset.statedir): shared storage carries failovers,
-            a local dir only failbacks (the node that had the VIP recorded it).
-    attrd   Pacemaker's attribute daemon, through `attrd_updater`: one private
-            attribute per VIP per node (`-p`: kept in attrd's memory, never
-            written into the CIB, so a change costs no CIB rewrite or
-            transition), named nfsreset-clients-<vip>. The owner publishes its
-            list under each OTHER node's name (attrd forgets a lost node's own
-            values: kept under the peer's name the list survives the owner's
-            crash); the new owner reads every node's value (`--query --all`)
-            and tickles their union with the local dir's. The dir is written
-            too: pending sockets live there, and it outlives a restart of the
-            whole cluster (private attributes do not).
-    auto    attrd when Pacemaker's attribute daemon is reachable from here
-            (its IPC socket is in /proc/net/unix), else dir.
+Backends: `dir`, the state dir (shared storage carries failovers, a local dir only
+failbacks); `attrd`, Pacemaker's attribute daemon through `attrd_updater -p`
+(private: never written into the CIB), one attribute nfsreset-clients-<vip> per
+node, published under each OTHER node's name because attrd forgets a lost node's
+own values, read back as the union of all (`--query --all`) and of the local dir,
+which is written too (pending sockets, and it outlives a whole-cluster restart);
+`auto`, attrd when its IPC socket is in /proc/net/unix, else dir.
 
-Encoding of a value (measured in bench/bench_attrd.py; a 10,000-client list is
-~25 KB, a command line may carry at most 128 KiB): "g1:" + base64 of gzip of
-sorted lines "vport client cport". gzip, so the agent's shell can write the
-same value with ss | awk | sort | gzip | base64 before IPaddr2 deletes the
-address. A list whose value would exceed MAX_VALUE_CHARS is cut (in sorted
-order, so the same clients are kept every time) and the cut is logged.
-
-Everything read back is untrusted (any root or haclient process on any node can
-set an attribute): the value is bounded before and after decompression, and
-each record passes the state file's checks (statedir._row: family, scope, port
-range); what is refused is reported in one line.
+A value is "g1:" + base64 of gzip of sorted "vport client cport" lines, so the
+agent's shell can write one with ss | awk | sort | gzip | base64; one longer than
+MAX_VALUE_CHARS (execve's 128 KiB argument limit) is cut in sorted order, logged.
+Everything read back is untrusted (any root or haclient process may set it):
+bounded before and after inflating, each record checked as statedir._row does.
+Measured sizes and times: bench/README.md, docs/internals.md ("attrd").
 """
 from __future__ import annotations
 
@@ -38,8 +25,8 @@ import subprocess
 import zlib
 from typing import Callable
 
-from nfsreset.model import FlowKey, _short, norm_ip
-from nfsreset.statedir import MAX_CLIENTS_PER_VIP, StateDir, StateError, _row, _stderr
+from nfsreset.core.model import FlowKey, _short, norm_ip
+from nfsreset.state.statedir import MAX_CLIENTS_PER_VIP, StateDir, StateError, _row, _stderr
 
 BACKENDS = ("auto", "dir", "attrd")
 ATTR_PREFIX = "nfsreset-clients-"

@@ -5,7 +5,7 @@ address counts: its sockets are live-to-be) or when a FIB lookup for it answers
 RTN_LOCAL (a `local` route range: AnyIP, LVS-DR; what `ip route get` and
 nftables `fib saddr type` answer). Events only say *when* to ask again: an
 address on two devices, an `ip addr replace`, a route range or a missed event
-then cannot make a configured VIP look away. nfsreset.addrs asks the kernel;
+then cannot make a configured VIP look away. nfsreset.kernel.addrs asks the kernel;
 this module decides from the rows it got, so the rules are tested without root.
 """
 from __future__ import annotations

@@ -3,12 +3,12 @@
 A few dozen lines instead of pyroute2: importing pyroute2 and opening an
 IPRoute costs ~0.13 s here, and hooks must send their first packet within
 0.1 s of exec. The daemon, which starts once, decodes its address and route
-events with pyroute2 (nfsreset.watch.decode_rtnl) and asks presence here.
+events with pyroute2 (nfsreset.daemon.rtnl.decode_rtnl) and asks presence here.
 
 Two questions share one socket and one datagram: the address table (an
 RTM_GETADDR dump) and, per VIP, a FIB lookup (RTM_GETROUTE, what `ip route
 get` asks), which answers RTN_LOCAL for an address that is local through a
-`local` route range (AnyIP, LVS-DR) as well. nfsreset.presence decides from
+`local` route range (AnyIP, LVS-DR) as well. nfsreset.core.presence decides from
 both (docs/internals.md, "Presence").
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ import socket
 import struct
 from collections.abc import Iterable
 
-from nfsreset import presence as _presence
-from nfsreset.presence import Presence
+from nfsreset.core import presence as _presence
+from nfsreset.core.presence import Presence
+from nfsreset.kernel import netlink as nl
+from nfsreset.kernel.netlink import NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL, IFA_CACHEINFO, IFA_FLAGS = 1, 2, 3, 6, 8
 IFA_F_TENTATIVE, IFA_F_DADFAILED = 0x40, 0x08
 RTA_DST = 1
@@ -34,10 +34,8 @@ RTN_LOCAL = 2
 RECV_TIMEOUT_S = 1.0   # the kernel answers at once; a reply never seen must not hang a hook
 DUMP_TRIES = 3         # an address dump interrupted by a change (NLM_F_DUMP_INTR) is asked again
 
-_NLMSG = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
-_RTA = struct.Struct("=HH")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +63,7 @@ def _exchange(sock: socket.socket,
     answered with. _Interrupted if a dump says the table changed under it."""
     wire = b""
     for seq, (mtype, flags, body) in enumerate(requests, 1):
-        body += b"\0" * (-len(body) % 4)
-        wire += _NLMSG.pack(_NLMSG.size + len(body), mtype, flags, seq, 0) + body
+        wire += nl.message(mtype, flags, seq, body)
     sock.send(wire)
     out: list = [[] for _ in requests]
     dumps = {seq for seq, (_, flags, _) in enumerate(requests, 1) if flags & NLM_F_DUMP == NLM_F_DUMP}
@@ -75,12 +72,14 @@ def _exchange(sock: socket.socket,
     for _ in range(100000):   # bounded in count here, in time by the socket timeout
         if not waiting:
             break
-        for mtype, flags, seq, body in messages(sock.recv(1 << 16)):
+        data = sock.recv(1 << 16)
+        for mtype, flags, seq, start, end in nl.messages(data, "rtnetlink"):
             if seq not in waiting:
                 continue
+            body = data[start:end]
             interrupted |= bool(flags & NLM_F_DUMP_INTR)
             if mtype in (NLMSG_DONE, NLMSG_ERROR):
-                (err,) = struct.unpack_from("=i", body) if len(body) >= 4 else (0,)
+                (err,) = nl.ERR.unpack_from(body) if len(body) >= nl.ERR.size else (0,)
                 if err:
                     out[seq - 1] = OSError(-err, os.strerror(-err))
                 waiting.discard(seq)
@@ -95,17 +94,6 @@ def _exchange(sock: socket.socket,
     return out
 
 
-def messages(data: bytes):
-    """(type, flags, seq, body) of each netlink message in one datagram."""
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, mtype, flags, seq, _ = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
-            raise OSError(errno.EBADMSG, "truncated rtnetlink message")
-        yield mtype, flags, seq, data[off + _NLMSG.size: off + length]
-        off += (length + 3) & ~3
-
-
 def _route_lookup(ip: str) -> tuple[int, int, bytes] | None:
     """An RTM_GETROUTE request for `ip` (None: not an address we can ask about)."""
     fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -113,7 +101,7 @@ def _route_lookup(ip: str) -> tuple[int, int, bytes] | None:
         raw = socket.inet_pton(fam, ip)
     except (OSError, ValueError):
         return None
-    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + _RTA.pack(_RTA.size + len(raw), RTA_DST) + raw
+    body = _RTMSG.pack(fam, len(raw) * 8, 0, 0, 0, 0, 0, 0, 0) + nl.attr(RTA_DST, raw)
     return RTM_GETROUTE, NLM_F_REQUEST, body
 
 
@@ -163,14 +151,7 @@ def presence(vips: Iterable[str]) -> dict[str, Presence]:
 
 def _parse(msg: bytes) -> Addr | None:
     family, plen, flags, _, ifindex = _IFADDRMSG.unpack_from(msg)
-    attrs: dict[int, bytes] = {}
-    off = _IFADDRMSG.size
-    while off + _RTA.size <= len(msg):
-        alen, atype = _RTA.unpack_from(msg, off)
-        if alen < _RTA.size:
-            break
-        attrs[atype] = msg[off + _RTA.size: off + alen]
-        off += (alen + 3) & ~3
+    attrs = nl.attrs(msg, _IFADDRMSG.size)
     if IFA_FLAGS in attrs:
         (flags,) = struct.unpack("=I", attrs[IFA_FLAGS][:4])
     raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)

@@ -28,11 +28,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from nfsreset.model import FlowKey, _short, client_address, key_order, norm_ip
+from nfsreset.core.model import FlowKey, _short, client_address, norm_ip
 
 DEFAULT_DIR = "/var/lib/nfsreset"
 # Tuples per VIP, written or read (client lists and pending files alike). A
-# tickle sends one ACK per tuple per round (nfsreset.pace bounds the rate), and
+# tickle sends one ACK per tuple per round (nfsreset.core.pace bounds the rate), and
 # reading 65,536 records costs ~0.2 s; a list cut here is reported, not silent.
 # StateDir(max_entries=N) changes it.
 MAX_CLIENTS_PER_VIP = 65536
@@ -257,8 +257,7 @@ class StateDir:
         An empty list does not clobber a previous one: kernel nfsd closes its own
         sockets on address deletion, so a post-stop hook may find nothing while
         the clients it should pass on are the ones recorded earlier."""
-        # Plain tuples: set and sort run in C (10,000 FlowKeys through their
-        # Python-level __hash__ and a sort key cost ~3x more, on a hook's path).
+        # Deduplicated on what the file holds: every key is of this VIP.
         rows = sorted({(k.vport, k.client, k.cport) for k in keys})
         rows = rows[: self._cut(len(rows), "client tuple(s)", norm_ip(vip), "to record")]
         if not rows:
@@ -303,7 +302,7 @@ class StateDir:
         CLOCK_MONOTONIC: a pending socket is honoured only if the file predates the
         VIP's arrival (plan.honoured_pending)."""
         path = self._file(vip, f"pending.{node or node_id()}")
-        items = sorted(pending.items(), key=lambda kv: key_order(kv[0]))
+        items = sorted(pending.items())     # keys are distinct: cookies are never compared
         items = items[: self._cut(len(items), "pending socket(s)", norm_ip(vip), "to record")]
         if not items:
             self.clear_pending(vip, node)

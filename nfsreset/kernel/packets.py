@@ -168,7 +168,7 @@ def ipv4_header_ok(data: bytes) -> bool:
 
 
 # -- the segments nfsreset sends ------------------------------------------------
-# `key` is a nfsreset.model.FlowKey (vip/vport = server side, client/cport =
+# `key` is a nfsreset.core.model.FlowKey (vip/vport = server side, client/cport =
 # client side); only its attributes are used so this module need not import it.
 
 def tickle_to_client(key) -> bytes:

@@ -10,19 +10,10 @@ Python. With rcv_nxt known, rst_to_server() is accepted (seq == rcv_nxt).
 kill_local_many() does many sockets in one pass: one capture socket per
 (VIP, port), all probes sent at once, each RST sent as its answer arrives.
 
-Kernel quirks:
-- Answers to invalid segments are limited to one per 500 ms per socket
-  (tcp_invalid_ratelimit) but tcp_oow_rate_limited() exempts segments with
-  data, so the probe carries one byte and is answered even right after the
-  socket answered the client. The probe is still repeated (0.55 s, 1.5 s) when
-  the timeout allows.
-- The answer is only seen when it reaches a device: if the client's neighbour
-  entry is unresolved, it waits in the neighbour queue until ARP/ND resolves.
-- With nobody owning the 4-tuple the kernel answers with an RST: reported as
-  None (nothing to kill).
-- Closing an AF_PACKET socket waits for an RCU grace period (8-20 ms): the
-  capture sockets are closed on a background thread, so one kill_local()
-  costs ~0.2 ms, not ~16 ms.
+The answer is only seen once it reaches a device: with the client's neighbour
+entry unresolved it waits in the neighbour queue until ARP/ND resolves. Rate
+limits and the AF_PACKET close cost: at PROBE_SCHEDULE and close_later below, and
+docs/internals.md ("Kernel facts found while building").
 """
 from __future__ import annotations
 
@@ -32,13 +23,15 @@ import socket
 import struct
 import time
 
-from nfsreset import packets
+from nfsreset.kernel import packets
 
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 
-# When the probe is (re)sent, in seconds after the start.
+# When the probe is (re)sent, in seconds after the start. It carries one byte:
+# tcp_oow_rate_limited() exempts data from the 500 ms limit on answers to invalid
+# segments, so it is answered even right after the socket answered the client.
 PROBE_SCHEDULE = (0.0, 0.55, 1.5)
 
 # Classic BPF opcodes (linux/filter.h).
@@ -154,7 +147,7 @@ def probe_many(keys, timeout: float = 0.3, sender=None, on_answer=None) -> dict:
     uses it to send the RST at once, before the socket moves on). A key whose
     probe drew an RST (no such socket) is dropped from the wait.
     """
-    from nfsreset.rawsend import RawSender, close_later
+    from nfsreset.kernel.rawsend import RawSender, close_later
 
     by_id = {_tuple_id(k): k for k in keys}
     if not by_id:
@@ -221,7 +214,7 @@ def learn_seq(key, timeout: float = 0.3, sender=None) -> tuple[int, int] | None:
     """(snd_nxt, rcv_nxt) of the local socket for `key`, or None (no answer, or no socket).
 
     Runs in the current network namespace, where key.vip must be configured.
-    `sender` is an optional nfsreset.rawsend.RawSender to reuse.
+    `sender` is an optional nfsreset.kernel.rawsend.RawSender to reuse.
     """
     return probe_many([key], timeout, sender).get(key)
 
@@ -229,7 +222,7 @@ def learn_seq(key, timeout: float = 0.3, sender=None) -> tuple[int, int] | None:
 def kill_local_many(keys, timeout: float = 0.5, sender=None) -> set:
     """Exact-RST every local socket of `keys`; returns the keys an RST was sent for
     (each right after its answer arrived). The caller verifies with a dump."""
-    from nfsreset.rawsend import RawSender
+    from nfsreset.kernel.rawsend import RawSender
 
     own = sender is None
     sender = sender or RawSender()

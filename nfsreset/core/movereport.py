@@ -1,6 +1,6 @@
 """What a move cost the clients: from the moment a VIP is usable here until each
 known client talks to this node again. Pure: events in, a report out; the
-daemon (nfsreset.watch) feeds it what its flow tracker (or its dumps) saw.
+daemon (nfsreset.daemon.daemon) feeds it what its flow tracker (or its dumps) saw.
 
 A client tuple (client address, client port, VIP port) from the state dir is
 back when a new connection from it reaches the VIP: the same tuple (NFS
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from nfsreset.model import format_endpoint
+from nfsreset.core.model import format_endpoint
 
 # A client not back this long after the VIP was usable is reported as not back
 # (a Linux NFS client left alone retries after up to ~60 s+; with nfsreset it

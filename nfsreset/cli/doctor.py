@@ -28,7 +28,7 @@ def _tracefs():
     if os.path.isdir("/sys/kernel/tracing/events/sock/inet_sock_set_state"):
         return True, "sock:inet_sock_set_state tracepoint visible"
     return False, ("tracefs not mounted here (normal under `ip netns exec`); "
-                   "`watch` mounts it in a private mount namespace")
+                   "not needed: the flow tracker attaches raw tracepoints")
 
 
 def _headers():
@@ -49,7 +49,7 @@ def _bcc():
 
 
 def _tracker():
-    from nfsreset.tracker import available
+    from nfsreset.flows.probe import available
     # bcc's compiler prints some errors ("Unable to find kernel headers...") on
     # fd 1, which would break `doctor --json`: point fd 1 at stderr meanwhile.
     sys.stdout.flush()
@@ -63,7 +63,7 @@ def _tracker():
 
 
 def _destroy():
-    from nfsreset.sockdiag import probe_destroy
+    from nfsreset.kernel.sockdiag import probe_destroy
     return probe_destroy()
 
 
@@ -75,7 +75,7 @@ def _raw():
 
 
 def _nft():
-    from nfsreset.guard import available
+    from nfsreset.kernel.guard import available
     return available()
 
 

@@ -1,30 +1,70 @@
 """The typer front end: every command's --help, and parsing for all but the hooks.
 
-`kill` and `tickle` are parsed by nfsreset.cli_hooks when they run (typer costs
-~75 ms of a hook's start); they are declared here too, for `--help` and for the
-command list, and their bodies live in nfsreset.cli_common. tests/unit/test_cli_parity.py
-keeps the two declarations the same.
+Each command is made from a table of options (nfsreset.cli.common.Opt: flag,
+name, type, default, metavar, help): `command()` turns the table into the
+signature typer reads, and calls the body with keyword arguments. `kill` and
+`tickle` are parsed by nfsreset.cli.hooks when they run (typer costs ~75 ms of
+a hook's start), from the very same tables, which live in nfsreset.cli.common
+with their bodies. `lab` declares its options in typer (nfsreset.lab.command).
 
 Every command's help ends with worked examples (`examples:`, one comment per line,
 as bcc's tools do); tests/unit/test_cli_style.py checks they are there.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from typing import List, Optional
 
 import typer
 
-from nfsreset import cli_common as cli
-from nfsreset.cli_common import NETNS_HELP, PORT_HELP, Fail, _in_netns, _need_root, _netns, _ports, _state, _strategy, _vip
-from nfsreset.pace import TICKLE_MAX_PACKETS, TICKLE_RATE_PPS
+from nfsreset.cli import common as cli
+from nfsreset.cli.common import (
+    DRY_RUN, JSON, NETNS, PORT, REQUIRED, STORE, STRATEGY, VIP, Fail, Opt, check_netns, check_strategy, in_netns,
+    need_root, open_state, parse_ports, parse_vip,
+)
 
 
 def examples(text: str) -> str:
     """A help epilog of worked examples, kept as written: click rewraps an epilog
     paragraph unless it starts with a \\b line."""
     return "\b\n" + text.strip("\n")
+
+
+def _annotation(o: Opt):
+    # typing.List/Optional, not list[int] | None: Debian 12's typer 0.7 cannot read those.
+    if o.multiple:
+        return List[o.type]
+    return Optional[o.type] if o.default is None else o.type
+
+
+def signature_of(options: tuple[Opt, ...]) -> inspect.Signature:
+    """The typer signature a table of options stands for: typer reads a command's
+    options from its callback's signature, and this is that signature."""
+    params = []
+    for o in options:
+        default = ... if o.default is REQUIRED else list(o.default) if o.multiple else o.default
+        info = typer.Option(default, *o.flags, metavar=o.metavar or None, help=o.help)
+        params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                                        annotation=_annotation(o)))
+    return inspect.Signature(params)
+
+
+# command name -> its option table, as registered (kill and tickle: the very tables cli_hooks parses with).
+OPTIONS: dict[str, tuple[Opt, ...]] = {}
+
+
+def command(name: str, options: tuple[Opt, ...], body, help: str | None = None, epilog: str = "") -> None:
+    """Register `nfsreset NAME`: its options from the table, the body called with keywords."""
+    OPTIONS[name] = options
+    def callback(**kwargs):
+        return body(**kwargs)
+    callback.__name__ = callback.__qualname__ = name
+    callback.__doc__ = body.__doc__
+    callback.__signature__ = signature_of(options)
+    callback.__annotations__ = {o.name: _annotation(o) for o in options}
+    app.command(name, help=help, epilog=examples(epilog) if epilog else None)(callback)
 
 
 ROOT_EXAMPLES = """examples:
@@ -83,6 +123,20 @@ def _interruptible(callback):
     return run
 
 
+def usage_error(argv: list[str], click_message: str) -> str:
+    """The words for a command line click refused: those of cli_hooks.parse over the
+    same table, so both front ends say the same on every typer (0.29 words a bad
+    number as pydantic does, Debian's 0.7 as click 8.1 does); click's own words
+    for a command without a table (lab) or a line the table parser accepts."""
+    if argv and argv[0] in OPTIONS:
+        from nfsreset.cli.hooks import parse
+        try:
+            parse(OPTIONS[argv[0]], argv[1:])
+        except Fail as e:
+            return str(e)
+    return click_message
+
+
 def main() -> None:
     # typer 0.29 vendors click as typer._click (its Abort lives in typer.exceptions);
     # Debian 12's typer 0.7 uses click 8.1, which has no NoArgsIsHelpError (it
@@ -104,7 +158,8 @@ def main() -> None:
         print(e.format_message())
         sys.exit(0)
     except click_exc.UsageError as e:
-        print(f"nfsreset {cli._command()}: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        print(f"nfsreset {cli.command_name()}: {usage_error(sys.argv[1:], e.format_message())}".replace("\n", " "),
+              file=sys.stderr)
         sys.exit(2)
     except (Abort, _Interrupted, KeyboardInterrupt):
         cli.interrupted()
@@ -113,7 +168,7 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-# --- kill and tickle: declared for --help; parsed by cli_hooks when run ---------------------
+# --- kill and tickle: options and bodies in cli_common; parsed by cli_hooks when run -------
 KILL_EXAMPLES = """examples:
     nfsreset kill --vip 198.51.100.10   # the VIP left: record its clients in
                                         # /var/lib/nfsreset, end its sessions
@@ -134,31 +189,7 @@ KILL_EXAMPLES = """examples:
 """
 
 
-@app.command(help=cli.KILL_DOC, epilog=examples(KILL_EXAMPLES))
-def kill(
-    vip: str = typer.Option(..., "--vip", metavar="VIP",
-                            help="The VIP whose sessions to end. It must NOT be configured here."),
-    client: List[str] = typer.Option([], "--client", metavar="ADDR[:PORT]",
-                                     help="Only sessions of this client: ADDR or ADDR:PORT (repeatable)."),
-    port: List[int] = typer.Option([2049], "--port", metavar="PORT", help=PORT_HELP),
-    state_dir: Optional[str] = typer.Option("/var/lib/nfsreset", "--state-dir", metavar="DIR",
-                                            help="Where the VIP's client tuples are recorded for the node that takes it over."),
-    strategy: str = typer.Option("auto", "--strategy", metavar="NAME",
-                                 help="auto: destroy, else exact RST, else nft guard. Or force one: destroy|rst|nft."),
-    store: str = typer.Option("auto", "--store", metavar="NAME",
-                              help="Where client lists travel: dir (the state dir), attrd "
-                              "(also Pacemaker's attribute daemon: every node's list is read), auto (attrd if it "
-                              "runs here, else dir)."),
-    moment: str = typer.Option("post-stop", "--moment", metavar="MOMENT",
-                               help="post-stop (the VIP just left: record clients, quarantine, end sessions) or "
-                                    "pre-start (the VIP is about to arrive: only end sessions left from its last stay)."),
-    force: bool = typer.Option(False, "--force", help="Allow ending sessions of a VIP configured here, "
-                                                     "but only those named exactly with --client ADDR:PORT."),
-    netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; change nothing."),
-    json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
-) -> int:
-    return cli.kill(vip, client, port, state_dir, strategy, moment, force, netns_name, dry_run, json_out, store)
+command("kill", cli.KILL_OPTIONS, cli.kill, help=cli.KILL_DOC, epilog=KILL_EXAMPLES)
 
 
 TICKLE_EXAMPLES = """examples:
@@ -176,36 +207,7 @@ TICKLE_EXAMPLES = """examples:
 """
 
 
-@app.command(help=cli.TICKLE_DOC, epilog=examples(TICKLE_EXAMPLES))
-def tickle(
-    vip: str = typer.Option(..., "--vip", metavar="VIP", help="The VIP that has just arrived here."),
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", metavar="DIR",
-                                            help="Read the VIP's client tuples from here."),
-    client: List[str] = typer.Option([], "--client", metavar="ADDR:PORT",
-                                     help="A client tuple ADDR:PORT to tickle (repeatable)."),
-    port: List[int] = typer.Option([2049], "--port", metavar="PORT", help=PORT_HELP),
-    rounds: int = typer.Option(3, "--rounds", metavar="N", help="Tickle rounds at 0, 0.6, 1.5 s, ... (stops early per client once it reconnected)."),
-    rate: int = typer.Option(TICKLE_RATE_PPS, "--rate", metavar="PPS", help="At most this many tickle ACKs per second "
-                             "(nfsreset.pace.TICKLE_RATE_PPS): a round of N tuples takes N/rate s, and the next "
-                             "round starts no earlier."),
-    max_packets: int = typer.Option(TICKLE_MAX_PACKETS, "--max-packets", metavar="N", help="At most this many tickle ACKs in "
-                                    "all rounds of this call (nfsreset.pace.TICKLE_MAX_PACKETS); the rest are not "
-                                    "sent, and the outcome says so."),
-    wait: float = typer.Option(0.0, "--wait", metavar="S", help="First wait up to this many seconds for the VIP to be configured "
-                               "and usable here (IPv6: DAD done). Start it in the background just before IPaddr2 "
-                               "start: IPaddr2 announces an IPv6 VIP for ~0.8 s before a post-start hook could run."),
-    strategy: str = typer.Option("auto", "--strategy", metavar="NAME",
-                                 help="How to end sockets left from the VIP's last stay here: auto|destroy|rst|nft."),
-    store: str = typer.Option("auto", "--store", metavar="NAME",
-                              help="Where client lists travel: dir (the state dir), attrd "
-                              "(also Pacemaker's attribute daemon: every node's list is read), auto (attrd if it "
-                              "runs here, else dir)."),
-    netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be done; send nothing."),
-    json_out: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object on stdout."),
-) -> int:
-    return cli.tickle(vip, state_dir, client, port, rounds, rate, max_packets, wait, strategy, netns_name, dry_run,
-                      json_out, store)
+command("tickle", cli.TICKLE_OPTIONS, cli.tickle, help=cli.TICKLE_DOC, epilog=TICKLE_EXAMPLES)
 
 
 # --- flows -----------------------------------------------------------------------------
@@ -219,17 +221,18 @@ FLOWS_EXAMPLES = """examples:
 """
 
 
-@app.command(epilog=examples(FLOWS_EXAMPLES))
-def flows(
-    vip: List[str] = typer.Option([], "--vip", metavar="VIP",
-                                  help="Only sessions on this VIP (repeatable). Default: every local address."),
-    port: List[int] = typer.Option([2049], "--port", metavar="PORT", help=PORT_HELP),
-    netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
-    wide: bool = typer.Option(False, "-w", "--wide", help="Add the columns RECVQ, SENDQ and, while `watch` "
-                              "runs with BPF here, SND_NXT and RCV_NXT."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object: sessions and a summary per VIP "
-                                  "(every column, whether or not --wide)."),
-) -> int:
+FLOWS_OPTIONS = (
+    VIP.but(default=(), multiple=True,
+            help="Only sessions on this VIP (repeatable). Default: every local address."),
+    PORT,
+    NETNS,
+    Opt(("-w", "--wide"), "wide", bool, False,
+        help="Add the columns RECVQ, SENDQ and, while `watch` runs with BPF here, SND_NXT and RCV_NXT."),
+    JSON.but(help="One JSON object: sessions and a summary per VIP (every column, whether or not --wide)."),
+)
+
+
+def flows(*, vip: list[str], port: list[int], netns_name: str | None, wide: bool, json_out: bool) -> int:
     """Show the sessions on the watched ports, and which are stale.
 
     A session is stale when its local address is not configured here (the VIP
@@ -238,12 +241,12 @@ def flows(
     unless addresses are long; AGE is known only while `watch` runs here.
     """
     import time
-    from nfsreset import addrs, netns, sockdiag
-    from nfsreset.plan import is_stale
-    from nfsreset.watch import read_live_table
-    vips = [_vip(v) for v in vip]
-    ports = _ports(port)
-    with _in_netns(netns_name):
+    from nfsreset.kernel import addrs, netns, sockdiag
+    from nfsreset.core.plan import is_stale
+    from nfsreset.daemon.livetable import read_live_table
+    vips = [parse_vip(v) for v in vip]
+    ports = parse_ports(port)
+    with in_netns(netns_name):
         pairs = sockdiag.dump(local_ips=vips or None, local_ports=sorted(ports))
         # after the dump, and with a FIB lookup per address seen (`local` route ranges)
         local = addrs.local_ips(vips=set(vips) | {f.key.vip for f, _ in pairs})
@@ -292,7 +295,7 @@ def flows_table(rows: list[dict], wide: bool, seqs: bool) -> list[str]:
     each (`[2001:db8::100]:65535` takes 21) and AGE at most 8. --wide adds the
     queues (and sequence numbers when the BPF tracker knows them): bcc's tools too
     keep extended columns behind a flag."""
-    from nfsreset.model import format_endpoint
+    from nfsreset.core.model import format_endpoint
     cols = ["VIP", "CLIENT", "STATE", "AGE", "STALE"] + (["RECVQ", "SENDQ"] if wide else [])
     if wide and seqs:
         cols += ["SND_NXT", "RCV_NXT"]
@@ -313,22 +316,30 @@ def flows_table(rows: list[dict], wide: bool, seqs: bool) -> list[str]:
     return [line(cols)] + [line(row) for row in cells]
 
 
+command("flows", FLOWS_OPTIONS, flows, epilog=FLOWS_EXAMPLES)
+
+
 # --- doctor ------------------------------------------------------------------------------
 DOCTOR_EXAMPLES = """examples:
     nfsreset doctor                     # checks and strategies of this host
     nfsreset doctor --netns node1       # the same inside netns node1
+    nfsreset doctor -w                  # one line per check, for grep
     nfsreset doctor --json              # as one JSON object
 """
 
 
-@app.command(epilog=examples(DOCTOR_EXAMPLES))
-def doctor(
-    netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object with every check and strategy."),
-    vip: List[str] = typer.Option([], "--vip", metavar="VIP", help="Also say whose client list of this VIP is visible "
-                                  "from here (repeatable)."),
-    store: str = typer.Option("auto", "--store", metavar="NAME", help="The client-list store to describe: auto|dir|attrd."),
-) -> int:
+DOCTOR_OPTIONS = (
+    NETNS,
+    JSON.but(help="One JSON object with every check and strategy."),
+    VIP.but(default=(), multiple=True,
+            help="Also say whose client list of this VIP is visible from here (repeatable)."),
+    STORE.but(help="The client-list store to describe: auto|dir|attrd."),
+    Opt(("-w", "--wide"), "wide", bool, False,
+        help="One line per check, however long (by default reasons wrap within 80 columns)."),
+)
+
+
+def doctor(*, netns_name: str | None, json_out: bool, vip: list[str], store: str, wide: bool) -> int:
     """Say what this kernel and host offer, and which strategies follow.
 
     Checks BTF, tracefs, bcc and the BPF flow tracker, SOCK_DESTROY (by destroying
@@ -337,28 +348,48 @@ def doctor(
     lists are visible from here. Exit 1 when no strategy to end stale sessions
     is available.
     """
-    from nfsreset.doctor import checks, strategies
-    from nfsreset.store import describe
-    vips = [_vip(v) for v in vip]
-    with _in_netns(netns_name):
+    from nfsreset.cli.doctor import checks, strategies
+    from nfsreset.state.store import describe
+    vips = [parse_vip(v) for v in vip]
+    with in_netns(netns_name):
         results = checks()
     store_info = describe(store, vips)      # attrd's IPC is in the cluster's namespace, not --netns
     strat = strategies(results)
     if json_out:
         print(json.dumps({"checks": results, "strategies": strat, "store": store_info}))
     else:
-        for name, r in results.items():
-            print(f"{'ok' if r['ok'] else '--':<3} {name:<14} {r['why']}")
-        print()
-        for name, r in strat.items():
-            print(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} {r['why']}")
-        print()
-        print(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} {store_info['backend']}: "
-              f"{store_info['why']}")
-        for v, row in store_info.get("vips", {}).items():
-            seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
-            print(f"    {v}: {seen or 'no node has published a list'}")
+        for line in doctor_lines(results, strat, store_info, wide):
+            print(line)
     return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
+
+
+def doctor_lines(results: dict, strat: dict, store_info: dict, wide: bool) -> list[str]:
+    """doctor's report: a line per check, strategy and store; by default each
+    reason wraps under its column within 80 columns, --wide keeps one line each
+    (for grep)."""
+    import textwrap
+
+    def item(head: str, why: str, indent: int | None = None) -> list[str]:
+        if wide:
+            return [f"{head}{why}".rstrip()]
+        pad = " " * (len(head) if indent is None else indent)
+        return textwrap.wrap(why, 80, initial_indent=head, subsequent_indent=pad, break_on_hyphens=False) or [head]
+    out = []
+    for name, r in results.items():
+        out += item(f"{'ok' if r['ok'] else '--':<3} {name:<14} ", r["why"])
+    out.append("")
+    for name, r in strat.items():
+        out += item(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} ", r["why"])
+    out.append("")
+    out += item(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} ", f"{store_info['backend']}: "
+                                                                              f"{store_info['why']}")
+    for v, row in store_info.get("vips", {}).items():
+        seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
+        out += item(f"    {v}: ", seen or "no node has published a list", indent=6)
+    return out
+
+
+command("doctor", DOCTOR_OPTIONS, doctor, epilog=DOCTOR_EXAMPLES)
 
 
 # --- watch -----------------------------------------------------------------------------
@@ -376,27 +407,28 @@ WATCH_EXAMPLES = """examples:
 """
 
 
-@app.command(epilog=examples(WATCH_EXAMPLES))
-def watch(
-    vip: List[str] = typer.Option([], "--vip", metavar="VIP", help="A VIP to watch (repeatable)."),
-    port: List[int] = typer.Option([], "--port", metavar="PORT", help=PORT_HELP + " Default 2049."),
-    state_dir: Optional[str] = typer.Option(None, "--state-dir", metavar="DIR", help="Client tuples per VIP, kept current "
-                                            "for the peer (default /var/lib/nfsreset)."),
-    netns_name: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help=NETNS_HELP),
-    strategy: Optional[str] = typer.Option(None, "--strategy", metavar="NAME",
-                                           help="auto|destroy|rst|nft (default auto)."),
-    metrics: Optional[str] = typer.Option(None, "--metrics", metavar="HOST:PORT",
-                                          help="Serve Prometheus text metrics on HOST:PORT."),
-    config: Optional[str] = typer.Option(None, "--config", metavar="FILE", help="TOML file with vips, ports, state_dir, strategy, "
-                                         "netns, metrics; command-line options win."),
-    store: Optional[str] = typer.Option(None, "--store", metavar="NAME", help="Client lists also through Pacemaker's attrd "
-                                        "(attrd), only the state dir (dir), or attrd if it runs here (auto, "
-                                        "the default)."),
-    no_bpf: bool = typer.Option(False, "--no-bpf", help="Do not load the BPF flow tracker; use sock_diag dumps."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Log what would be done; change nothing."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings, errors, start and stop."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log per-pass details too (debug)."),
-) -> int:
+WATCH_OPTIONS = (
+    VIP.but(default=(), multiple=True, help="A VIP to watch (repeatable)."),
+    PORT.but(default=(), help=cli.PORT_HELP + " Default 2049."),
+    Opt("--state-dir", "state_dir", str, None, "DIR",
+        "Client tuples per VIP, kept current for the peer (default /var/lib/nfsreset)."),
+    NETNS,
+    STRATEGY.but(default=None, help="auto|destroy|rst|nft (default auto)."),
+    Opt("--metrics", "metrics", str, None, "HOST:PORT", "Serve Prometheus text metrics on HOST:PORT."),
+    Opt("--config", "config", str, None, "FILE",
+        "TOML file with vips, ports, state_dir, strategy, netns, metrics; command-line options win."),
+    STORE.but(default=None, help="Client lists also through Pacemaker's attrd (attrd), only the state dir "
+                                 "(dir), or attrd if it runs here (auto, the default)."),
+    Opt("--no-bpf", "no_bpf", bool, False, help="Do not load the BPF flow tracker; use sock_diag dumps."),
+    DRY_RUN.but(help="Log what would be done; change nothing."),
+    Opt(("--quiet", "-q"), "quiet", bool, False, help="Log only warnings, errors, start and stop."),
+    Opt(("--verbose", "-v"), "verbose", bool, False, help="Log per-pass details too (debug)."),
+)
+
+
+def watch(*, vip: list[str], port: list[int], state_dir: str | None, netns_name: str | None,
+          strategy: str | None, metrics: str | None, config: str | None, store: str | None, no_bpf: bool,
+          dry_run: bool, quiet: bool, verbose: bool) -> int:
     """Run as a daemon: act the moment a VIP leaves or arrives.
 
     When a watched VIP is deleted here it records the VIP's clients, quarantines
@@ -405,19 +437,21 @@ def watch(
     keeps the state dir current while it owns a VIP. Prints a line containing
     `ready` on stderr once it is watching. SIGTERM/SIGINT: clean shutdown.
     """
-    from nfsreset.watch import Config, ConfigError, bind_metrics, load_config, parse_metrics, run_daemon
+    from nfsreset.daemon.config import Config, ConfigError, load_config, parse_metrics
+    from nfsreset.daemon.daemon import run_daemon
+    from nfsreset.daemon.metrics import bind_metrics
     # A command-line option wins over the config whenever it was given, even as ''
     # (`is not None`, not `or`: `--netns ''` must be an error, not "no namespace").
     try:
         doc = load_config(config) if config is not None else {}
         if vip:
-            vips = frozenset(_vip(v) for v in vip)
+            vips = frozenset(parse_vip(v) for v in vip)
         elif doc.get("vips"):
             vips = frozenset(doc["vips"])           # checked by load_config
         else:
             raise Fail("give at least one --vip (or vips = [...] in --config)")
-        ports = _ports(list(port) or doc.get("ports") or [2049])
-        strat = _strategy(strategy if strategy is not None else doc.get("strategy", "auto"))
+        ports = parse_ports(list(port) or doc.get("ports") or [2049])
+        strat = check_strategy(strategy if strategy is not None else doc.get("strategy", "auto"))
         if metrics is not None:
             mtarget = parse_metrics(metrics)
         else:
@@ -432,20 +466,23 @@ def watch(
                      store=store if store is not None else doc.get("store", "auto"))
         if quiet and verbose:
             raise Fail("--quiet and --verbose contradict each other; give one")
-        from nfsreset.store import BACKENDS
+        from nfsreset.state.store import BACKENDS
         if cfg.store not in BACKENDS:
             raise Fail(f"--store must be one of {', '.join(BACKENDS)}, not {cfg.store!r}")
     except ConfigError as e:
         raise Fail(str(e)) from None
-    _netns(cfg.netns)
-    _need_root("it loads BPF, destroys sockets and changes nftables")
+    check_netns(cfg.netns)
+    need_root("it loads BPF, destroys sockets and changes nftables")
     # The metrics port first: if it is taken, nothing else may have been created yet.
     try:
         metrics_sock = bind_metrics(*cfg.metrics, cfg.netns) if cfg.metrics else None
     except ConfigError as e:
         raise Fail(str(e)) from None
-    _state(cfg.state_dir, dry_run)
+    open_state(cfg.state_dir, dry_run)
     return run_daemon(cfg, metrics_sock)
+
+
+command("watch", WATCH_OPTIONS, watch, epilog=WATCH_EXAMPLES)
 
 
 # `lab` lives with the lab; its module imports only typer at load time.

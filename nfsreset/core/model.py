@@ -6,6 +6,7 @@ socket. Everything here is hashable and free of kernel objects.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 
@@ -98,13 +99,13 @@ def format_endpoint(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class FlowKey:
-    """A TCP 4-tuple seen from the server: local (VIP) side and remote (client) side."""
-    vip: str
-    vport: int
-    client: str
-    cport: int
+class FlowKey(collections.namedtuple("FlowKey", "vip vport client cport")):
+    """A TCP 4-tuple seen from the server: local (VIP) side and remote (client) side.
+
+    A named tuple, not a dataclass: built, hashed and sorted in C, ~2.5x faster at
+    10,000 keys (bench/bench_flowkey.py); equal to the plain tuple of its fields.
+    collections, not typing.NamedTuple: typing costs ~2 ms of the hooks' start-up."""
+    __slots__ = ()
 
     @property
     def family(self) -> int:
@@ -112,12 +113,6 @@ class FlowKey:
 
     def __str__(self) -> str:
         return f"{format_endpoint(self.vip, self.vport)} <- {format_endpoint(self.client, self.cport)}"
-
-
-def key_order(k: FlowKey) -> tuple:
-    """Sort key for FlowKeys: a plain tuple compares ~10x faster than the
-    dataclass's generated ordering, which shows at 10,000 sessions."""
-    return (k.vip, k.vport, k.client, k.cport)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""`nfsreset watch`: the long-running daemon, its config, log, metrics and live table."""
