@@ -1,4 +1,4 @@
-"""watch's client lists through attrd (nfsreset.watch.DaemonState), with a fake
+"""watch's client lists through attrd (nfsreset.daemon.clientlists.DaemonState), with a fake
 attrd_updater adapter: `store auto` follows attrd coming up after the daemon
 started, a list attrd did not take is offered again, the peers' lists of an
 away VIP are prefetched off the path and a copy is flagged for a fresh read."""
