@@ -28,7 +28,7 @@ from nfsreset.core import plan as P
 from nfsreset.core import presence as PR
 from nfsreset.core.model import Flow, FlowKey, format_endpoint, norm_ip
 from nfsreset.core.movereport import MOVE_REPORT_BOUND_S as _BOUND
-from nfsreset.daemon.clientlists import DaemonState
+from nfsreset.daemon.clientlists import ATTRD_READ_REUSE_S, DaemonState, _Later
 from nfsreset.daemon.config import Config
 from nfsreset.daemon.livetable import RUN_DIR, _start_ticks, live_table_path
 from nfsreset.daemon.log import Log
@@ -179,11 +179,15 @@ class Daemon:
             log, news = self._once_log(vip, fresh=moment is P.Moment.POST_STOP)
         eng = self.engine(vip, announce=usable, log=log)
         known: list[FlowKey] = []
+        fresh = None
         if moment is P.Moment.POST_START and self.state is not None:
             try:
-                known = self.state.read_clients(vip)
+                # tentative (IPv6 DAD): time to read attrd afresh; usable: the copy
+                known = self.state.read_clients(vip, ATTRD_READ_REUSE_S if usable else 0.0)
             except Exception as e:   # a bad file must not stop the teardown
                 self.log(f"cannot read client list of {vip}: {e}")
+            if usable and self.state.used_copy():
+                fresh = _Later(lambda: self.state.read_clients(vip, 0.0))
         teardown = moment is not P.Moment.POST_START
         if teardown:
             with self.table_lock:
@@ -192,6 +196,13 @@ class Daemon:
         try:
             out = eng.run(moment, vip, known_clients=known, vip_since=self.since,
                           old_cookies=self.old_cookies.get(vip, frozenset()))
+            late = fresh.result(set(known)) if fresh is not None else []
+            if late and not out.code:
+                # published after the copy the first tickle used (a client new in the last second)
+                self.say(f"{len(late)} client tuple(s) of {vip} newer than the copy of attrd's lists "
+                         "tickled first: tickling them too", "info")
+                out = eng.run(moment, vip, known_clients=late, vip_since=self.since,
+                              old_cookies=self.old_cookies.get(vip, frozenset()))
         finally:
             if teardown:
                 with self.table_lock:
@@ -417,6 +428,9 @@ class Daemon:
     def flush_state(self) -> None:
         """Keep each local VIP's client list current (the peer tickles them), and
         the live table file for `nfsreset flows`; both only when the table changed."""
+        if self.state is not None and not self.cfg.dry_run:
+            self.state.retry_publish(time.monotonic(), {v for v in self.cfg.vips if self.present.get(v)})
+            self.state.prefetch([v for v in self.cfg.vips if self.present.get(v) is False], time.monotonic())
         with self.table_lock:
             dirty, self.dirty = self.dirty, set()
             version = self.version
@@ -497,7 +511,9 @@ class Daemon:
         self.netns_ino = netns.current_inode()
         self.state = DaemonState(self.cfg.state_dir, dry_run=self.cfg.dry_run, log=self.log, store=self.cfg.store)
         self.log(f"client lists: {self.state.backend} backend"
-                 + (" (Pacemaker's attrd, and the state dir)" if self.state.backend == "attrd" else ""))
+                 + (" (Pacemaker's attrd, and the state dir)" if self.state.backend == "attrd" else
+                    " for now (store auto: attrd as soon as Pacemaker's is reachable)" if self.cfg.store == "auto"
+                    else ""))
         ipr = self.open_rtnl()   # before the first read of presence: no event falls between
         if self.cfg.bpf:
             try:

@@ -1,11 +1,18 @@
 """A real two-node Corosync + Pacemaker cluster inside the lab's head namespaces.
 
-Each node runs in its head's network namespace and, in addition, in its own
-mount, PID and UTS namespaces (`unshare` under `ip netns exec`), with
+Each head is a "host": its network namespace plus mount and UTS namespaces
+of its own (hostname node1/node2, a private tmpfs on /dev/shm), held by a small
+process for the lab's whole run (`host_argv()` runs a command there: a daemon
+of the head, such as `nfsreset watch`, reaches Pacemaker's IPC from it, as on
+a real head: libqb's endpoints are abstract sockets of the network namespace
+plus files in /dev/shm). The cluster node runs inside its host, in its own
+mount, PID and UTS namespaces on top (`unshare`), with
 
-    private tmpfs   /run, /dev/shm   (libqb keeps IPC files in /dev/shm, and
-                                      corosync has the same PID in both PID
-                                      namespaces: shared, they collide)
+    private tmpfs   /run
+    host's tmpfs    /dev/shm  (libqb's IPC files; one per head: corosync has
+                               the same PID in both PID namespaces, shared they
+                               collide; a node's stale files are removed when
+                               it starts again after a crash)
     bind mounts     /etc/corosync, /var/lib/corosync, /var/lib/pacemaker,
                     /var/log/corosync, /var/log/pacemaker <- per-node
                     directories under the lab's workdir
@@ -14,7 +21,7 @@ mount, PID and UTS namespaces (`unshare` under `ip netns exec`), with
                     the checkout's cli/ocf/nfsreset
 
 so nothing is written to the host's /etc, /var or /usr, and every mount
-disappears with the node's mount namespace. PID 1 of a node is a bash that starts
+disappears with the node's mount namespace (the host's tmpfs with the host). PID 1 of a node is a bash that starts
 `corosync -f`, waits for `corosync-cfgtool -s` to answer, then runs
 `pacemakerd -f`; SIGKILL to it ends the whole node (that is the lab's crash).
 Tools (crm_resource, crm_mon) run inside the node with nsenter: libqb's
@@ -26,11 +33,13 @@ first election does not wait the default 20 s dc-deadtime.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import grp
 import os
 import pwd
 import re
+import select
 import shlex
 import signal
 import subprocess
@@ -89,7 +98,7 @@ NODE_INIT = r"""
 set -eu
 root=$1 node=$2 agent=$3 private=$4
 mount -t tmpfs -o mode=0755 nfsr-run /run
-mount -t tmpfs -o mode=1777 nfsr-shm /dev/shm
+rm -rf /dev/shm/qb-*      # the host's tmpfs: what a crashed node left
 mount --bind "$root/etc-corosync" /etc/corosync
 mount --bind "$root/lib-corosync" /var/lib/corosync
 mount --bind "$root/lib-pacemaker" /var/lib/pacemaker
@@ -117,6 +126,18 @@ echo "corosync up" >&2
 pacemakerd -f &
 set +e
 while :; do wait; sleep 1; done
+"""
+
+
+# A head's host (see the module docstring): its mount and UTS namespaces live
+# as long as this bash, which ends when the lab closes its stdin (or dies), or
+# after an hour.
+HOST_INIT = r"""
+set -eu
+mount -t tmpfs -o mode=1777 nfsr-shm /dev/shm
+hostname "$1"
+echo "up $$"
+read -r -t 3600 _ || true
 """
 
 
@@ -219,6 +240,8 @@ class Node:
     proc: subprocess.Popen | None = None
     init_pid: int | None = None
     stderr_path: str = ""
+    host: subprocess.Popen | None = None     # the head's host (HOST_INIT)
+    host_pid: int | None = None
 
 
 class Cluster:
@@ -279,6 +302,51 @@ class Cluster:
         os.chown(cib, pwd.getpwnam("hacluster").pw_uid, grp.getgrnam("haclient").gr_gid)
         os.chmod(cib, 0o600)
 
+    # -- the heads' hosts -------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C",
+                # No syslog: the host's /dev/log is not the lab's business.
+                "PCMK_logfile": "/var/log/pacemaker/pacemaker.log", "PCMK_logfacility": "none",
+                "PCMK_debug": "no",
+                # Marks every process of the node, so a test can tell none was left behind.
+                "NFSRESET_LAB": str(os.getpid())}
+
+    def start_host(self, name: str) -> int:
+        """Start `name`'s host if it is not running; its bash's pid."""
+        node = self.nodes[name]
+        if node.host is not None and node.host.poll() is None and node.host_pid is not None:
+            return node.host_pid
+        argv = self.topo.exec_argv(name, "unshare", "--mount", "--uts", "--propagation", "private",
+                                   "bash", "-c", HOST_INIT, "nfsr-host", name)
+        node.host = subprocess.Popen(argv, env=self._env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        line = _readline(node.host, INIT_PID_TIMEOUT_S)
+        if not line.startswith("up "):
+            self._end_host(node)
+            raise ClusterError(f"{name}: host namespaces did not start: {line.strip()[-300:]}")
+        node.host_pid = int(line.split()[1])
+        return node.host_pid
+
+    def host_argv(self, name: str) -> list[str]:
+        """Prefix that runs a command on `name`'s host (under `ip netns exec` of
+        its network namespace): Pacemaker's IPC is reachable there while the
+        node runs, and the command outlives a crash of the node."""
+        return ["nsenter", "-t", str(self.start_host(name)), "-m", "-u", "--"]
+
+    def _end_host(self, node: Node) -> None:
+        proc, node.host, node.host_pid = node.host, None, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5.0)
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+
     # -- life cycle ------------------------------------------------------------------
     def start(self, names: tuple[str, ...] = NODES) -> None:
         for name in names:
@@ -289,13 +357,8 @@ class Cluster:
         if node.proc is not None and node.proc.poll() is None:
             raise ClusterError(f"{name} is already running")
         node.stderr_path = os.path.join(node.root, "init.err")
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C",
-               # No syslog: the host's /dev/log is not the lab's business.
-               "PCMK_logfile": "/var/log/pacemaker/pacemaker.log", "PCMK_logfacility": "none",
-               "PCMK_debug": "no",
-               # Marks every process of the node, so a test can tell none was left behind.
-               "NFSRESET_LAB": str(os.getpid())}
-        argv = self.topo.exec_argv(name, "unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child", "--mount-proc",
+        env = self._env()
+        argv = self.topo.exec_argv(name, *self.host_argv(name), "unshare", "--mount", "--pid", "--uts", "--fork", "--kill-child", "--mount-proc",
                                    "--propagation", "private", "bash", "-c", NODE_INIT, "nfsr-node-init",
                                    node.root, name, self.agent_src or "", " ".join(self.private_dirs))
         # --kill-child: should unshare itself be killed, the node dies with it.
@@ -329,12 +392,18 @@ class Cluster:
         node.init_pid = None
 
     def stop(self) -> None:
-        """Kill both nodes (the lab is throwaway: a clean Pacemaker shutdown costs seconds)."""
+        """Kill both nodes (the lab is throwaway: a clean Pacemaker shutdown costs seconds),
+        then end their hosts."""
         for name in NODES:
             try:
                 self.kill_node(name)
             except Exception as e:   # one node's trouble must not leave the other running
                 self.log(f"cluster node {name}: {type(e).__name__}: {e}")
+        for name in NODES:
+            try:
+                self._end_host(self.nodes[name])
+            except Exception as e:
+                self.log(f"host of {name}: {type(e).__name__}: {e}")
 
     def alive(self, name: str) -> bool:
         node = self.nodes[name]
@@ -413,6 +482,12 @@ class Cluster:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.05)
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of `proc`'s stdout, or "" after `timeout` or at its end."""
+    r, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if r else ""
 
 
 def _child_pid(pid: int) -> int | None:

@@ -132,9 +132,10 @@ def lab(
     itself, unless the list reaches it another way. The agent publishes it
     through Pacemaker's attrd (nfsreset_store=auto), so under Pacemaker it is
     as fast per head as with --state shared (one dir both heads see).
-    `watch` in the lab has no attrd: per head its failover waits for the
-    client's own retransmission (IPv6 ~1.6 s after usable, ~0.02 s shared);
-    docs/lab.md has the figures.
+    `watch` (--remedy watch) runs on each head's host, beside the cluster
+    node, and finds attrd there as on a real head (--store auto): it
+    publishes its list within 1 s of a change and the new owner tickles it,
+    after a planned move or a crash (--crash). docs/lab.md has the figures.
 
     Name any of --server/--mover/--remedy/--vers/--crash and the others take
     the lab's plain defaults: --server sim (a Python server that keeps its

@@ -19,8 +19,9 @@ waits (at most 15 s) until node1's monitor has published the client list
 to attrd for node2, as it would have on a head up for more than 10 s. Before the failback node1
 is started again (bridge port up, same node directories) and rejoins; then a
 planned move brings the VIP back. The network namespace, and so the server
-and its sockets, survives the "crash": like a head whose cluster stack died,
-not one that rebooted.
+and its sockets, survives the "crash", and so does the head's host (Cluster's
+mount and UTS namespaces around the node) with the daemons on it (the lab's
+`watch`): like a head whose cluster stack died, not one that rebooted.
 
 As with the agent movers, the address events come from the kernel (one `ip
 monitor address` per node, mover_ocf.AddrMonitor). stop_s / start_s are the
@@ -98,6 +99,11 @@ class PacemakerMover(Mover):
                                private_dirs=(state_dir,) if per_head_state and isinstance(state_dir, str) else ())
         # Figures for the report (report.FamilyResult.cluster).
         self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None}
+
+    def host_argv(self, node: str) -> list[str]:
+        """Run a command on `node`'s host (Cluster.host_argv): where a daemon of
+        a real head runs, Pacemaker's attrd reachable while the node is up."""
+        return self.cluster.host_argv(node)
 
     # -- first start: the cluster's cold start ---------------------------------------
     def start(self, node: str, times: MoveTimes, pre_start: Hook | None = None,

@@ -50,6 +50,13 @@ class LabContext:
         return self.vips or (self.vip,)
     # one state dir per head ({node: dir}, as deployed); empty: state_dir is shared
     state_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
+    # argv prefix that runs a command on a head's own host (Pacemaker movers:
+    # the mount and UTS namespaces a cluster node runs in, where Pacemaker's
+    # IPC is reachable, as for a daemon on a real head); None: the netns alone
+    host_argv: "Callable[[str], list[str]] | None" = None
+
+    def on_host(self, node: str) -> list[str]:
+        return self.host_argv(node) if self.host_argv else []
 
     def state_dir_for(self, node: str) -> str:
         """The state dir `node` uses: its own (per-head lab) or the shared one."""
@@ -61,7 +68,7 @@ class LabContext:
 
     def nfsreset(self, node: str, *args: str, timeout: float = 20, check: bool = True):
         """Run `nfsreset ARGS` inside `node` and wait for it (CompletedProcess)."""
-        return self.topo.run(node, *self.nfsreset_argv, *args, timeout=timeout, check=check)
+        return self.topo.run(node, *self.on_host(node), *self.nfsreset_argv, *args, timeout=timeout, check=check)
 
 
 class Remedy:

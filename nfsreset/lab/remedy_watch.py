@@ -37,7 +37,9 @@ class Watch(Remedy):
 
     def spawn(self, lab: LabContext, node: str) -> subprocess.Popen:
         """Start the daemon on `node` (see wait_ready)."""
-        proc = lab.topo.popen(node, *lab.nfsreset_argv, *self.argv(lab, node), stdout=subprocess.DEVNULL,
+        # On the head's host (Pacemaker movers), so `--store auto` finds attrd as on a real head.
+        proc = lab.topo.popen(node, *lab.on_host(node), *lab.nfsreset_argv, *self.argv(lab, node),
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, bufsize=1)
         self.procs[node] = proc
         self.ready[node] = threading.Event()

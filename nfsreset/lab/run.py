@@ -274,6 +274,8 @@ class _Run:
                                 state_dirs or state_dir, [PORT], self.strategy, self.log, crash=self.crash)
         # Pacemaker movers: cold start, crash and rejoin figures, filled in as they happen.
         self.result.cluster = getattr(self.mover, "figures", None)
+        # Pacemaker movers: daemons of a head run on the head's host, where attrd is.
+        self.lab.host_argv = getattr(self.mover, "host_argv", None)
 
     def start_servers(self) -> None:
         if self.server == "ganesha":
