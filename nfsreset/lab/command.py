@@ -138,8 +138,8 @@ def lab(
 
     Name any of --server/--mover/--remedy/--vers/--crash and the others take
     the lab's plain defaults: --server sim (a Python server that keeps its
-    sockets like nfsd; fast, record echo), --mover ip (ip addr, timed like
-    IPaddr2), --remedy none.
+    sockets when the VIP goes, like NFS-Ganesha; fast, record echo), --mover
+    ip (ip addr, timed like IPaddr2), --remedy none.
 
     --mover ipaddr2,ocf moves the VIP with the real resource agents called
     directly: plain ocf:heartbeat:IPaddr2 (the baseline) and this project's
