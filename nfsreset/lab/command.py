@@ -151,8 +151,8 @@ def lab(
     cluster (one node per head, seeded CIB, ~8 s cold start) and moves the VIP
     as an operator does: crm_resource --move, then --clear. --remedy
     hooks|watch also work with `pacemaker` (hooks run when the kernel shows
-    the delete, not inside Pacemaker). --gap does not apply: Pacemaker
-    decides, unless --gap is given: then the VIP is seeded in a group after
+    the delete, not inside Pacemaker). Pacemaker decides the gap between
+    stop and start, unless --gap is given: then the VIP is seeded in a group after
     an ocf:heartbeat:Delay resource (startdelay 0, stopdelay S), so a planned
     move is VIP stop, S seconds, VIP start elsewhere, like the seed setup's
     exportfs stop (~12 s): `nfsreset lab --mover pacemaker,pacemaker-ocf
