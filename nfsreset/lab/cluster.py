@@ -178,9 +178,45 @@ def primitive_xml(vip: str, agent: str, params: dict[str, str],
       </primitive>"""
 
 
-def cib_xml(primitive: str) -> str:
+GROUP = f"{RESOURCE}-group"      # with a stop delay: the Delay resource, then the VIP
+DELAY = f"{RESOURCE}-delay"
+
+
+def move_target(stop_delay: float | None) -> str:
+    """What crm_resource --move/--clear names: the VIP, or its group when a stop delay is seeded."""
+    return GROUP if stop_delay is not None else RESOURCE
+
+
+def delay_group_xml(primitive: str, stop_delay: float) -> str:
+    """A group [Delay, VIP]: a group stops in reverse order, so the VIP goes
+    first, then ocf:heartbeat:Delay sleeps `stop_delay` s in its stop (as
+    exportfs's ~12 s stop does in the seed setup), and only then the new owner
+    starts Delay (no start delay) and the VIP."""
+    d = f"{stop_delay:g}"
+    return f"""\
+      <group id="{GROUP}">
+        <primitive id="{DELAY}" class="ocf" provider="heartbeat" type="Delay">
+          <instance_attributes id="{DELAY}-ia">
+            <nvpair id="{DELAY}-ia-startdelay" name="startdelay" value="0"/>
+            <nvpair id="{DELAY}-ia-stopdelay" name="stopdelay" value="{d}"/>
+            <nvpair id="{DELAY}-ia-mondelay" name="mondelay" value="0"/>
+          </instance_attributes>
+          <operations>
+            <op id="{DELAY}-start" name="start" interval="0s" timeout="30s"/>
+            <op id="{DELAY}-stop" name="stop" interval="0s" timeout="{stop_delay + 30:g}s"/>
+            <op id="{DELAY}-monitor" name="monitor" interval="10s" timeout="20s"/>
+          </operations>
+        </primitive>
+{primitive}
+      </group>"""
+
+
+def cib_xml(primitive: str, stop_delay: float | None = None) -> str:
     """A seeded CIB: options, both nodes, the VIP, and a weak preference for node1
-    (50 < stickiness 100: after a move and --clear the VIP stays where it went)."""
+    (50 < stickiness 100: after a move and --clear the VIP stays where it went).
+    `stop_delay`: the VIP in a group after a Delay resource (delay_group_xml)."""
+    if stop_delay is not None:
+        primitive = delay_group_xml(primitive, stop_delay)
     nodes = "\n".join(f'      <node id="{NODE_IDS[n]}" uname="{n}"/>' for n in NODES)
     return f"""\
 <cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
@@ -200,7 +236,7 @@ def cib_xml(primitive: str) -> str:
 {primitive}
     </resources>
     <constraints>
-      <rsc_location id="{RESOURCE}-first-on-node1" rsc="{RESOURCE}" node="node1" score="50"/>
+      <rsc_location id="{RESOURCE}-first-on-node1" rsc="{move_target(stop_delay)}" node="node1" score="50"/>
     </constraints>
   </configuration>
   <status/>
@@ -248,14 +284,17 @@ class Cluster:
     """Two cluster nodes in the heads of `topo`; `stop()` leaves nothing behind."""
 
     def __init__(self, topo: Topology, workdir: str, primitive: str, agent_src: str | None = None,
-                 log: Callable[[str], None] = lambda _m: None, private_dirs: tuple[str, ...] = ()) -> None:
+                 log: Callable[[str], None] = lambda _m: None, private_dirs: tuple[str, ...] = (),
+                 stop_delay: float | None = None) -> None:
         """private_dirs: existing directories each node sees as its own (a per-node
-        directory bind-mounted over them inside the node), e.g. the state dir."""
+        directory bind-mounted over them inside the node), e.g. the state dir.
+        stop_delay: seconds between the VIP's stop and its start elsewhere
+        (cib_xml); move the VIP with move_target(stop_delay) then."""
         self.topo, self.workdir, self.agent_src, self.log = topo, workdir, agent_src, log
         if any(not os.path.isabs(d) or any(c.isspace() for c in d) for d in private_dirs):
             raise ClusterError(f"private_dirs must be absolute paths without blanks: {private_dirs}")
         self.private_dirs = private_dirs
-        self.cib = cib_xml(primitive)
+        self.cib = cib_xml(primitive, stop_delay)
         self.nodes = {n: Node(n, os.path.join(workdir, f"pcmk-{n}")) for n in NODES}
         self._ops_seen: dict[str, int] = {n: 0 for n in NODES}
         self._agent_lines_seen: dict[str, int] = {n: 0 for n in NODES}

@@ -98,11 +98,11 @@ def lab(
     remedy: list[str] = typer.Option([], "--remedy", metavar="NAME", help="Remedy to run around the moves (repeat, or comma-separate, to compare side by side); 'none' (default) is the baseline."),
     mover: list[str] = typer.Option([], "--mover", metavar="NAME", help="What moves the VIP: ip (ip addr + send_arp/send_ua, timed like IPaddr2), ipaddr2 (the real ocf:heartbeat:IPaddr2 agent), ocf (the real ocf:nfsreset:IPaddr2nfs agent, nfsreset inside), pacemaker (a real Corosync + Pacemaker cluster, VIP as ocf:heartbeat:IPaddr2), pacemaker-ocf (same cluster, VIP as ocf:nfsreset:IPaddr2nfs). Repeat or comma-separate to compare side by side."),
     crash: bool = typer.Option(False, "--crash", help="Pacemaker movers only: the failover is a crash of node1 (its cluster stack SIGKILLed, its VIP and link gone); node1 then rejoins and the failback is a planned move."),
-    server: Optional[str] = typer.Option(None, "--server", metavar="NAME", help="What the heads run: sim (a Python server that keeps its sockets like nfsd; fast, record echo) or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
+    server: Optional[str] = typer.Option(None, "--server", metavar="NAME", help="What the heads run: sim (a Python server that keeps its sockets when the VIP is deleted, like NFS-Ganesha; fast, record echo), sim-nfsd (the same server, but it aborts the VIP's sockets the moment the address is deleted, as kernel nfsd >= 4.5 does: nothing is left to record after the stop), or ganesha (real NFS-Ganesha + rpcbind on each head, exporting one lab directory; the client speaks real NFS)."),
     vers: list[str] = typer.Option([], "--vers", metavar="VERSION", help="With --server ganesha: NFS version the client speaks, 3, 4.0 or 4.1 (repeat or comma-separate to compare; default 3). The sim server only echoes records."),
     state: str = typer.Option("per-head", "--state", metavar="WHERE", help="Where nfsreset keeps its client list on the heads: per-head (one state dir each, as on two real machines) or shared (one dir both heads see)."),
     user_timeout: float = typer.Option(180.0, "--user-timeout", metavar="S", help="Client TCP_USER_TIMEOUT in seconds (Linux NFS: timeo x (retrans+1) = 180)."),
-    gap: float = typer.Option(1.0, "--gap", metavar="S", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one."),
+    gap: Optional[float] = typer.Option(None, "--gap", metavar="S", help="Seconds from the VIP's removal on the old owner to its start (ip addr add, or the agent's start) on the new one; default 1. With a Pacemaker mover only when given: the VIP is grouped after an ocf:heartbeat:Delay resource whose stop sleeps S s (a slow exportfs stop: --gap 12)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", metavar="NAME", help="Passed to remedies that use nfsreset (auto, destroy, rst or nft) and to the ocf mover's agent (nfsreset_strategy)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step of the lab on stderr."),
@@ -139,8 +139,8 @@ def lab(
 
     Name any of --server/--mover/--remedy/--vers/--crash and the others take
     the lab's plain defaults: --server sim (a Python server that keeps its
-    sockets like nfsd; fast, record echo), --mover ip (ip addr, timed like
-    IPaddr2), --remedy none.
+    sockets when the VIP goes, like NFS-Ganesha; fast, record echo), --mover
+    ip (ip addr, timed like IPaddr2), --remedy none.
 
     --mover ipaddr2,ocf moves the VIP with the real resource agents called
     directly: plain ocf:heartbeat:IPaddr2 (the baseline) and this project's
@@ -152,8 +152,21 @@ def lab(
     cluster (one node per head, seeded CIB, ~8 s cold start) and moves the VIP
     as an operator does: crm_resource --move, then --clear. --remedy
     hooks|watch also work with `pacemaker` (hooks run when the kernel shows
-    the delete, not inside Pacemaker). --gap does not apply: Pacemaker
-    decides. Add --crash to make the failover a crash of node1.
+    the delete, not inside Pacemaker). Pacemaker decides the gap between
+    stop and start, unless --gap is given: then the VIP is seeded in a group after
+    an ocf:heartbeat:Delay resource (startdelay 0, stopdelay S), so a planned
+    move is VIP stop, S seconds, VIP start elsewhere, like the seed setup's
+    exportfs stop (~12 s): `nfsreset lab --mover pacemaker,pacemaker-ocf
+    --gap 12 --cap 30 --family 4`. Add --crash to make the failover a crash
+    of node1 (no stop runs on a crashed node, so no delay either).
+
+    --server sim-nfsd is the sim server taught kernel nfsd's habit (Linux >=
+    4.5): it listens for address deletions (rtnetlink) and aborts every
+    socket on the deleted address at once (linger 0, shutdown, close), so
+    the old owner holds no session after the stop and the agent must have
+    recorded its clients before IPaddr2 deleted the address:
+    `nfsreset lab --server sim-nfsd --mover pacemaker,pacemaker-ocf
+    --family 4`.
 
     --server ganesha runs real NFS-Ganesha on both heads (each in its own mount
     and PID namespace, private /run and /var/lib/nfs, about 0.1-0.3 s to
@@ -171,8 +184,10 @@ def lab(
         _fail(f"--family must be 4, 6 or both, not {family!r}")
     if not (math.isfinite(cap) and cap > 0):
         _fail(f"--cap must be a positive number of seconds, not {cap:g}")
-    if not (math.isfinite(gap) and 0 <= gap <= 60):
+    if gap is not None and not (math.isfinite(gap) and 0 <= gap <= 60):
         _fail(f"--gap must be between 0 and 60 seconds, not {gap:g}")
+    # A Pacemaker mover gets a Delay resource only when --gap was given.
+    stop_delay, gap = gap, (1.0 if gap is None else gap)
     if not (math.isfinite(user_timeout) and user_timeout >= 1):
         _fail(f"--user-timeout must be at least 1 second, not {user_timeout:g}")
     from nfsreset.core.plan import STRATEGIES
@@ -216,10 +231,12 @@ def lab(
     from nfsreset.lab.run import SERVERS, VERSIONS
 
     if server not in SERVERS:
-        _fail(f"--server must be {' or '.join(SERVERS)}, not {server!r}")
+        _fail(f"--server must be {', '.join(SERVERS)}, not {server!r}")
     versions = list(dict.fromkeys(v.strip() for item in vers for v in item.split(",") if v.strip()))
-    if server == "sim" and versions:
-        _fail("--vers needs --server ganesha: the sim server only echoes records")
+    from nfsreset.lab.run import SIM_SERVERS
+
+    if server in SIM_SERVERS and versions:
+        _fail(f"--vers needs --server ganesha: the {server} server only echoes records")
     versions = versions or [VERSIONS[server][0]]
     bad = [v for v in versions if v not in VERSIONS[server]]
     if bad:
@@ -250,11 +267,12 @@ def lab(
             for how in movers:
                 for ver in versions:
                     for name in names:
-                        progress.label = run_label(how, name, fam, ver if server != "sim" else None)
+                        progress.label = run_label(how, name, fam, ver if server not in SIM_SERVERS else None)
                         try:
                             results.append(run_lab(fam, cap, known[name](), user_timeout=user_timeout, gap=gap,
                                                    progress=progress, strategy=strategy, log=log, mover=how,
-                                                   server=server, vers=ver, crash=crash, state=state))
+                                                   server=server, vers=ver, crash=crash, state=state,
+                                                   stop_delay=stop_delay if how in PACEMAKER_MOVERS else None))
                         except Exception as e:
                             results.append(report.FamilyResult(family=fam, remedy=name, vip="", mover=how,
                                                                server=server, vers=ver, state=state,

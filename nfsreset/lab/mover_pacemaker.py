@@ -7,8 +7,10 @@
 A planned move is what an operator types, run inside the node that gets the
 VIP: `crm_resource --move --resource VIP --node NEW`, then, once Pacemaker
 logged the start, `crm_resource --clear --resource VIP` (stickiness keeps the
-VIP where it went). Pacemaker decides the gap between stop and start; the
-lab's --gap does not apply.
+VIP where it went). Pacemaker decides the gap between stop and start; with
+`stop_delay` (the lab's --gap, when given) the VIP sits in a group after an
+ocf:heartbeat:Delay resource whose stop sleeps that long, like a slow exportfs
+stop, and the group is what moves (cluster.delay_group_xml).
 
 With crash=True the failover is a crash of node1 instead: SIGKILL to PID 1 of
 its PID namespace (corosync and pacemaker die at once), the VIP deleted from
@@ -39,7 +41,7 @@ import shutil
 import time
 from typing import Callable
 
-from nfsreset.lab.cluster import RESOURCE, Cluster, ClusterError, primitive_xml
+from nfsreset.lab.cluster import RESOURCE, Cluster, ClusterError, move_target, primitive_xml
 from nfsreset.lab.mover import Hook, MoveTimes, Mover
 from nfsreset.lab.mover_ocf import REPO_AGENT, AddrMonitor, AgentError, agent_path, nfsreset_bin
 from nfsreset.lab.topology import Topology, sh
@@ -69,8 +71,9 @@ class PacemakerMover(Mover):
     def __init__(self, topo: Topology, vip: str, mover: str, state_dir: "str | dict[str, str]", workdir: str = "/tmp",
                  ports: list[int] | None = None, strategy: str | None = None, crash: bool = False,
                  usable_timeout: float = 10.0, log: Callable[[str], None] = lambda _m: None,
-                 per_head_state: bool | None = None) -> None:
+                 per_head_state: bool | None = None, stop_delay: float | None = None) -> None:
         super().__init__(topo, vip, gap=0.0, workdir=workdir, usable_timeout=usable_timeout, log=log)
+        self.target = move_target(stop_delay)   # what crm_resource --move/--clear names
         check_installed(mover)
         self.name, self.crash = mover, crash
         params: dict[str, str] = {}
@@ -96,9 +99,10 @@ class PacemakerMover(Mover):
         self.per_head_state = per_head_state
         self.cluster = Cluster(topo, workdir, primitive_xml(vip, "ipaddr2" if mover == "pacemaker" else "ocf",
                                                             params, per_node), agent_src=agent_src, log=log,
-                               private_dirs=(state_dir,) if per_head_state and isinstance(state_dir, str) else ())
+                               private_dirs=(state_dir,) if per_head_state and isinstance(state_dir, str) else (),
+                               stop_delay=stop_delay)
         # Figures for the report (report.FamilyResult.cluster).
-        self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None}
+        self.figures: dict = {"crash": crash, "cold_start_s": None, "rejoin_s": None, "stop_delay_s": stop_delay}
 
     def host_argv(self, node: str) -> list[str]:
         """Run a command on `node`'s host (Cluster.host_argv): where a daemon of
@@ -137,7 +141,7 @@ class PacemakerMover(Mover):
         if crash:
             self._crash(old, times)
         else:
-            self.cluster.tool(new, "crm_resource", "--move", "--resource", RESOURCE, "--node", new)
+            self.cluster.tool(new, "crm_resource", "--move", "--resource", self.target, "--node", new)
             times.t_del = self._wait_addr(old, ("deleted",), times.t_start, MOVE_TIMEOUT_S, "stop")
             stop = self.cluster.wait_op(old, "stop", MOVE_TIMEOUT_S)
             times.stop_s = stop.seconds if stop else None
@@ -147,13 +151,13 @@ class PacemakerMover(Mover):
                 post_stop(old, self.vip)
         if pre_start:
             pre_start(new, self.vip)
-        limit = CRASH_TIMEOUT_S if crash else MOVE_TIMEOUT_S
+        limit = (CRASH_TIMEOUT_S if crash else MOVE_TIMEOUT_S) + (self.figures["stop_delay_s"] or 0.0)
         times.t_add = self._wait_addr(new, ("tentative", "usable"), times.t_del, limit, "start")
         times.t_usable = self._wait_addr(new, ("usable",), times.t_add, self.usable_timeout, "start")
         times.start_s = self._wait_start_op(new).seconds
         times.announcer = f"pacemaker:{RESOURCE}"
         if not crash:
-            self.cluster.tool(new, "crm_resource", "--clear", "--resource", RESOURCE)
+            self.cluster.tool(new, "crm_resource", "--clear", "--resource", self.target)
         self.log(f"{self.vip} usable on {new} {times.t_usable - times.t_del:.3f} s after the delete")
         if post_start:
             post_start(new, self.vip)

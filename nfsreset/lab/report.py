@@ -196,6 +196,9 @@ def server_line(runs: list[FamilyResult]) -> str:
             texts.append(f"NFS-Ganesha on both heads{cost}; client: {vers} GETATTR, replies NFS_OK")
         elif server == "sim":
             texts.append("sim server (keeps its sockets like nfsd); client: record echo")
+        elif server == "sim-nfsd":
+            texts.append("sim server closing the sockets of a deleted address (like kernel nfsd >= 4.5); "
+                         "client: record echo")
         else:
             texts.append(f"{server} server")
     return "server: " + "; ".join(texts)
@@ -239,6 +242,12 @@ def showcase_note(runs: list[FamilyResult], cap: float) -> str:
     return "\n".join(out)
 
 
+def _delay_words(runs: list[FamilyResult], mover: str) -> str:
+    """What a Pacemaker run seeded with a stop delay does between stop and start, in words."""
+    delays = {(r.cluster or {}).get("stop_delay_s") for r in runs if r.mover == mover} - {None}
+    return f" (VIP stop, then {', '.join(_num(d) for d in sorted(delays))} s Delay stop, then start)" if delays else ""
+
+
 def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: float) -> str:
     """Side-by-side table: one column per remedy (or mover), one block of rows per family."""
     movers = list(dict.fromkeys(r.mover for r in runs))
@@ -248,7 +257,7 @@ def format_text(runs: list[FamilyResult], cap: float, gap: float, user_timeout: 
     remedies = list(dict.fromkeys(column(r, several_movers, several_remedies, several_vers) for r in runs))
     families = list(dict.fromkeys(r.family for r in runs))
     by_key = {(column(r, several_movers, several_remedies, several_vers), r.family): r for r in runs}
-    moved = [MOVED_BY.get(m, f"VIP moved by {m}").format(gap=_num(gap)) for m in movers]
+    moved = [MOVED_BY.get(m, f"VIP moved by {m}").format(gap=_num(gap)) + _delay_words(runs, m) for m in movers]
     if several_movers:
         moved = [f"{m}: {text}" for m, text in zip(movers, moved)]
     out = [

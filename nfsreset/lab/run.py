@@ -38,9 +38,11 @@ from nfsreset.lab.remedies import LabContext, Remedy
 from nfsreset.lab.topology import VIP4, VIP6, Topology, TopologyError
 
 PORT = 2049
-SERVERS = ("sim", "ganesha")
-# What the client speaks to each server: the sim server only echoes records.
-VERSIONS = {"sim": ("echo",), "ganesha": ("3", "4.0", "4.1")}
+SERVERS = ("sim", "sim-nfsd", "ganesha")
+# sim-nfsd: the sim server aborting the sockets of a deleted address, like kernel nfsd >= 4.5.
+SIM_SERVERS = ("sim", "sim-nfsd")
+# What the client speaks to each server: the sim servers only echo records.
+VERSIONS = {"sim": ("echo",), "sim-nfsd": ("echo",), "ganesha": ("3", "4.0", "4.1")}
 # Where the heads keep nfsreset's state (client list, pending kills): one dir
 # each, as on two real machines, or one dir both see (the lab's old default).
 STATES = ("per-head", "shared")
@@ -139,10 +141,11 @@ def _read(path: str) -> str:
 
 
 def start_servers(topo: Topology, workdir: str, port: int = PORT, nodes: tuple[str, ...] = ("node1", "node2"),
-                  duration: float = 3600.0) -> list[subprocess.Popen]:
+                  duration: float = 3600.0, close_on_delete: bool = False) -> list[subprocess.Popen]:
     """The lab server (nfsd-like) on each of `nodes`, listening on `port` for at
-    most `duration` s; logs in `workdir`. Waits (bounded) until all listen; on
-    failure stops what it started."""
+    most `duration` s; logs in `workdir`. `close_on_delete`: it aborts the
+    sockets of a deleted address, like kernel nfsd >= 4.5. Waits (bounded)
+    until all listen; on failure stops what it started."""
     servers: list[subprocess.Popen] = []
     logs = []
     try:
@@ -152,7 +155,8 @@ def start_servers(topo: Topology, workdir: str, port: int = PORT, nodes: tuple[s
             with open(path, "w") as out:
                 servers.append(topo.popen(
                     node, sys.executable, "-m", "nfsreset.lab.server", "--port", str(port),
-                    "--duration", f"{duration:g}", stdout=out, stderr=subprocess.STDOUT))
+                    "--duration", f"{duration:g}", *(["--close-on-delete"] if close_on_delete else []),
+                    stdout=out, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
             if all('"listening"' in _read(p) for p in logs):
@@ -200,8 +204,10 @@ class _Run:
     def __init__(self, family: int, cap: float, remedy: Remedy, user_timeout: float, gap: float,
                  progress: Progress, strategy: str | None, log: Callable[[str], None],
                  steady: float, settle: float, mover: str = "ip", server: str = "sim",
-                 vers: str = "echo", crash: bool = False, state: str = "shared") -> None:
+                 vers: str = "echo", crash: bool = False, state: str = "shared",
+                 stop_delay: float | None = None) -> None:
         self.family, self.cap, self.remedy, self.mover_name = family, cap, remedy, mover
+        self.stop_delay = stop_delay
         self.state = state
         self.server, self.vers, self.crash = server, vers, crash
         self.user_timeout, self.gap, self.progress = user_timeout, gap, progress
@@ -271,7 +277,8 @@ class _Run:
                               ports=[PORT], nfsreset_argv=[sys.executable, "-m", "nfsreset"],
                               strategy=self.strategy, log=self.log, state_dirs=state_dirs)
         self.mover = make_mover(self.mover_name, self.topo, self.vip, self.gap, self.workdir,
-                                state_dirs or state_dir, [PORT], self.strategy, self.log, crash=self.crash)
+                                state_dirs or state_dir, [PORT], self.strategy, self.log, crash=self.crash,
+                                stop_delay=self.stop_delay)
         # Pacemaker movers: cold start, crash and rejoin figures, filled in as they happen.
         self.result.cluster = getattr(self.mover, "figures", None)
         # Pacemaker movers: daemons of a head run on the head's host, where attrd is.
@@ -288,11 +295,11 @@ class _Run:
             self.result.server_start_s = time.monotonic() - t
             self.log(f"Ganesha listening on both heads after {self.result.server_start_s:.3f} s")
             return
-        self.servers = start_servers(self.topo, self.workdir)
+        self.servers = start_servers(self.topo, self.workdir, close_on_delete=self.server == "sim-nfsd")
 
     def start_client(self) -> None:
         # --duration bounds the client even if we are killed without cleanup.
-        duration = 60 + 3 * (self.cap + self.gap + 10)
+        duration = 60 + 3 * (self.cap + self.gap + (self.stop_delay or 0.0) + 10)
         self.client, self.client_log = start_client(
             self.topo, self.vip, self.workdir, user_timeout=self.user_timeout, duration=duration,
             extra=("--vers", self.vers, "--export", self.export_dir or "/"))
@@ -348,12 +355,15 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
             progress: Progress | None = None, strategy: str | None = None,
             log: Callable[[str], None] | None = None, steady: float = 1.0,
             settle: float = 0.5, mover: str = "ip", server: str = "sim",
-            vers: str | None = None, crash: bool = False, state: str = "shared") -> report.FamilyResult:
+            vers: str | None = None, crash: bool = False, state: str = "shared",
+            stop_delay: float | None = None) -> report.FamilyResult:
     """Run the lab once for `family` (4 or 6) with `remedy`, the VIP moved by
     `mover` (mover.MOVERS), the heads running `server` (SERVERS) and the client
     speaking `vers` (VERSIONS[server]; the first one by default); `crash`: the
     failover is a crash of node1 (Pacemaker movers only); `state` (STATES):
-    one nfsreset state dir per head or one both see; everything removed
+    one nfsreset state dir per head or one both see; `stop_delay` (Pacemaker
+    movers): a Delay resource sleeps that long between the VIP's stop and its
+    start elsewhere (the ip and agent movers take `gap`); everything removed
     afterwards.
 
     Raises LabError / TopologyError when the lab itself cannot be built or the
@@ -369,7 +379,7 @@ def run_lab(family: int, cap: float, remedy: Remedy, user_timeout: float = 180.0
     if state not in STATES:
         raise ValueError(f"state must be one of {STATES}, not {state!r}")
     run = _Run(family, cap, remedy, user_timeout, gap, progress or (lambda *_: None), strategy,
-               log or (lambda _m: None), steady, settle, mover, server, vers, crash, state)
+               log or (lambda _m: None), steady, settle, mover, server, vers, crash, state, stop_delay)
     try:
         run.begin()
         run.result.failover = run.move("failover", "node1", "node2")

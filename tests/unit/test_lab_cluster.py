@@ -75,3 +75,30 @@ def test_per_head_cib_passes_crm_verify(tmp_path):
                                           {n: {"nfsreset_state_dir": f"/s/{n}"} for n in ("node1", "node2")})))
     res = subprocess.run(["crm_verify", "--xml-file", str(path)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_stop_delay_groups_a_delay_resource_before_the_vip_and_moves_the_group():
+    """`nfsreset lab --mover pacemaker --gap 12`: a group stops in reverse order, so
+    the VIP goes first, then Delay sleeps 12 s, then the new owner starts both."""
+    from nfsreset.lab.cluster import DELAY, GROUP, move_target
+
+    cib = ET.fromstring(cib_xml(primitive_xml("198.51.100.10", "ipaddr2", {}), stop_delay=12.0))
+    (group,) = cib.iter("group")
+    assert group.get("id") == GROUP == move_target(12.0)
+    delay, vip = group.findall("primitive")
+    assert (delay.get("id"), delay.get("type"), vip.get("id")) == (DELAY, "Delay", RESOURCE)
+    params = {nv.get("name"): nv.get("value") for nv in delay.iter("nvpair")}
+    assert params == {"startdelay": "0", "stopdelay": "12", "mondelay": "0"}
+    stop_op = next(op for op in delay.iter("op") if op.get("name") == "stop")
+    assert stop_op.get("timeout") == "42s"          # longer than the delay itself
+    (loc,) = cib.iter("rsc_location")
+    assert loc.get("rsc") == GROUP
+    assert move_target(None) == RESOURCE and not list(ET.fromstring(cib_xml("<primitive/>")).iter("group"))
+
+
+@pytest.mark.skipif(shutil.which("crm_verify") is None, reason="needs pacemaker-cli-utils (crm_verify)")
+def test_stop_delay_cib_passes_crm_verify(tmp_path):
+    path = tmp_path / "cib.xml"
+    path.write_text(cib_xml(primitive_xml("198.51.100.10", "ocf", {"nfsreset_port": "2049"}), stop_delay=12.0))
+    res = subprocess.run(["crm_verify", "--xml-file", str(path)], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr + res.stdout

@@ -54,3 +54,16 @@ def test_progress_prints_one_line_per_phase_when_not_a_tty():
         "[3/4] nfsreset (IPaddr2nfs under Pacemaker), IPv4: failover ...",
         "[4/4] nfsreset (IPaddr2nfs under Pacemaker), IPv4: failback ...",
     ]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--server", "sim-nfsd", "--vers", "3"], "nfsreset lab: --vers needs --server ganesha: the sim-nfsd server only echoes records"),
+    (["--server", "nfsd"], "nfsreset lab: --server must be sim, sim-nfsd, ganesha, not 'nfsd'"),
+    (["--mover", "pacemaker", "--gap", "61"], "nfsreset lab: --gap must be between 0 and 60 seconds, not 61"),
+])
+def test_bad_server_or_gap_is_one_line_and_exit_2_before_anything_is_built(argv, line):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "nfsreset", "lab", *argv], capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr, res.stdout) == (2, line + "\n", "")
