@@ -5,9 +5,12 @@ nft table) and cleans up after itself; nothing is inferred from version numbers.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
+
+from nfsreset.cli.common import JSON, NETNS, STORE, VIP, Opt, in_netns, parse_vip
 
 
 def _check(fn) -> dict:
@@ -103,3 +106,64 @@ def strategies(c: dict[str, dict]) -> dict[str, dict]:
         "watch-bpf": s(c["bpf-tracker"]["ok"], "`watch` tracks flows with BPF (ages, sequence numbers)",
                        "`watch` will run on sock_diag dumps: " + c["bpf-tracker"]["why"]),
     }
+
+
+# --- the command: its options and body (the typer front end declares it from these) ---
+OPTIONS = (
+    NETNS,
+    JSON.but(help="One JSON object with every check and strategy."),
+    VIP.but(default=(), multiple=True,
+            help="Also say whose client list of this VIP is visible from here (repeatable)."),
+    STORE.but(help="The client-list store to describe: auto|dir|attrd."),
+    Opt(("-w", "--wide"), "wide", bool, False,
+        help="One line per check, however long (by default reasons wrap within 80 columns)."),
+)
+
+
+def doctor(*, netns_name: str | None, json_out: bool, vip: list[str], store: str, wide: bool) -> int:
+    """Say what this kernel and host offer, and which strategies follow.
+
+    Checks BTF, tracefs, bcc and the BPF flow tracker, SOCK_DESTROY (by destroying
+    a loopback connection of its own), raw sockets, nftables and kernel headers,
+    and which client-list store is active (dir or Pacemaker's attrd) and whose
+    lists are visible from here. Exit 1 when no strategy to end stale sessions
+    is available.
+    """
+    from nfsreset.state.store import describe
+    vips = [parse_vip(v) for v in vip]
+    with in_netns(netns_name):
+        results = checks()
+    store_info = describe(store, vips)      # attrd's IPC is in the cluster's namespace, not --netns
+    strat = strategies(results)
+    if json_out:
+        print(json.dumps({"checks": results, "strategies": strat, "store": store_info}))
+    else:
+        for line in doctor_lines(results, strat, store_info, wide):
+            print(line)
+    return 0 if any(r["ok"] for k, r in strat.items() if k in ("destroy", "rst", "nft")) else 1
+
+
+def doctor_lines(results: dict, strat: dict, store_info: dict, wide: bool) -> list[str]:
+    """doctor's report: a line per check, strategy and store; by default each
+    reason wraps under its column within 80 columns, --wide keeps one line each
+    (for grep)."""
+    import textwrap
+
+    def item(head: str, why: str, indent: int | None = None) -> list[str]:
+        if wide:
+            return [f"{head}{why}".rstrip()]
+        pad = " " * (len(head) if indent is None else indent)
+        return textwrap.wrap(why, 80, initial_indent=head, subsequent_indent=pad, break_on_hyphens=False) or [head]
+    out = []
+    for name, r in results.items():
+        out += item(f"{'ok' if r['ok'] else '--':<3} {name:<14} ", r["why"])
+    out.append("")
+    for name, r in strat.items():
+        out += item(f"{'yes' if r['ok'] else 'no':<4} strategy {name:<8} ", r["why"])
+    out.append("")
+    out += item(f"{'ok' if store_info.get('ok') else '--':<3} {'store':<14} ", f"{store_info['backend']}: "
+                                                                              f"{store_info['why']}")
+    for v, row in store_info.get("vips", {}).items():
+        seen = ", ".join(f"{h}: {n if isinstance(n, str) else f'{n} tuple(s)'}" for h, n in row.items())
+        out += item(f"    {v}: ", seen or "no node has published a list", indent=6)
+    return out

@@ -15,7 +15,7 @@ import sys
 import pytest
 import typer
 
-from nfsreset.cli import main as cli, app as cli_app, common as cli_common, hooks as cli_hooks
+from nfsreset.cli import main as cli, app as cli_app, common as cli_common, doctor as cli_doctor, flows as cli_flows, hooks as cli_hooks
 
 COMMANDS = sorted(typer.main.get_command(cli_app.app).commands)
 ENV = {**os.environ, "COLUMNS": "80"}
@@ -169,21 +169,21 @@ ROWS = [_row("2001:db8::10", 2049, "2001:db8::100", 65001, age_s=86399.6, recvq=
 
 
 def test_flows_table_fits_80_columns_by_default_and_widens_on_request():
-    table = cli_app.flows_table(ROWS, wide=False, seqs=True)
+    table = cli_flows.flows_table(ROWS, wide=False, seqs=True)
     assert table[0].split() == ["VIP", "CLIENT", "STATE", "AGE", "STALE"]
     assert max(map(len, table)) <= 80, "\n".join(table)
     assert table[1].split() == ["[2001:db8::10]:2049", "[2001:db8::100]:65001", "ESTABLISHED", "86400s", "STALE"]
     assert table[2].split()[-1] == "-" and table[2].split()[3] == "-"
-    wide = cli_app.flows_table(ROWS, wide=True, seqs=True)
+    wide = cli_flows.flows_table(ROWS, wide=True, seqs=True)
     assert wide[0].split() == ["VIP", "CLIENT", "STATE", "AGE", "STALE", "RECVQ", "SENDQ", "SND_NXT", "RCV_NXT"]
     assert wide[1].split()[5:] == ["123456", "4194304", "4294967295", "1"]
     assert wide[2].split()[7:] == ["-", "-"]
     # sequence numbers only when a BPF tracker supplies them
-    assert cli_app.flows_table(ROWS, wide=True, seqs=False)[0].split()[-1] == "SENDQ"
+    assert cli_flows.flows_table(ROWS, wide=True, seqs=False)[0].split()[-1] == "SENDQ"
 
 
 def test_flows_table_columns_line_up():
-    table = cli_app.flows_table(ROWS, wide=True, seqs=True)
+    table = cli_flows.flows_table(ROWS, wide=True, seqs=True)
     header = table[0]
     for ln in table[1:]:
         # each right-aligned number ends where its header does
@@ -202,12 +202,12 @@ def test_doctor_report_wraps_within_80_columns_and_wide_keeps_one_line_each():
     strat = {"destroy": {"ok": False, "why": LONG}, "rst": {"ok": True, "why": "raw sockets"}}
     store = {"ok": True, "backend": "dir", "why": "state dir /var/lib/nfsreset",
              "vips": {"2001:db8::10": {"node1": 3, "node2": "unreadable: " + LONG}}}
-    lines = cli_app.doctor_lines(results, strat, store, wide=False)
+    lines = cli_doctor.doctor_lines(results, strat, store, wide=False)
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     assert lines[0].startswith("--  sock-destroy   SOCK_DESTROY unavailable:")
     assert lines[1].startswith(" " * 19) and lines[1][19] != " "          # continued under its column
     assert "ok  btf            /sys/kernel/btf/vmlinux" in lines
-    wide = cli_app.doctor_lines(results, strat, store, wide=True)
+    wide = cli_doctor.doctor_lines(results, strat, store, wide=True)
     assert len(wide) == 2 + 1 + 2 + 1 + 1 + 1 and max(map(len, wide)) > 80
     assert wide[0] == f"--  sock-destroy   {LONG}"
     assert wide[4] == "yes  strategy rst      raw sockets"
