@@ -665,3 +665,65 @@ def test_a_vip_local_through_a_local_route_keeps_its_sessions(topo, tmp_path, li
     live = sessions_on(topo, "node1", vip)
     assert live and all(line.startswith("ESTAB") for line in live), (live, res.stderr)
     assert keeper.poll() is None
+
+
+# ss on the agent's PATH that, at its ss -K call, holds on until the test says go:
+# the moment between the agent's vip_here and its ss -K, made wide on purpose.
+SS_AT_KILL = r"""#!/bin/sh
+case $1 in -*K*)
+    : > "$RACE_DIR/at-kill"
+    i=0; while [ $i -lt 200 ] && [ ! -e "$RACE_DIR/go" ]; do sleep 0.05; i=$((i + 1)); done ;;
+esac
+exec /usr/bin/ss "$@"
+"""
+
+
+@pytest.mark.parametrize("action", ["stop", "start"])
+def test_a_session_made_after_the_check_survives_the_ss_k(topo, tmp_path, action, ends):
+    """The VIP arrives between the agent's vip_here (away) and its ss -K, and a
+    client connects: that session is live and must survive; the stale one the
+    agent listed is still ended. The old agent's ss -K ended every socket on
+    VIP:port, the new one too."""
+    import subprocess
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "ss").write_text(SS_AT_KILL)
+    (shims / "ss").chmod(0o755)
+    race = tmp_path / "race"
+    race.mkdir()
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state"}
+    if action == "stop":        # the session is the VIP's, left once the stop deletes it
+        lst = topo.popen("node1", "python3", "-c", LISTENER, stdout=subprocess.PIPE, text=True)
+        ends.append(lst)
+        assert lst.stdout.readline().strip() == "listening"
+        res, _ = run_agent(topo, tmp_path, "start", **params)
+        assert res.returncode == 0, res.stderr
+        old = _client_keeps_a_session(topo)
+        ends.append(old)
+        assert old.stdout.readline().strip() == "up"
+    else:                       # left by a plain IPaddr2 start and stop
+        ends.extend(leave_a_session(topo, tmp_path / "left"))
+    assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+    old_lines = sessions_on(topo, "node1", VIP4)
+    env = agent_env(tmp_path, VIP4, **params, RACE_DIR=race,
+                    PATH=f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin")
+    agent = topo.popen("node1", *env, str(AGENT), action, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    ends.append(agent)
+    try:
+        assert wait_for((race / "at-kill").exists, timeout=20), "the agent never reached ss -K"
+        # the VIP arrives (another start, an operator) and a client connects
+        if not topo.has_addr("node1", VIP4, usable=False):
+            topo.run("node1", "ip", "addr", "add", f"{VIP4}/24", "dev", "eth0")
+        new = _client_keeps_a_session(topo)
+        ends.append(new)
+        assert new.stdout.readline().strip() == "up"
+        assert wait_for(lambda: len(sessions_on(topo, "node1", VIP4)) == 2)
+    finally:
+        (race / "go").touch()
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    left = sessions_on(topo, "node1", VIP4)
+    assert len(left) == 1 and left[0] not in old_lines, (left, old_lines, err)
+    assert left[0].startswith("ESTAB") and new.poll() is None
+    topo.run("node1", "ip", "addr", "del", f"{VIP4}/24", "dev", "eth0", check=False)
