@@ -727,3 +727,63 @@ def test_a_session_made_after_the_check_survives_the_ss_k(topo, tmp_path, action
     assert len(left) == 1 and left[0] not in old_lines, (left, old_lines, err)
     assert left[0].startswith("ESTAB") and new.poll() is None
     topo.run("node1", "ip", "addr", "del", f"{VIP4}/24", "dev", "eth0", check=False)
+
+
+# Pacemaker's command-line tools as this node of a two-node cluster would answer;
+# attrd_updater records its argv (the cluster is not under test here: the agent's
+# reading of its own state files is).
+CRM_NODE = """#!/bin/sh
+case $1 in -n) echo node1 ;; -l) printf '1 node1 member\\n2 node2 member\\n' ;; esac
+"""
+ATTRD_UPDATER = """#!/bin/sh
+echo "$*" >> "$SHIM_LOG"
+"""
+
+
+@pytest.mark.parametrize("poison", ["fifo", "devzero", "glob"])
+def test_garbage_state_files_in_ha_rsctmp_neither_hang_nor_steer(topo, tmp_path, listener, poison):
+    """The agent's $RUN_BASE.published and .peers are read back by the monitor and
+    the stop. A FIFO there, or a link to /dev/zero, hung the old agent's read
+    (the monitor never returned: Pacemaker times it out and recovers the VIP);
+    peers that are not node names ('*') were globbed into attrd_updater -N
+    arguments. Now such files count as nothing known: the members are asked."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name, text in (("crm_node", CRM_NODE), ("attrd_updater", ATTRD_UPDATER)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    shim_log = tmp_path / "attrd.log"
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state",
+              "nfsreset_store": "attrd", "SHIM_LOG": shim_log,
+              "PATH": f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        base = tmp_path / "rsctmp" / "nfsreset-vip1"
+        for f in (base.with_name(base.name + ".published"), base.with_name(base.name + ".peers")):
+            f.unlink(missing_ok=True)
+            if poison == "fifo":
+                os.mkfifo(f)
+            elif poison == "devzero":
+                f.symlink_to("/dev/zero")
+            else:
+                f.write_text("*\n*\n")
+        action = "stop" if poison == "glob" else "monitor"
+        try:
+            res = topo.run("node1", *agent_env(tmp_path, VIP4, **params), str(AGENT), action,
+                           check=False, timeout=15)
+        except __import__("subprocess").TimeoutExpired:
+            pytest.fail(f"the {action} hung on a {poison} in HA_RSCTMP")
+        assert res.returncode == 0, res.stderr
+        # the list went to the one peer crm_node names, and nowhere else
+        assert wait_for(shim_log.exists)
+        time.sleep(0.5)
+        targets = {line.split(" -N ")[1].split()[0] for line in shim_log.read_text().splitlines()}
+        assert targets == {"node2"}, shim_log.read_text()
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)
