@@ -787,3 +787,25 @@ def test_garbage_state_files_in_ha_rsctmp_neither_hang_nor_steer(topo, tmp_path,
         keeper.kill()
         keeper.wait(timeout=5)
         run_agent(topo, tmp_path, "stop", **params)
+
+
+def test_fifos_where_the_agent_keeps_its_jobs_files_block_nothing(topo, tmp_path, stub):
+    """FIFOs at the pid files a start reads (to end a tickle or post-stop still
+    running) and at the files the background tickle writes: the old agent's
+    start hung reading the pid file; a FIFO at the tickle's output kept the
+    tickle (and the quarantine lift after a failed one) from ever running."""
+    rsctmp = tmp_path / "rsctmp"
+    rsctmp.mkdir()
+    for name in ("tickle.pid", "poststop.pid", "tickle.out", "tickle.pid.new", "tickle.new"):
+        os.mkfifo(rsctmp / f"nfsreset-vip1.{name}")
+    try:
+        res = topo.run("node1", *agent_env(tmp_path, VIP4, nfsreset_bin=stub), str(AGENT), "start",
+                       check=False, timeout=15)
+    except __import__("subprocess").TimeoutExpired:
+        pytest.fail("the start hung on a FIFO in HA_RSCTMP")
+    assert res.returncode == 0, res.stderr
+    status = rsctmp / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=10), calls(tmp_path)
+    assert status.read_text().startswith("rc=0 stub summary: tickle"), status.read_text()
+    res, _ = run_agent(topo, tmp_path, "stop", nfsreset_bin=stub)
+    assert res.returncode == 0, res.stderr
