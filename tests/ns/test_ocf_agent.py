@@ -122,9 +122,7 @@ def leave_a_session(topo, tmp_path, vip=VIP4):
     assert res.returncode == 0, res.stderr
     lst = topo.popen("node1", "python3", "-c", LISTENER, stdout=subprocess.PIPE, text=True)
     assert lst.stdout.readline().strip() == "listening"
-    keeper = topo.popen("client", "python3", "-c",
-                        "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
-                        "print('up', flush=True); time.sleep(30)", vip, stdout=subprocess.PIPE, text=True)
+    keeper = _client_keeps_a_session(topo, vip)
     assert keeper.stdout.readline().strip() == "up"
     assert wait_for(lambda: sessions_on(topo, "node1", vip))
     res, _ = run_agent(topo, tmp_path / "plain", "stop", ip=vip, agent=IPADDR2)
@@ -214,10 +212,7 @@ def test_ipv4_leftovers_end_by_ss_k_with_no_python(topo, tmp_path, stub, ends):
     time.sleep(0.3)
     assert [c.split()[0] for c in calls(tmp_path)] == ["tickle"], calls(tmp_path)
     # a new session while the VIP is here; the stop records it, then ends what is left
-    import subprocess
-    again = topo.popen("client", "python3", "-c",
-                       "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
-                       "print('up', flush=True); time.sleep(30)", VIP4, stdout=subprocess.PIPE, text=True)
+    again = _client_keeps_a_session(topo, VIP4)
     ends.append(again)
     assert again.stdout.readline().strip() == "up"
     assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
@@ -403,11 +398,11 @@ def listener(topo):
         proc.wait(timeout=5)
 
 
-def _client_keeps_a_session(topo):
+def _client_keeps_a_session(topo, vip=VIP4):
     """A client session to the VIP that outlives the connect (kept by a sleeper)."""
     return topo.popen("client", "python3", "-c",
-                      "import socket,time; s=socket.create_connection(('%s',2049),3); "
-                      "print('up', flush=True); time.sleep(30)" % VIP4,
+                      "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
+                      "print('up', flush=True); time.sleep(30)", vip,
                       stdout=__import__("subprocess").PIPE, text=True)
 
 
@@ -641,14 +636,11 @@ def test_a_vip_local_through_a_local_route_keeps_its_sessions(topo, tmp_path, li
     """A VIP with no address but inside a `local` route range (AnyIP, LVS-DR) is
     here: its sessions are live. The agent's ss -K path must ask the FIB, not only
     the address table (it asked only the address table and ended the live session)."""
-    import subprocess
     rng, vip = "198.51.100.64/27", "198.51.100.70"
     topo.run("node1", "ip", "route", "add", "local", rng, "dev", "lo", "table", "local")
     node1_addr = topo.run("node1", "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.split()[3].split("/")[0]
     topo.run("client", "ip", "route", "add", rng, "via", node1_addr, "dev", "eth0")
-    keeper = topo.popen("client", "python3", "-c",
-                        "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
-                        "print('up', flush=True); time.sleep(30)", vip, stdout=subprocess.PIPE, text=True)
+    keeper = _client_keeps_a_session(topo, vip)
     ends.append(keeper)
     assert keeper.stdout.readline().strip() == "up"
     assert wait_for(lambda: sessions_on(topo, "node1", vip))
