@@ -265,6 +265,19 @@ def test_nfsreset_failure_never_fails_the_ip(topo, tmp_path, stub, failure, ends
     assert res.returncode == 7
 
 
+def test_a_timeout_of_0_is_not_unbounded(topo, tmp_path, stub, ends):
+    """timeout(1) takes 0 as no limit: the old agent accepted nfsreset_timeout=0
+    and its start waited for a hanging nfsreset as long as it hung."""
+    ends.extend(leave_a_session(topo, tmp_path))
+    res, took = run_agent(topo, tmp_path, "start", nfsreset_bin=stub, nfsreset_timeout=0,
+                          STUB_KILL_SLEEP=30, nfsreset_strategy="rst")
+    assert res.returncode == 0 and topo.has_addr("node1", VIP4)
+    assert took < 12, took
+    assert "nfsreset_timeout: '0' is not whole seconds from 1 to 999; using 5" in res.stderr
+    assert "timed out after 5 s" in res.stderr
+    run_agent(topo, tmp_path, "stop", nfsreset_bin=stub, nfsreset_strategy="rst")
+
+
 def test_a_hanging_nfsreset_is_cut_off(topo, tmp_path, stub, ends):
     ends.extend(leave_a_session(topo, tmp_path))
     res, took = run_agent(topo, tmp_path, "start", nfsreset_bin=stub, nfsreset_timeout=1,
