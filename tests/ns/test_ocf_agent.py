@@ -745,6 +745,18 @@ echo "$*" >> "$SHIM_LOG"
 """
 
 
+def _pacemaker_tools(tmp_path, crm_node=CRM_NODE, attrd_updater=ATTRD_UPDATER) -> dict:
+    """Agent parameters with store attrd and the two tools as `shims/` has them."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name, text in (("crm_node", crm_node), ("attrd_updater", attrd_updater)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    return {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state",
+            "nfsreset_store": "attrd", "SHIM_LOG": tmp_path / "attrd.log",
+            "PATH": f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
 @pytest.mark.parametrize("poison", ["fifo", "devzero", "glob"])
 def test_garbage_state_files_in_ha_rsctmp_neither_hang_nor_steer(topo, tmp_path, listener, poison):
     """The agent's $RUN_BASE.published and .peers are read back by the monitor and
@@ -752,15 +764,8 @@ def test_garbage_state_files_in_ha_rsctmp_neither_hang_nor_steer(topo, tmp_path,
     (the monitor never returned: Pacemaker times it out and recovers the VIP);
     peers that are not node names ('*') were globbed into attrd_updater -N
     arguments. Now such files count as nothing known: the members are asked."""
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    for name, text in (("crm_node", CRM_NODE), ("attrd_updater", ATTRD_UPDATER)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
-    shim_log = tmp_path / "attrd.log"
-    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state",
-              "nfsreset_store": "attrd", "SHIM_LOG": shim_log,
-              "PATH": f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    params = _pacemaker_tools(tmp_path)
+    shim_log = params["SHIM_LOG"]
     res, _ = run_agent(topo, tmp_path, "start", **params)
     assert res.returncode == 0, res.stderr
     keeper = _client_keeps_a_session(topo)
@@ -814,3 +819,29 @@ def test_fifos_where_the_agent_keeps_its_jobs_files_block_nothing(topo, tmp_path
     assert status.read_text().startswith("rc=0 stub summary: tickle"), status.read_text()
     res, _ = run_agent(topo, tmp_path, "stop", nfsreset_bin=stub)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("action", ["monitor", "stop"])
+def test_a_hung_attrd_costs_one_bound_not_one_per_peer(topo, tmp_path, listener, action):
+    """Eight peers, attrd not answering: the old agent waited 2 s per peer in
+    turn (monitor and stop 16 s each, of their 20 s and 30 s: a few peers more
+    and they time out; a failed stop fences the node). All peers are asked at
+    once now, each still bounded, each failure logged."""
+    crm_node = ("#!/bin/sh\ncase $1 in -n) echo node1 ;; -l) for i in 1 2 3 4 5 6 7 8 9; do "
+                "echo \"$i node$i member\"; done ;; esac\n")
+    hung = '#!/bin/sh\necho "$*" >> "$SHIM_LOG"\nexec sleep 30\n'
+    params = _pacemaker_tools(tmp_path, crm_node, hung)
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        res, took = run_agent(topo, tmp_path, action, **params)
+        assert res.returncode == 0, res.stderr
+        assert took < 10, (took, res.stderr)
+        assert res.stderr.count("attrd_updater for node") >= 8, res.stderr
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)
