@@ -179,8 +179,16 @@ class Attrd:
         targets = self.peers() if peers is None else peers
         if not targets:
             raise StateError(f"no other cluster member to publish the clients of {vip} for (crm_node -l)")
+        # One peer attrd_updater failed for must not cost the others their copy.
+        failed = []
         for node in targets:
-            self._run("--private", "--name", attr_name(vip), "--node", node, "--update", value)
+            try:
+                self._run("--private", "--name", attr_name(vip), "--node", node, "--update", value)
+            except StateError as e:
+                failed.append(f"for {_short(node, 40)}: {e}")
+        if failed:
+            raise StateError(f"published the clients of {vip} for {len(targets) - len(failed)} of "
+                             f"{len(targets)} node(s); " + "; ".join(failed[:3]))
         return n
 
     def values(self, vip: str) -> dict[str, str]:

@@ -301,6 +301,25 @@ def host_head_mounts() -> list[str]:
         return [line for line in f if "nfsreset-run" in line or "nfsreset-nfs" in line]
 
 
+def lab_leftovers(pid: int) -> list[str]:
+    """What the Pacemaker lab run by process `pid` left: its namespaces, the
+    processes carrying its NFSRESET_LAB marker, its nodes' tmpfs mounts."""
+    from nfsreset.lab.topology import list_netns
+    left = [f"netns {n}" for n in list_netns() if n.startswith(f"nfsr-{pid}-")]
+    marker = f"NFSRESET_LAB={pid}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        left.append(f"process {entry}")
+            except OSError:
+                pass
+    with open("/proc/self/mounts") as f:
+        left += [f"mount {line.split()[0]}" for line in f if line.startswith(("nfsr-run ", "nfsr-shm "))]
+    return left
+
+
 @contextlib.contextmanager
 def ganesha_heads(topo, tmp_path, nodes=("node1", "node2")):
     """rpcbind + NFS-Ganesha on `nodes` (as `nfsreset lab --server ganesha` runs them),

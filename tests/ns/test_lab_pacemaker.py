@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import subprocess
 
@@ -35,7 +34,7 @@ import pytest
 
 from nfsreset.lab import ganesha
 from nfsreset.lab.topology import list_netns
-from tests.ns.scene import NFSRESET
+from tests.ns.scene import NFSRESET, lab_leftovers
 
 pytestmark = pytest.mark.netns
 
@@ -149,20 +148,7 @@ def test_crash_fails_over_rejoins_and_fails_back_at_once():
 @pytest.mark.slow
 def test_nothing_left_behind():
     for _, _, pid in (lab(), crash_lab()):
-        assert not [n for n in list_netns() if n.startswith(f"nfsr-{pid}-")]
-        marker = f"NFSRESET_LAB={pid}".encode()
-        left = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as f:
-                        if marker in f.read().split(b"\0"):
-                            left.append(entry)
-                except OSError:
-                    pass
-        assert not left, f"cluster node processes left: {left}"
-    with open("/proc/self/mounts") as f:
-        assert not [line for line in f if line.startswith(("nfsr-run ", "nfsr-shm "))]
+        assert not lab_leftovers(pid)
 
 
 def test_crash_needs_a_pacemaker_mover_exit_2_before_building_anything():

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from nfsreset.lab.topology import list_netns
-from tests.ns.scene import NFSRESET
+from tests.ns.scene import NFSRESET, lab_leftovers
 
 pytestmark = pytest.mark.netns
 
@@ -106,17 +104,4 @@ def test_crash_the_survivor_tickles_what_the_dead_node_published():
 
 def test_nothing_left_behind():
     for _, _, pid in (planned(), crashed()):
-        assert not [n for n in list_netns() if n.startswith(f"nfsr-{pid}-")]
-        marker = f"NFSRESET_LAB={pid}".encode()
-        left = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/environ", "rb") as f:
-                        if marker in f.read().split(b"\0"):
-                            left.append(entry)
-                except OSError:
-                    pass
-        assert not left, f"cluster node or host processes left: {left}"
-    with open("/proc/self/mounts") as f:
-        assert not [line for line in f if line.startswith(("nfsr-run ", "nfsr-shm "))]
+        assert not lab_leftovers(pid)

@@ -122,9 +122,7 @@ def leave_a_session(topo, tmp_path, vip=VIP4):
     assert res.returncode == 0, res.stderr
     lst = topo.popen("node1", "python3", "-c", LISTENER, stdout=subprocess.PIPE, text=True)
     assert lst.stdout.readline().strip() == "listening"
-    keeper = topo.popen("client", "python3", "-c",
-                        "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
-                        "print('up', flush=True); time.sleep(30)", vip, stdout=subprocess.PIPE, text=True)
+    keeper = _client_keeps_a_session(topo, vip)
     assert keeper.stdout.readline().strip() == "up"
     assert wait_for(lambda: sessions_on(topo, "node1", vip))
     res, _ = run_agent(topo, tmp_path / "plain", "stop", ip=vip, agent=IPADDR2)
@@ -214,10 +212,7 @@ def test_ipv4_leftovers_end_by_ss_k_with_no_python(topo, tmp_path, stub, ends):
     time.sleep(0.3)
     assert [c.split()[0] for c in calls(tmp_path)] == ["tickle"], calls(tmp_path)
     # a new session while the VIP is here; the stop records it, then ends what is left
-    import subprocess
-    again = topo.popen("client", "python3", "-c",
-                       "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
-                       "print('up', flush=True); time.sleep(30)", VIP4, stdout=subprocess.PIPE, text=True)
+    again = _client_keeps_a_session(topo, VIP4)
     ends.append(again)
     assert again.stdout.readline().strip() == "up"
     assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
@@ -268,6 +263,19 @@ def test_nfsreset_failure_never_fails_the_ip(topo, tmp_path, stub, failure, ends
     assert not topo.has_addr("node1", VIP4, usable=False)
     res, _ = run_agent(topo, tmp_path, "monitor", **params)
     assert res.returncode == 7
+
+
+def test_a_timeout_of_0_is_not_unbounded(topo, tmp_path, stub, ends):
+    """timeout(1) takes 0 as no limit: the old agent accepted nfsreset_timeout=0
+    and its start waited for a hanging nfsreset as long as it hung."""
+    ends.extend(leave_a_session(topo, tmp_path))
+    res, took = run_agent(topo, tmp_path, "start", nfsreset_bin=stub, nfsreset_timeout=0,
+                          STUB_KILL_SLEEP=30, nfsreset_strategy="rst")
+    assert res.returncode == 0 and topo.has_addr("node1", VIP4)
+    assert took < 12, took
+    assert "nfsreset_timeout: '0' is not whole seconds from 1 to 999; using 5" in res.stderr
+    assert "timed out after 5 s" in res.stderr
+    run_agent(topo, tmp_path, "stop", nfsreset_bin=stub, nfsreset_strategy="rst")
 
 
 def test_a_hanging_nfsreset_is_cut_off(topo, tmp_path, stub, ends):
@@ -403,11 +411,11 @@ def listener(topo):
         proc.wait(timeout=5)
 
 
-def _client_keeps_a_session(topo):
+def _client_keeps_a_session(topo, vip=VIP4):
     """A client session to the VIP that outlives the connect (kept by a sleeper)."""
     return topo.popen("client", "python3", "-c",
-                      "import socket,time; s=socket.create_connection(('%s',2049),3); "
-                      "print('up', flush=True); time.sleep(30)" % VIP4,
+                      "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
+                      "print('up', flush=True); time.sleep(30)", vip,
                       stdout=__import__("subprocess").PIPE, text=True)
 
 
@@ -641,14 +649,11 @@ def test_a_vip_local_through_a_local_route_keeps_its_sessions(topo, tmp_path, li
     """A VIP with no address but inside a `local` route range (AnyIP, LVS-DR) is
     here: its sessions are live. The agent's ss -K path must ask the FIB, not only
     the address table (it asked only the address table and ended the live session)."""
-    import subprocess
     rng, vip = "198.51.100.64/27", "198.51.100.70"
     topo.run("node1", "ip", "route", "add", "local", rng, "dev", "lo", "table", "local")
     node1_addr = topo.run("node1", "ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout.split()[3].split("/")[0]
     topo.run("client", "ip", "route", "add", rng, "via", node1_addr, "dev", "eth0")
-    keeper = topo.popen("client", "python3", "-c",
-                        "import socket,sys,time; s=socket.create_connection((sys.argv[1],2049),3); "
-                        "print('up', flush=True); time.sleep(30)", vip, stdout=subprocess.PIPE, text=True)
+    keeper = _client_keeps_a_session(topo, vip)
     ends.append(keeper)
     assert keeper.stdout.readline().strip() == "up"
     assert wait_for(lambda: sessions_on(topo, "node1", vip))
@@ -665,3 +670,178 @@ def test_a_vip_local_through_a_local_route_keeps_its_sessions(topo, tmp_path, li
     live = sessions_on(topo, "node1", vip)
     assert live and all(line.startswith("ESTAB") for line in live), (live, res.stderr)
     assert keeper.poll() is None
+
+
+# ss on the agent's PATH that, at its ss -K call, holds on until the test says go:
+# the moment between the agent's vip_here and its ss -K, made wide on purpose.
+SS_AT_KILL = r"""#!/bin/sh
+case $1 in -*K*)
+    : > "$RACE_DIR/at-kill"
+    i=0; while [ $i -lt 200 ] && [ ! -e "$RACE_DIR/go" ]; do sleep 0.05; i=$((i + 1)); done ;;
+esac
+exec /usr/bin/ss "$@"
+"""
+
+
+@pytest.mark.parametrize("action", ["stop", "start"])
+def test_a_session_made_after_the_check_survives_the_ss_k(topo, tmp_path, action, ends):
+    """The VIP arrives between the agent's vip_here (away) and its ss -K, and a
+    client connects: that session is live and must survive; the stale one the
+    agent listed is still ended. The old agent's ss -K ended every socket on
+    VIP:port, the new one too."""
+    import subprocess
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "ss").write_text(SS_AT_KILL)
+    (shims / "ss").chmod(0o755)
+    race = tmp_path / "race"
+    race.mkdir()
+    params = {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state"}
+    if action == "stop":        # the session is the VIP's, left once the stop deletes it
+        lst = topo.popen("node1", "python3", "-c", LISTENER, stdout=subprocess.PIPE, text=True)
+        ends.append(lst)
+        assert lst.stdout.readline().strip() == "listening"
+        res, _ = run_agent(topo, tmp_path, "start", **params)
+        assert res.returncode == 0, res.stderr
+        old = _client_keeps_a_session(topo)
+        ends.append(old)
+        assert old.stdout.readline().strip() == "up"
+    else:                       # left by a plain IPaddr2 start and stop
+        ends.extend(leave_a_session(topo, tmp_path / "left"))
+    assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+    old_lines = sessions_on(topo, "node1", VIP4)
+    env = agent_env(tmp_path, VIP4, **params, RACE_DIR=race,
+                    PATH=f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin")
+    agent = topo.popen("node1", *env, str(AGENT), action, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    ends.append(agent)
+    try:
+        assert wait_for((race / "at-kill").exists, timeout=20), "the agent never reached ss -K"
+        # the VIP arrives (another start, an operator) and a client connects
+        if not topo.has_addr("node1", VIP4, usable=False):
+            topo.run("node1", "ip", "addr", "add", f"{VIP4}/24", "dev", "eth0")
+        new = _client_keeps_a_session(topo)
+        ends.append(new)
+        assert new.stdout.readline().strip() == "up"
+        assert wait_for(lambda: len(sessions_on(topo, "node1", VIP4)) == 2)
+    finally:
+        (race / "go").touch()
+    out, err = agent.communicate(timeout=60)
+    assert agent.returncode == 0, err
+    left = sessions_on(topo, "node1", VIP4)
+    assert len(left) == 1 and left[0] not in old_lines, (left, old_lines, err)
+    assert left[0].startswith("ESTAB") and new.poll() is None
+    topo.run("node1", "ip", "addr", "del", f"{VIP4}/24", "dev", "eth0", check=False)
+
+
+# Pacemaker's command-line tools as this node of a two-node cluster would answer;
+# attrd_updater records its argv (the cluster is not under test here: the agent's
+# reading of its own state files is).
+CRM_NODE = """#!/bin/sh
+case $1 in -n) echo node1 ;; -l) printf '1 node1 member\\n2 node2 member\\n' ;; esac
+"""
+ATTRD_UPDATER = """#!/bin/sh
+echo "$*" >> "$SHIM_LOG"
+"""
+
+
+def _pacemaker_tools(tmp_path, crm_node=CRM_NODE, attrd_updater=ATTRD_UPDATER) -> dict:
+    """Agent parameters with store attrd and the two tools as `shims/` has them."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name, text in (("crm_node", crm_node), ("attrd_updater", attrd_updater)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    return {"nfsreset_bin": REAL_NFSRESET, "nfsreset_state_dir": tmp_path / "state",
+            "nfsreset_store": "attrd", "SHIM_LOG": tmp_path / "attrd.log",
+            "PATH": f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+@pytest.mark.parametrize("poison", ["fifo", "devzero", "glob"])
+def test_garbage_state_files_in_ha_rsctmp_neither_hang_nor_steer(topo, tmp_path, listener, poison):
+    """The agent's $RUN_BASE.published and .peers are read back by the monitor and
+    the stop. A FIFO there, or a link to /dev/zero, hung the old agent's read
+    (the monitor never returned: Pacemaker times it out and recovers the VIP);
+    peers that are not node names ('*') were globbed into attrd_updater -N
+    arguments. Now such files count as nothing known: the members are asked."""
+    params = _pacemaker_tools(tmp_path)
+    shim_log = params["SHIM_LOG"]
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        base = tmp_path / "rsctmp" / "nfsreset-vip1"
+        for f in (base.with_name(base.name + ".published"), base.with_name(base.name + ".peers")):
+            f.unlink(missing_ok=True)
+            if poison == "fifo":
+                os.mkfifo(f)
+            elif poison == "devzero":
+                f.symlink_to("/dev/zero")
+            else:
+                f.write_text("*\n*\n")
+        action = "stop" if poison == "glob" else "monitor"
+        try:
+            res = topo.run("node1", *agent_env(tmp_path, VIP4, **params), str(AGENT), action,
+                           check=False, timeout=15)
+        except __import__("subprocess").TimeoutExpired:
+            pytest.fail(f"the {action} hung on a {poison} in HA_RSCTMP")
+        assert res.returncode == 0, res.stderr
+        # the list went to the one peer crm_node names, and nowhere else
+        assert wait_for(shim_log.exists)
+        time.sleep(0.5)
+        targets = {line.split(" -N ")[1].split()[0] for line in shim_log.read_text().splitlines()}
+        assert targets == {"node2"}, shim_log.read_text()
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)
+
+
+def test_fifos_where_the_agent_keeps_its_jobs_files_block_nothing(topo, tmp_path, stub):
+    """FIFOs at the pid files a start reads (to end a tickle or post-stop still
+    running) and at the files the background tickle writes: the old agent's
+    start hung reading the pid file; a FIFO at the tickle's output kept the
+    tickle (and the quarantine lift after a failed one) from ever running."""
+    rsctmp = tmp_path / "rsctmp"
+    rsctmp.mkdir()
+    for name in ("tickle.pid", "poststop.pid", "tickle.out", "tickle.pid.new", "tickle.new"):
+        os.mkfifo(rsctmp / f"nfsreset-vip1.{name}")
+    try:
+        res = topo.run("node1", *agent_env(tmp_path, VIP4, nfsreset_bin=stub), str(AGENT), "start",
+                       check=False, timeout=15)
+    except __import__("subprocess").TimeoutExpired:
+        pytest.fail("the start hung on a FIFO in HA_RSCTMP")
+    assert res.returncode == 0, res.stderr
+    status = rsctmp / "nfsreset-vip1.tickle"
+    assert wait_for(status.exists, timeout=10), calls(tmp_path)
+    assert status.read_text().startswith("rc=0 stub summary: tickle"), status.read_text()
+    res, _ = run_agent(topo, tmp_path, "stop", nfsreset_bin=stub)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("action", ["monitor", "stop"])
+def test_a_hung_attrd_costs_one_bound_not_one_per_peer(topo, tmp_path, listener, action):
+    """Eight peers, attrd not answering: the old agent waited 2 s per peer in
+    turn (monitor and stop 16 s each, of their 20 s and 30 s: a few peers more
+    and they time out; a failed stop fences the node). All peers are asked at
+    once now, each still bounded, each failure logged."""
+    crm_node = ("#!/bin/sh\ncase $1 in -n) echo node1 ;; -l) for i in 1 2 3 4 5 6 7 8 9; do "
+                "echo \"$i node$i member\"; done ;; esac\n")
+    hung = '#!/bin/sh\necho "$*" >> "$SHIM_LOG"\nexec sleep 30\n'
+    params = _pacemaker_tools(tmp_path, crm_node, hung)
+    res, _ = run_agent(topo, tmp_path, "start", **params)
+    assert res.returncode == 0, res.stderr
+    keeper = _client_keeps_a_session(topo)
+    try:
+        assert keeper.stdout.readline().strip() == "up"
+        assert wait_for(lambda: sessions_on(topo, "node1", VIP4))
+        res, took = run_agent(topo, tmp_path, action, **params)
+        assert res.returncode == 0, res.stderr
+        assert took < 10, (took, res.stderr)
+        assert res.stderr.count("attrd_updater for node") >= 8, res.stderr
+    finally:
+        keeper.kill()
+        keeper.wait(timeout=5)
+        run_agent(topo, tmp_path, "stop", **params)

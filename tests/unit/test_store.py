@@ -127,6 +127,24 @@ def test_one_bad_node_does_not_hide_the_others(tmp_path):
     assert len(lines) == 1 and "node 'node1'" in lines[0] and "not an nfsreset client list" in lines[0]
 
 
+def test_one_peer_attrd_refuses_still_publishes_for_the_others():
+    """The old loop stopped at the first attrd_updater that failed: the peers
+    after it never got the list (their failover then tickles nobody)."""
+    done = []
+
+    class FakeAttrd(store.Attrd):     # the attrd_updater exec is faked; the loop is real
+        def _run(self, *argv):
+            node = argv[argv.index("--node") + 1]
+            if node == "node2":
+                raise StateError("attrd_updater --private exited 1: node2 unknown")
+            done.append(node)
+            return ""
+    with pytest.raises(StateError) as e:
+        FakeAttrd().publish(VIP4, [FlowKey(VIP4, 2049, "203.0.113.9", 901)], ["node2", "node3"])
+    assert done == ["node3"]
+    assert "for 1 of 2 node(s)" in str(e.value) and "node2 unknown" in str(e.value)
+
+
 def test_choose():
     assert store.choose("dir") == "dir"
     assert store.choose("attrd") == "attrd"
