@@ -845,3 +845,25 @@ def test_a_hung_attrd_costs_one_bound_not_one_per_peer(topo, tmp_path, listener,
         keeper.kill()
         keeper.wait(timeout=5)
         run_agent(topo, tmp_path, "stop", **params)
+
+
+SS_FAILS = "#!/bin/sh\necho 'ss: cannot open netlink socket' >&2\nexit 1\n"
+
+
+def test_when_ss_cannot_list_the_python_kill_decides(topo, tmp_path, stub, ends):
+    """ss failing is not "nothing left": the agent says so in one line and hands
+    the leftovers to nfsreset's pre-start kill (its own sock_diag dump), instead
+    of skipping the cleanup (it used to read a failed listing as no session)."""
+    ends.extend(leave_a_session(topo, tmp_path / "left"))
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "ss").write_text(SS_FAILS)
+    (shims / "ss").chmod(0o755)
+    res = topo.run("node1", *agent_env(tmp_path, VIP4, nfsreset_bin=stub,
+                                       PATH=f"{shims}:/usr/sbin:/usr/bin:/sbin:/bin"),
+                   str(AGENT), "start", check=False, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "ss could not list the sessions on" in res.stderr, res.stderr
+    assert wait_for(lambda: any(c.startswith("kill ") for c in calls(tmp_path)))
+    assert calls(tmp_path)[0].startswith("kill vip=absent kill --vip " + VIP4), calls(tmp_path)
+    topo.run("node1", *agent_env(tmp_path, VIP4, nfsreset_bin=stub), str(AGENT), "stop", timeout=60)
