@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -25,11 +24,9 @@ from nfsreset.lab.run import run_lab
 from nfsreset.lab.topology import list_netns
 from tests.ns.scene import NFSRESET
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("pacemaker_installed")]
 
 CAP = 8
-if not all(shutil.which(t, path="/usr/sbin:/usr/bin") for t in ("corosync", "pacemakerd", "crm_resource")):
-    pytest.skip("needs corosync, pacemaker, pacemaker-cli-utils (setup.sh installs them)", allow_module_level=True)
 if ganesha.available():
     pytest.skip(ganesha.available(), allow_module_level=True)
 

@@ -142,15 +142,8 @@ def test_agent_tickles_both_moves_when_the_server_closes_on_delete():
 
 
 @pytest.mark.slow
-def test_agent_under_pacemaker_tickles_both_moves_per_head_when_the_server_closes_on_delete():
+def test_agent_under_pacemaker_tickles_both_moves_per_head_when_the_server_closes_on_delete(pacemaker_installed):
     """--mover pacemaker-ocf, one state dir per head: the list reaches the peer through attrd."""
-    from nfsreset.lab.mover_pacemaker import check_installed
-    from nfsreset.lab.mover_ocf import AgentError
-
-    try:
-        check_installed("pacemaker-ocf")
-    except AgentError as e:
-        pytest.skip(str(e))
     doc, lines = _lab("--mover", "pacemaker-ocf", "--state", "per-head")
     (run,) = doc["runs"]
     assert any("[node1 pacemaker-ocf]" in x and "attrd(for node2)" in x for x in lines), lines[-40:]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -36,12 +35,10 @@ from nfsreset.lab import ganesha
 from nfsreset.lab.topology import list_netns
 from tests.ns.scene import NFSRESET, lab_leftovers
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("pacemaker_installed")]
 
 CAP = 5
 CRASH_CAP = 10    # a crash failover waits for the client's retransmission after ~2.5-4.5 s
-if not all(shutil.which(t, path="/usr/sbin:/usr/bin") for t in ("corosync", "pacemakerd", "crm_resource")):
-    pytest.skip("needs corosync, pacemaker, pacemaker-cli-utils (setup.sh installs them)", allow_module_level=True)
 if ganesha.available():
     pytest.skip(ganesha.available(), allow_module_level=True)
 

@@ -22,17 +22,14 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
 
 from tests.ns.scene import NFSRESET, lab_leftovers
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("pacemaker_installed")]
 
-if not all(shutil.which(t, path="/usr/sbin:/usr/bin") for t in ("corosync", "pacemakerd", "attrd_updater")):
-    pytest.skip("needs corosync, pacemaker, pacemaker-cli-utils (setup.sh installs them)", allow_module_level=True)
 
 BOUND_S = 0.3    # measured 0.01-0.05 s; without the list ~1.3 s (IPv6) or the client's back-off (crash)
 

@@ -25,10 +25,8 @@ from nfsreset.lab.cluster import Cluster, primitive_xml
 from nfsreset.lab.topology import VIP4
 from tests.ns.scene import NFSRESET
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("pacemaker_installed")]
 
-if not all(shutil.which(t, path="/usr/sbin:/usr/bin") for t in ("corosync", "pacemakerd", "attrd_updater")):
-    pytest.skip("needs corosync, pacemaker, pacemaker-cli-utils (setup.sh installs them)", allow_module_level=True)
 
 PY = os.path.join(os.path.dirname(NFSRESET), "python")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
